@@ -1,0 +1,49 @@
+# Two entry points, each bootstrapping .venv on first use and reusing it afterwards:
+#   make test   the test suite
+#   make demo   the main job (train, evaluate and draw the embedded demo)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Parallel C++ jobs for the extension builds (mmcv's and ours).
+export MAX_JOBS ?= 2
+
+STAMP := $(VENV)/.mmtransnext-deps
+EXT_STAMP := $(VENV)/.mmtransnext-ext
+
+.PHONY: venv test demo demo-seg ext clean
+
+venv: $(EXT_STAMP)
+
+# Third-party dependencies: slow the first time (mmcv compiles its ops, ~6 min on
+# 2 cores), then served from pip's wheel cache.
+$(STAMP): requirements/runtime.txt requirements/build.txt requirements/tests.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Keep a torch the user already has (a CUDA build, say); pin only where none is present.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -r requirements/build.txt
+	$(PY) -c "import mmcv.ops" 2>/dev/null || \
+		MMCV_WITH_OPS=1 $(PIP) install --no-build-isolation mmcv==2.1.0
+	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt
+	touch $@
+
+# Our package, editable, with its compiled op (rebuilt when a kernel source changes).
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+ext: $(EXT_STAMP)
+
+test: $(EXT_STAMP)
+	$(PY) -m pytest tests -q
+
+demo: $(EXT_STAMP)
+	$(PY) tools/run_demo.py det
+
+demo-seg: $(EXT_STAMP)
+	$(PY) tools/run_demo.py seg
+
+clean:
+	rm -rf build *.egg-info mmtransnext/*.so work_dirs
