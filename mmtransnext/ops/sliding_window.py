@@ -1,0 +1,362 @@
+"""Sliding-window attention: the local part of TransNeXt's aggregated attention.
+
+Two operators cover it, each with a compiled implementation (``torch.ops.mmtransnext``,
+built from ``csrc/`` into ``mmtransnext._C``) and a pure-PyTorch reference that
+reproduces the released TransNeXt computation (``F.unfold`` with zero padding):
+
+* :func:`sliding_window_logits` -- ``q . k`` over each token's ``ws x ws`` window plus a
+  per-head relative position bias, ``-inf`` where the neighbour is outside the map.
+* :func:`sliding_window_aggregate` -- the weighted sum of the window's values.
+
+Layout: ``query``/``key``/``value`` are ``(B, heads, N, d)`` with ``N = height * width``
+and token ``n = r * width + c``. Neighbour ``j = ki * ws + kj`` of token ``(r, c)`` is
+``(r + ki - ws // 2, c + kj - ws // 2)``, which may lie outside the map.
+
+The compiled kernels never materialise the unfolded ``(B, heads, N, d, ws*ws)`` keys and
+values, which is where the reference spends its time and memory. Dispatch between them
+follows one rule, :func:`use_compiled_op`. Fake (meta) kernels and autograd formulas are
+registered here, so ``torch.compile(fullgraph=True)`` traces through the compiled op.
+"""
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'sliding_window_logits', 'sliding_window_aggregate',
+    'sliding_window_logits_reference', 'sliding_window_aggregate_reference',
+    'extension_available', 'use_compiled_op', 'DISABLE_ENV',
+]
+
+#: Set this environment variable to ``1`` to force the pure-PyTorch reference.
+DISABLE_ENV = 'MMTRANSNEXT_DISABLE_EXT'
+
+_OP_NAMES = ('sliding_window_logits', 'sliding_window_logits_backward',
+             'sliding_window_aggregate', 'sliding_window_aggregate_backward')
+
+# Loading the library runs its TORCH_LIBRARY registrations. A missing or broken build
+# must never make `import mmtransnext` fail: remember why and fall back.
+_LOAD_ERROR: Optional[str] = None
+try:
+    from mmtransnext import _C  # noqa: F401
+except (ImportError, OSError) as exc:  # missing .so, or one built against another torch
+    _LOAD_ERROR = f'{type(exc).__name__}: {exc}'
+
+_LOADED = _LOAD_ERROR is None and all(
+    hasattr(torch.ops.mmtransnext, name) for name in _OP_NAMES)
+if _LOAD_ERROR is None and not _LOADED:
+    _LOAD_ERROR = 'mmtransnext._C loaded but did not register the torch.ops.mmtransnext ops'
+
+_WARNED_DEVICES = set()
+
+
+# --------------------------------------------------------------------------- dispatch
+def _dispatch_key(device_type: str) -> str:
+    return {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type, device_type.upper())
+
+
+def extension_available(device) -> bool:
+    """Whether compiled kernels of the op exist for a device type.
+
+    Args:
+        device (str | torch.device): A device or device type, e.g. ``'cpu'``,
+            ``'cuda:0'`` or ``torch.device('cuda')``.
+
+    Returns:
+        bool: True if ``mmtransnext._C`` is loaded and registered kernels for that
+        device type (the CUDA ones exist only in builds made with CUDA).
+    """
+    if not _LOADED:
+        return False
+    device_type = torch.device(device).type
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f'mmtransnext::{name}',
+                                                       _dispatch_key(device_type))
+        for name in _OP_NAMES)
+
+
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, '0') == '1'
+
+
+def use_compiled_op(tensor: torch.Tensor) -> bool:
+    """The one dispatch rule between the compiled op and the reference.
+
+    The compiled op is used when it is available for ``tensor``'s device type and the
+    environment variable ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``. When it is missing
+    for that device type (and not disabled on purpose), one ``UserWarning`` per device
+    type says why, and the reference is used.
+
+    Args:
+        tensor (torch.Tensor): Any input of the op; only its device matters.
+
+    Returns:
+        bool: True to call ``torch.ops.mmtransnext``, False for the reference.
+    """
+    if _disabled():
+        return False
+    device_type = tensor.device.type
+    if extension_available(device_type):
+        return True
+    if device_type not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(device_type)
+        if _LOAD_ERROR is not None:
+            why = f'mmtransnext._C could not be loaded ({_LOAD_ERROR})'
+        else:
+            why = (f'mmtransnext._C was built without {_dispatch_key(device_type)} '
+                   'kernels (CUDA kernels are built only when a GPU and CUDA_HOME are '
+                   'present, or with FORCE_CUDA=1)')
+        warnings.warn(
+            f'mmtransnext: compiled sliding-window attention op unavailable for device '
+            f"type '{device_type}': {why}. Falling back to the pure-PyTorch reference, "
+            'which is much slower and uses far more memory. Rebuild with '
+            '`pip install --no-build-isolation -e .` (or set '
+            f'{DISABLE_ENV}=1 to choose the reference on purpose and silence this).',
+            UserWarning, stacklevel=3)
+    return False
+
+
+# ------------------------------------------------------------------------- validation
+def _check_window(height: int, width: int, window_size: int) -> None:
+    if not isinstance(window_size, int) or window_size <= 0 or window_size % 2 == 0:
+        raise ValueError(
+            f'window_size must be an odd positive int, got {window_size!r}')
+    if height <= 0 or width <= 0:
+        raise ValueError(f'height and width must be positive, got {height}x{width}')
+
+
+def _check_tensors(named: dict, first: str) -> None:
+    ref = named[first]
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f'{name} must be a torch.Tensor, got {type(t).__name__}')
+        if t.dtype != ref.dtype:
+            raise ValueError(f'{name} has dtype {t.dtype} but {first} has {ref.dtype}; '
+                             'all inputs must share one dtype')
+        if t.device != ref.device:
+            raise ValueError(f'{name} is on {t.device} but {first} is on {ref.device}; '
+                             'all inputs must be on one device')
+    if not ref.is_floating_point():
+        raise ValueError(f'{first} must be a floating-point tensor, got {ref.dtype}')
+
+
+def _check_tokens(x: torch.Tensor, name: str, height: int, width: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f'{name} must be 4-D (B, heads, N, d), got shape {tuple(x.shape)}')
+    if x.shape[2] != height * width:
+        raise ValueError(f'{name} has N={x.shape[2]} tokens but height*width = '
+                         f'{height}*{width} = {height * width}')
+
+
+def _check_logits_args(query, key, bias, height, width, window_size):
+    _check_window(height, width, window_size)
+    _check_tensors({'query': query, 'key': key, 'bias': bias}, 'query')
+    _check_tokens(query, 'query', height, width)
+    if key.shape != query.shape:
+        raise ValueError(f'key must have the shape of query {tuple(query.shape)}, '
+                         f'got {tuple(key.shape)}')
+    expected = (query.shape[1], window_size * window_size)
+    if tuple(bias.shape) != expected:
+        raise ValueError(f'bias must have shape (heads, window_size**2) = {expected}, '
+                         f'got {tuple(bias.shape)}')
+
+
+def _check_aggregate_args(weights, value, height, width, window_size):
+    _check_window(height, width, window_size)
+    _check_tensors({'value': value, 'weights': weights}, 'value')
+    _check_tokens(value, 'value', height, width)
+    expected = (*value.shape[:3], window_size * window_size)
+    if tuple(weights.shape) != expected:
+        raise ValueError(f'weights must have shape (B, heads, N, window_size**2) = '
+                         f'{expected}, got {tuple(weights.shape)}')
+
+
+# -------------------------------------------------------------------------- reference
+def _unfold_tokens(x: torch.Tensor, height: int, width: int,
+                   window_size: int) -> torch.Tensor:
+    """(B, h, N, d) -> (B, h, N, d, L): each token's window, zero outside the map."""
+    B, h, N, d = x.shape
+    grid = x.transpose(-1, -2).reshape(B, h * d, height, width)
+    cols = F.unfold(grid, kernel_size=window_size, padding=window_size // 2)
+    return cols.reshape(B, h, d, window_size * window_size, N).permute(0, 1, 4, 2, 3)
+
+
+def _outside_mask(x: torch.Tensor, height: int, width: int,
+                  window_size: int) -> torch.Tensor:
+    """(1, N, L) bool: True where neighbour j of token n lies outside the map."""
+    ones = torch.ones(1, 1, height, width, dtype=x.dtype, device=x.device)
+    inside = F.unfold(ones, kernel_size=window_size, padding=window_size // 2)
+    return (inside.transpose(-1, -2) == 0)
+
+
+def sliding_window_logits_reference(query: torch.Tensor, key: torch.Tensor,
+                                    bias: torch.Tensor, height: int, width: int,
+                                    window_size: int) -> torch.Tensor:
+    """Pure-PyTorch sliding-window logits, as computed by the released TransNeXt.
+
+    Keys are gathered with ``F.unfold`` (zero padding), so this materialises a
+    ``(B, heads, N, d, window_size**2)`` tensor: correct everywhere, but slow and
+    memory-hungry at detection resolutions.
+
+    Args:
+        query (torch.Tensor): ``(B, heads, N, d)``, ``N = height * width``.
+        key (torch.Tensor): ``(B, heads, N, d)``.
+        bias (torch.Tensor): ``(heads, window_size**2)`` relative position bias.
+        height (int): Feature map height.
+        width (int): Feature map width.
+        window_size (int): Odd window side ``ws``.
+
+    Returns:
+        torch.Tensor: ``(B, heads, N, ws*ws)`` logits, ``-inf`` where the neighbour is
+        outside the map.
+    """
+    _check_logits_args(query, key, bias, height, width, window_size)
+    k_local = _unfold_tokens(key, height, width, window_size)
+    logits = (query.unsqueeze(-2) @ k_local).squeeze(-2) + bias.unsqueeze(1)
+    return logits.masked_fill(_outside_mask(query, height, width, window_size),
+                              float('-inf'))
+
+
+def sliding_window_aggregate_reference(weights: torch.Tensor, value: torch.Tensor,
+                                       height: int, width: int,
+                                       window_size: int) -> torch.Tensor:
+    """Pure-PyTorch sliding-window aggregation, as computed by the released TransNeXt.
+
+    Values are gathered with ``F.unfold`` (zero padding): weights of neighbours outside
+    the map multiply zeros, so they do not contribute and get zero gradient (as long as
+    they are finite, e.g. softmax outputs).
+
+    Args:
+        weights (torch.Tensor): ``(B, heads, N, window_size**2)``.
+        value (torch.Tensor): ``(B, heads, N, d)``, ``N = height * width``.
+        height (int): Feature map height.
+        width (int): Feature map width.
+        window_size (int): Odd window side ``ws``.
+
+    Returns:
+        torch.Tensor: ``(B, heads, N, d)``.
+    """
+    _check_aggregate_args(weights, value, height, width, window_size)
+    v_local = _unfold_tokens(value, height, width, window_size)
+    return (weights.unsqueeze(-2) @ v_local.transpose(-1, -2)).squeeze(-2)
+
+
+# --------------------------------------------------------------------- public entries
+def sliding_window_logits(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor,
+                          height: int, width: int, window_size: int) -> torch.Tensor:
+    """Sliding-window attention logits ``q . k + bias`` over each token's window.
+
+    ``out[b, t, n, j] = sum_c query[b, t, n, c] * key[b, t, nbr_j(n), c] + bias[t, j]``
+    where neighbour ``j`` is inside the map, ``-inf`` where it is outside. Gradients
+    flow to query, key and bias (none from the ``-inf`` entries). Uses the compiled op
+    when :func:`use_compiled_op` says so, else
+    :func:`sliding_window_logits_reference`.
+
+    Args:
+        query (torch.Tensor): ``(B, heads, N, d)``, ``N = height * width``, row-major.
+        key (torch.Tensor): ``(B, heads, N, d)``.
+        bias (torch.Tensor): ``(heads, window_size**2)``, same dtype as query.
+        height (int): Feature map height.
+        width (int): Feature map width.
+        window_size (int): Odd, positive window side ``ws``.
+
+    Returns:
+        torch.Tensor: ``(B, heads, N, window_size**2)`` in query's dtype.
+
+    Raises:
+        ValueError: On an even or non-positive window, ``N != height * width``, shape
+            mismatches, or mixed dtypes/devices.
+    """
+    _check_logits_args(query, key, bias, height, width, window_size)
+    if use_compiled_op(query):
+        return torch.ops.mmtransnext.sliding_window_logits(query, key, bias, height, width,
+                                                           window_size)
+    return sliding_window_logits_reference(query, key, bias, height, width, window_size)
+
+
+def sliding_window_aggregate(weights: torch.Tensor, value: torch.Tensor, height: int,
+                             width: int, window_size: int) -> torch.Tensor:
+    """Weighted sum of each token's window of values.
+
+    ``out[b, t, n, :] = sum_j weights[b, t, n, j] * value[b, t, nbr_j(n), :]`` over the
+    neighbours inside the map; weights of outside neighbours are ignored and get zero
+    gradient. Gradients flow to weights and value. Uses the compiled op when
+    :func:`use_compiled_op` says so, else :func:`sliding_window_aggregate_reference`.
+
+    Args:
+        weights (torch.Tensor): ``(B, heads, N, window_size**2)``, e.g. softmax output.
+        value (torch.Tensor): ``(B, heads, N, d)``, ``N = height * width``.
+        height (int): Feature map height.
+        width (int): Feature map width.
+        window_size (int): Odd, positive window side ``ws``.
+
+    Returns:
+        torch.Tensor: ``(B, heads, N, d)`` in value's dtype.
+
+    Raises:
+        ValueError: On an even or non-positive window, ``N != height * width``, shape
+            mismatches, or mixed dtypes/devices.
+    """
+    _check_aggregate_args(weights, value, height, width, window_size)
+    if use_compiled_op(value):
+        return torch.ops.mmtransnext.sliding_window_aggregate(weights, value, height, width,
+                                                              window_size)
+    return sliding_window_aggregate_reference(weights, value, height, width, window_size)
+
+
+# ------------------------------------------------- fake kernels and autograd (compiled)
+def _register_python_side() -> None:
+    lib = 'mmtransnext::'
+
+    @torch.library.register_fake(lib + 'sliding_window_logits')
+    def _logits_fake(query, key, bias, height, width, window_size):
+        B, h, N, _ = query.shape
+        return query.new_empty((B, h, N, window_size * window_size))
+
+    @torch.library.register_fake(lib + 'sliding_window_logits_backward')
+    def _logits_backward_fake(grad_out, query, key, height, width, window_size):
+        return (torch.empty_like(query, memory_format=torch.contiguous_format),
+                torch.empty_like(key, memory_format=torch.contiguous_format),
+                query.new_empty((query.shape[1], window_size * window_size)))
+
+    @torch.library.register_fake(lib + 'sliding_window_aggregate')
+    def _aggregate_fake(weights, value, height, width, window_size):
+        return torch.empty_like(value, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + 'sliding_window_aggregate_backward')
+    def _aggregate_backward_fake(grad_out, weights, value, height, width, window_size):
+        return (torch.empty_like(weights, memory_format=torch.contiguous_format),
+                torch.empty_like(value, memory_format=torch.contiguous_format))
+
+    def _logits_setup(ctx, inputs, output):
+        query, key, _bias, height, width, window_size = inputs
+        ctx.save_for_backward(query, key)
+        ctx.geometry = (height, width, window_size)
+
+    def _logits_backward(ctx, grad):
+        query, key = ctx.saved_tensors
+        grad_query, grad_key, grad_bias = torch.ops.mmtransnext.sliding_window_logits_backward(
+            grad, query, key, *ctx.geometry)
+        return grad_query, grad_key, grad_bias, None, None, None
+
+    def _aggregate_setup(ctx, inputs, output):
+        weights, value, height, width, window_size = inputs
+        ctx.save_for_backward(weights, value)
+        ctx.geometry = (height, width, window_size)
+
+    def _aggregate_backward(ctx, grad):
+        weights, value = ctx.saved_tensors
+        grad_weights, grad_value = torch.ops.mmtransnext.sliding_window_aggregate_backward(
+            grad, weights, value, *ctx.geometry)
+        return grad_weights, grad_value, None, None, None
+
+    torch.library.register_autograd(lib + 'sliding_window_logits', _logits_backward,
+                                    setup_context=_logits_setup)
+    torch.library.register_autograd(lib + 'sliding_window_aggregate', _aggregate_backward,
+                                    setup_context=_aggregate_setup)
+
+
+if _LOADED:
+    _register_python_side()
