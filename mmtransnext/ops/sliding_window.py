@@ -57,6 +57,18 @@ def _dispatch_key(device_type: str) -> str:
     return {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type, device_type.upper())
 
 
+def _has_kernels(device_type: str) -> bool:
+    return _LOADED and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f'mmtransnext::{name}',
+                                                       _dispatch_key(device_type))
+        for name in _OP_NAMES)
+
+
+# Registrations happen when the library loads, so availability is fixed from here on;
+# a plain dict keeps `use_compiled_op` traceable by torch.compile.
+_KERNELS = {device_type: _has_kernels(device_type) for device_type in ('cpu', 'cuda')}
+
+
 def extension_available(device) -> bool:
     """Whether compiled kernels of the op exist for a device type.
 
@@ -70,11 +82,10 @@ def extension_available(device) -> bool:
     """
     if not _LOADED:
         return False
-    device_type = torch.device(device).type
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f'mmtransnext::{name}',
-                                                       _dispatch_key(device_type))
-        for name in _OP_NAMES)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if device_type in _KERNELS:
+        return _KERNELS[device_type]
+    return _has_kernels(device_type)
 
 
 def _disabled() -> bool:
