@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on a config's test split (mmdet / mmseg config).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
+                         [--show-dir DIR] [--cfg-options k=v ...]
+                         [--launcher {none,pytorch,slurm,mpi}]
+
+Shows a progress bar over the test set, then the metrics (COCO bbox / segm mAP
+for a detector, mIoU for a segmentor).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+_REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+from train import _import_mmtransnext, setup_cpu_distributed  # noqa: E402
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(
+        description='Test (and evaluate) a detector or segmentor')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        '--work-dir',
+        help='the directory to save the file containing evaluation metrics')
+    parser.add_argument(
+        '--out',
+        type=str,
+        help='dump the predictions to a pickle file (.pkl)')
+    parser.add_argument(
+        '--show-dir',
+        help='directory (under the work dir\'s timestamped folder) where '
+        'pictures of the predictions are saved')
+    parser.add_argument(
+        '--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def enable_visualization(cfg, show_dir):
+    """Turn on the visualization hook so each test image is drawn."""
+    hooks = cfg.get('default_hooks', {})
+    vis = hooks.get('visualization') if hooks else None
+    if vis is None:
+        raise RuntimeError(
+            '--show-dir needs a "visualization" entry in default_hooks '
+            '(DetVisualizationHook or SegVisualizationHook)')
+    vis['draw'] = True
+    if 'Det' in str(vis.get('type', '')):
+        vis['test_out_dir'] = show_dir
+    else:  # mmseg's hook writes where the visualizer's save_dir points
+        vis['interval'] = 1
+        cfg.visualizer['save_dir'] = show_dir
+
+
+def add_dump_metric(runner, out):
+    """Append a metric that pickles the raw predictions to ``out``."""
+    assert out.endswith(('.pkl', '.pickle')), '--out must be a .pkl file'
+    try:  # mmdet turns DetDataSamples into plain dicts first
+        from mmdet.evaluation import DumpDetResults
+        scope = runner.cfg.get('default_scope', None)
+        if scope != 'mmdet':
+            raise ImportError
+        metric = DumpDetResults(out_file_path=out)
+    except ImportError:
+        from mmengine.evaluator import DumpResults
+        metric = DumpResults(out_file_path=out)
+    runner.test_evaluator.metrics.append(metric)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _import_mmtransnext()
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    from mmtransnext.engine import TestProgressBarHook
+
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    if args.show_dir:
+        enable_visualization(cfg, args.show_dir)
+    setup_cpu_distributed(cfg, args.launcher)
+
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
+        else RUNNERS.build(cfg)
+    if not args.no_progress:
+        runner.register_hook(TestProgressBarHook(), priority='VERY_LOW')
+    if args.out is not None:
+        add_dump_metric(runner, args.out)
+    metrics = runner.test()
+    if runner.rank == 0:
+        print('\n' + '\n'.join(f'{k}: {v}' for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == '__main__':
+    main()
