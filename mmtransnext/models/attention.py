@@ -1,0 +1,267 @@
+"""TransNeXt's token mixers: aggregated attention and full attention.
+
+Each module has two ways to compute the same numbers:
+
+* the *reference* path, the released model's algorithm: the local window
+  gathered with ``unfold``, the pooled bias built whole, local and pooled logits
+  concatenated into one ``(B, heads, N, L + P)`` softmax;
+* the *default* path, taken when the compiled sliding-window op serves the
+  input's device (see :func:`mmtransnext.ops.use_compiled_op`): the local window
+  through the compiled op, the pooled keys through
+  :func:`~mmtransnext.ops.banded_attention.banded_bias_attention`, and the two
+  softmaxes merged by their log-sum-exp, so no ``N x P`` tensor is ever whole.
+"""
+import math
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model.weight_init import trunc_normal_
+from torch import Tensor
+
+from ..ops import (sliding_window_aggregate, sliding_window_aggregate_reference,
+                   sliding_window_logits, sliding_window_logits_reference, use_compiled_op)
+from ..ops.banded_attention import banded_bias_attention
+from .position_bias import BiasLayout, RowFactoredBias, bias_layout, expand_bias
+
+# Hidden width of the position-bias MLP, as released.
+_CPB_HIDDEN = 512
+# softplus(temperature) starts at 1 / 0.24.
+_INITIAL_TEMPERATURE = math.log(math.exp(1 / 0.24) - 1)
+
+
+@lru_cache(maxsize=64)
+def _local_scale(height: int, width: int, window_size: int, pooled: int,
+                 device: torch.device) -> Tensor:
+    """``ln(valid(n) + P)`` per token: ``(N, 1)``, valid(n) = window cells inside the map."""
+    half = window_size // 2
+
+    def inside(length):
+        pos = torch.arange(length)
+        return (torch.clamp(pos + half, max=length - 1) - torch.clamp(pos - half, min=0) + 1)
+
+    valid = inside(height)[:, None] * inside(width)[None, :]
+    return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
+
+
+class _PositionBiasAttention(nn.Module):
+    """What both attentions share: scaled cosine queries and the continuous bias.
+
+    Args:
+        dim (int): channels ``C``.
+        num_heads (int): heads ``h``; ``C`` must divide by it.
+        build_size (int, optional): the square query grid the bias is built on
+            and then resized from (interpolation mode); ``None`` builds it on the
+            run-time grid (extrapolation mode).
+        build_pool_size (int, optional): the square key grid the bias is built on
+            in interpolation mode.
+        pretrain_size (int): the square grid of pretraining that normalises the
+            relative offsets.
+    """
+
+    def __init__(self, dim: int, num_heads: int, build_size: Optional[int],
+                 build_pool_size: Optional[int], pretrain_size: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'{dim} channels do not split into {num_heads} heads')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.build_size = build_size
+        self.build_pool_size = build_pool_size
+        self.pretrain_size = pretrain_size
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), _INITIAL_TEMPERATURE))
+        self.query_embedding = nn.Parameter(torch.empty(num_heads, 1, self.head_dim))
+        self.cpb_fc1 = nn.Linear(2, _CPB_HIDDEN)
+        self.cpb_act = nn.ReLU(inplace=True)
+        self.cpb_fc2 = nn.Linear(_CPB_HIDDEN, num_heads)
+        self.proj = nn.Linear(dim, dim)
+        self._bias_cache = None
+
+    def _reset_attention_parameters(self):
+        trunc_normal_(self.query_embedding, std=0.02)
+        nn.init.constant_(self.temperature, _INITIAL_TEMPERATURE)
+
+    def _scaled_query(self, query: Tensor, scale) -> Tensor:
+        return (query + self.query_embedding) * F.softplus(self.temperature) * scale
+
+    def _layout(self, query_size, key_size, device) -> BiasLayout:
+        if self.build_size is None:    # extrapolation: evaluate on the run-time grids
+            build_query, build_key = query_size, key_size
+        else:
+            build_query = (self.build_size, self.build_size)
+            build_key = ((self.build_pool_size, ) * 2 if self.build_pool_size is not None
+                         else build_query)
+        return bias_layout(tuple(build_query), tuple(build_key),
+                           (self.pretrain_size, self.pretrain_size),
+                           tuple(query_size), tuple(key_size), device)
+
+    def _bias_table(self, layout: BiasLayout, dtype) -> Tensor:
+        """The MLP on the layout's offsets: ``(heads, Uh, Uw)``."""
+        coords = layout.coords.to(dtype)
+        return self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords))).permute(2, 0, 1)
+
+    def _full_bias(self, query_size, key_size, like: Tensor) -> Tensor:
+        """The whole ``(heads, N, P)`` bias, as the released model builds it."""
+        layout = self._layout(query_size, key_size, like.device)
+        return expand_bias(self._bias_table(layout, like.dtype), layout)
+
+    def _factored_bias(self, query_size, key_size, like: Tensor) -> RowFactoredBias:
+        """The bias in row-factored form; reused across calls while inference weights stay."""
+        cacheable = not torch.is_grad_enabled()
+        if cacheable:
+            params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight,
+                      self.cpb_fc2.bias)
+            # A weight update bumps _version; loading new weights changes the storage.
+            key = (tuple(query_size), tuple(key_size), like.device, like.dtype,
+                   tuple((p.data_ptr(), p._version) for p in params))
+            if self._bias_cache is not None and self._bias_cache[0] == key:
+                return self._bias_cache[1]
+        layout = self._layout(query_size, key_size, like.device)
+        bias = RowFactoredBias(self._bias_table(layout, like.dtype), layout)
+        self._bias_cache = (key, bias) if cacheable else None
+        return bias
+
+
+class AggregatedAttention(_PositionBiasAttention):
+    """Pixel-focused attention: a ws x ws window plus pooled keys, one softmax.
+
+    Args:
+        dim (int): channels ``C``.
+        num_heads (int): heads ``h``.
+        window_size (int): odd side ``ws`` of the local window.
+        sr_ratio (int): pooling ratio of the periphery, ``Hp = H // sr``.
+        build_size (int, optional): see :class:`_PositionBiasAttention`.
+        build_pool_size (int, optional): see :class:`_PositionBiasAttention`.
+        pretrain_size (int): see :class:`_PositionBiasAttention`.
+        fixed_pool_size (int, optional): pool to ``S x S`` whatever the input
+            (linear inference mode). Default: None.
+        qkv_bias (bool): biases in ``q`` and ``kv``. Default: True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, sr_ratio: int,
+                 build_size: Optional[int], build_pool_size: Optional[int],
+                 pretrain_size: int, fixed_pool_size: Optional[int] = None,
+                 qkv_bias: bool = True):
+        super().__init__(dim, num_heads, build_size, build_pool_size, pretrain_size)
+        self.window_size = window_size
+        self.local_len = window_size * window_size
+        self.sr_ratio = sr_ratio
+        self.fixed_pool_size = fixed_pool_size
+        self.relative_pos_bias_local = nn.Parameter(torch.empty(num_heads, self.local_len))
+        self.learnable_tokens = nn.Parameter(torch.empty(num_heads, self.head_dim, self.local_len))
+        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, self.local_len))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+        self.norm = nn.LayerNorm(dim)
+        self.act = nn.GELU()
+
+    def reset_attention_parameters(self):
+        """Training-from-scratch values of the attention's own parameters."""
+        self._reset_attention_parameters()
+        trunc_normal_(self.relative_pos_bias_local, std=0.0004)
+        trunc_normal_(self.learnable_tokens, std=0.02)
+        nn.init.zeros_(self.learnable_bias)
+
+    def pool_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The pooled grid ``(Hp, Wp)`` for a map; never smaller than 1x1."""
+        if self.fixed_pool_size is not None:
+            return self.fixed_pool_size, self.fixed_pool_size
+        return max(height // self.sr_ratio, 1), max(width // self.sr_ratio, 1)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
+        batch, tokens, channels = x.shape
+        heads, head_dim, ws = self.num_heads, self.head_dim, self.window_size
+        pool_h, pool_w = self.pool_size(height, width)
+        pooled = pool_h * pool_w
+
+        query = F.normalize(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2), dim=-1)
+        key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        key = F.normalize(key, dim=-1)
+        scale = _local_scale(height, width, ws, pooled, x.device).to(x.dtype)
+        query_scaled = self._scaled_query(query, scale)
+
+        # The periphery: keys and values of the pooled map, through the same kv.
+        periphery = self.act(self.sr(x.transpose(1, 2).reshape(batch, channels, height, width)))
+        periphery = F.adaptive_avg_pool2d(periphery, (pool_h, pool_w))
+        periphery = self.norm(periphery.reshape(batch, channels, pooled).transpose(1, 2))
+        pool_key, pool_value = self.kv(periphery).view(batch, pooled, 2, heads,
+                                                       head_dim).permute(2, 0, 3, 1, 4)
+        pool_key = F.normalize(pool_key, dim=-1)
+
+        # Learnable tokens: extra, query-dependent weights on the local values
+        # (from the unscaled query), added after the softmax.
+        token_weights = query @ self.learnable_tokens + self.learnable_bias
+
+        args = (query_scaled, key, value, pool_key, pool_value, token_weights, height, width,
+                (pool_h, pool_w))
+        if use_compiled_op(x):
+            out = self._merged_softmax(*args)
+        else:
+            out = self._joint_softmax(*args)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+
+    def _joint_softmax(self, query, key, value, pool_key, pool_value, token_weights,
+                       height, width, pool_size):
+        """The released algorithm: one softmax over concatenated logits."""
+        ws = self.window_size
+        local = sliding_window_logits_reference(query, key, self.relative_pos_bias_local,
+                                                height, width, ws)
+        bias = self._full_bias((height, width), pool_size, query)
+        pooled = query @ pool_key.transpose(-2, -1) + bias
+        attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1)
+        attn_local, attn_pooled = attn.split([self.local_len, pooled.shape[-1]], dim=-1)
+        out = sliding_window_aggregate_reference(attn_local + token_weights, value, height,
+                                                 width, ws)
+        return out + attn_pooled @ pool_value
+
+    def _merged_softmax(self, query, key, value, pool_key, pool_value, token_weights,
+                        height, width, pool_size):
+        """The same softmax as two parts merged by their log-sum-exp."""
+        ws = self.window_size
+        local = sliding_window_logits(query, key, self.relative_pos_bias_local, height, width, ws)
+        bias = self._factored_bias((height, width), pool_size, query)
+        out_pooled, lse_pooled = banded_bias_attention(query, pool_key, pool_value, bias)
+        lse = torch.logaddexp(torch.logsumexp(local, dim=-1), lse_pooled)
+        attn_local = torch.exp(local - lse.unsqueeze(-1))
+        out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
+        return out + torch.exp(lse_pooled - lse).unsqueeze(-1) * out_pooled
+
+
+class FullAttention(_PositionBiasAttention):
+    """Multi-head self-attention over all tokens with the continuous bias (last stage).
+
+    Args:
+        dim (int): channels ``C``.
+        num_heads (int): heads ``h``.
+        build_size (int, optional): see :class:`_PositionBiasAttention`.
+        pretrain_size (int): see :class:`_PositionBiasAttention`.
+        qkv_bias (bool): bias in ``qkv``. Default: True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, build_size: Optional[int], pretrain_size: int,
+                 qkv_bias: bool = True):
+        super().__init__(dim, num_heads, build_size, None, pretrain_size)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+
+    def reset_attention_parameters(self):
+        """Training-from-scratch values of the attention's own parameters."""
+        self._reset_attention_parameters()
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
+        batch, tokens, channels = x.shape
+        query, key, value = self.qkv(x).view(batch, tokens, 3, self.num_heads,
+                                             self.head_dim).permute(2, 0, 3, 1, 4)
+        query = self._scaled_query(F.normalize(query, dim=-1), math.log(tokens))
+        key = F.normalize(key, dim=-1)
+        size = (height, width)
+        if use_compiled_op(x):
+            out, _ = banded_bias_attention(query, key, value, self._factored_bias(size, size, x))
+        else:
+            attn = (query @ key.transpose(-2, -1) + self._full_bias(size, size, x)).softmax(-1)
+            out = attn @ value
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))

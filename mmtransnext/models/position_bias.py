@@ -1,0 +1,182 @@
+"""The continuous relative position bias between queries and pooled keys.
+
+TransNeXt evaluates a small MLP (``cpb_fc1 -> ReLU -> cpb_fc2``) at the log-spaced
+relative offset between every query and every (pooled) key, giving one bias per
+head. The offset of a query ``(i, j)`` and a key ``(a, b)`` is separable,
+``(rel_h(i, a), rel_w(j, b))``, so all the MLP ever sees is a point of the product
+grid ``unique(rel_h) x unique(rel_w)``. We evaluate it there once (a few thousand
+points) and expand afterwards:
+
+* :func:`expand_bias` builds the whole ``(heads, N, P)`` bias the way the released
+  model does (gather, then bilinear resize of the key axes, then of the query
+  axes). It is the reference path.
+* :class:`RowFactoredBias` exploits that both the gather and the bilinear resize
+  act on the row axes and the column axes independently: it resizes the row
+  axes once (a small tensor) and hands out the bias for any band of query rows
+  on demand, so the full bias never has to exist.
+
+Both give the same numbers up to float rounding.
+"""
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Size2d = Tuple[int, int]
+
+# Offsets are measured in units of the pretraining grid and scaled so that the
+# grid's extent maps to 8, then log-spaced: f(t) = sign(t) log2(|t| + 1) / log2(8).
+_OFFSET_RANGE = 8.0
+
+
+def _pooled_axis(length: int, bins: int) -> Tensor:
+    """Coordinates ``0..length-1`` averaged over each bin of a 1-D adaptive pool.
+
+    Returns:
+        Tensor: ``(bins,)`` float64, bin ``k`` covering
+        ``floor(k*length/bins) .. ceil((k+1)*length/bins)-1``.
+    """
+    starts = [(k * length) // bins for k in range(bins)]
+    ends = [-((-(k + 1) * length) // bins) for k in range(bins)]
+    return torch.tensor([(s + e - 1) / 2.0 for s, e in zip(starts, ends)],
+                        dtype=torch.float64)
+
+
+def _axis_offsets(query_len: int, key_len: int,
+                  pretrain_len: int) -> Tuple[Tensor, Tensor]:
+    """Log-spaced offsets along one axis and where each query/key pair finds its own.
+
+    Returns:
+        tuple[Tensor, Tensor]: the distinct transformed offsets ``(U,)`` (float64)
+        and the index ``(query_len, key_len)`` of each pair into them.
+    """
+    queries = torch.arange(query_len, dtype=torch.float64)
+    keys = _pooled_axis(query_len, key_len)
+    # A one-cell pretraining grid would divide by zero; the offsets are then 0-based.
+    rel = (queries[:, None] - keys[None, :]) / max(pretrain_len - 1, 1) * _OFFSET_RANGE
+    values, index = torch.unique(rel, return_inverse=True)
+    values = torch.sign(values) * torch.log2(values.abs() + 1.0) / math.log2(_OFFSET_RANGE)
+    return values, index
+
+
+@dataclass(frozen=True)
+class BiasLayout:
+    """Where the position-bias MLP is evaluated and how the result is expanded.
+
+    Attributes:
+        coords (Tensor): ``(Uh, Uw, 2)`` MLP inputs, the product of the distinct
+            row and column offsets.
+        index_h (Tensor): ``(Qh, Kh)`` long, row offset of each query row / key row
+            pair on the grid the bias is built on.
+        index_w (Tensor): ``(Qw, Kw)`` long, likewise for columns.
+        query_size (tuple[int, int]): ``(H, W)`` the bias is resized to.
+        key_size (tuple[int, int]): ``(Hp, Wp)`` the bias is resized to.
+    """
+    coords: Tensor
+    index_h: Tensor
+    index_w: Tensor
+    query_size: Size2d
+    key_size: Size2d
+
+
+@lru_cache(maxsize=64)
+def bias_layout(build_query: Size2d, build_key: Size2d, pretrain: Size2d,
+                query_size: Size2d, key_size: Size2d,
+                device: torch.device) -> BiasLayout:
+    """The layout of a bias built on one grid and resized to another (cached).
+
+    Args:
+        build_query (tuple[int, int]): query grid the MLP is evaluated on.
+        build_key (tuple[int, int]): key grid the MLP is evaluated on (pooled
+            from ``build_query``).
+        pretrain (tuple[int, int]): the pretraining grid that normalises offsets.
+        query_size (tuple[int, int]): query grid at run time, ``(H, W)``.
+        key_size (tuple[int, int]): key grid at run time, ``(Hp, Wp)``.
+        device (torch.device): where the tensors live.
+    """
+    values_h, index_h = _axis_offsets(build_query[0], build_key[0], pretrain[0])
+    values_w, index_w = _axis_offsets(build_query[1], build_key[1], pretrain[1])
+    coords = torch.stack(torch.meshgrid(values_h, values_w, indexing='ij'), dim=-1)
+    return BiasLayout(coords=coords.to(device=device, dtype=torch.float32),
+                      index_h=index_h.to(device), index_w=index_w.to(device),
+                      query_size=tuple(query_size), key_size=tuple(key_size))
+
+
+def _resize(x: Tensor, size: Size2d) -> Tensor:
+    """Bilinear resize of a 4-D tensor's last two dims (``align_corners=False``).
+
+    Equal sizes return the input unchanged, which is what the resize computes then.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+
+def expand_bias(table: Tensor, layout: BiasLayout) -> Tensor:
+    """The whole bias, as the released model builds it.
+
+    Args:
+        table (Tensor): ``(heads, Uh, Uw)`` the MLP's output on ``layout.coords``.
+        layout (BiasLayout): where to expand it to.
+
+    Returns:
+        Tensor: ``(heads, H*W, Hp*Wp)``.
+    """
+    heads = table.shape[0]
+    qh, kh = layout.index_h.shape
+    qw, kw = layout.index_w.shape
+    (height, width), (pool_h, pool_w) = layout.query_size, layout.key_size
+    bias = table[:, layout.index_h][..., layout.index_w]        # (h, Qh, Kh, Qw, Kw)
+    bias = bias.permute(0, 1, 3, 2, 4).reshape(heads, qh * qw, kh, kw)
+    bias = _resize(bias, (pool_h, pool_w))                       # key axes first
+    bias = bias.reshape(heads, qh * qw, pool_h * pool_w).transpose(1, 2)
+    bias = _resize(bias.reshape(heads, pool_h * pool_w, qh, qw), (height, width))
+    return bias.reshape(heads, pool_h * pool_w, height * width).transpose(1, 2)
+
+
+class RowFactoredBias:
+    """The bias of a band of query rows, without building the whole bias.
+
+    Bilinear resizing is separable, so the row axes (query rows with key rows)
+    are gathered and resized once, here, into a ``(heads, Uw, H, Hp)`` tensor of
+    a few megabytes; :meth:`rows` then gathers and resizes the column axes for
+    the requested rows only.
+
+    Args:
+        table (Tensor): ``(heads, Uh, Uw)`` the MLP's output on ``layout.coords``.
+        layout (BiasLayout): where to expand it to.
+    """
+
+    def __init__(self, table: Tensor, layout: BiasLayout):
+        self.layout = layout
+        height = layout.query_size[0]
+        pool_h = layout.key_size[0]
+        by_rows = table[:, layout.index_h].permute(0, 3, 1, 2)   # (h, Uw, Qh, Kh)
+        self.by_rows = _resize(by_rows, (height, pool_h))          # (h, Uw, H, Hp)
+
+    def rows(self, start: int, stop: int, by_rows: Tensor = None) -> Tensor:
+        """The bias of query rows ``start:stop``.
+
+        Args:
+            start (int): first query row.
+            stop (int): one past the last query row.
+            by_rows (Tensor, optional): a stand-in for the row-resized tensor
+                (used to take its gradient). Default: ``self.by_rows``.
+
+        Returns:
+            Tensor: ``(heads, rows, W, Hp, Wp)``, a strided view.
+        """
+        by_rows = self.by_rows if by_rows is None else by_rows
+        heads, _, _, pool_h = by_rows.shape
+        width, pool_w = self.layout.query_size[1], self.layout.key_size[1]
+        qw, kw = self.layout.index_w.shape
+        band = by_rows[:, :, start:stop]                           # (h, Uw, R, Hp)
+        rows = band.shape[2]
+        band = band[:, self.layout.index_w]                        # (h, Qw, Kw, R, Hp)
+        band = band.permute(0, 3, 4, 1, 2).reshape(heads, rows * pool_h, qw, kw)
+        band = _resize(band, (width, pool_w))                      # (h, R*Hp, W, Wp)
+        return band.view(heads, rows, pool_h, width, pool_w).permute(0, 1, 3, 2, 4)

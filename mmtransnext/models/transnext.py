@@ -1,0 +1,374 @@
+"""TransNeXt (CVPR 2024) as an MMEngine backbone for dense prediction.
+
+Private building blocks first, the one public registered module last. Parameter
+names equal the released checkpoints' so those load unchanged.
+"""
+import math
+from copy import deepcopy
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from mmengine.registry import MODELS
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .attention import AggregatedAttention, FullAttention
+from .checkpoint import load_pretrained
+
+# Block norms and stage norms; patch-embedding and pooled-token norms keep 1e-5.
+_BLOCK_NORM_EPS = 1e-6
+
+ARCH_SETTINGS = {
+    'micro': dict(embed_dims=[48, 96, 192, 384], num_heads=[2, 4, 8, 16],
+                  depths=[2, 2, 15, 2], mlp_ratios=[8, 8, 4, 4], sr_ratios=[8, 4, 2, 1],
+                  window_size=[3, 3, 3, None]),
+    'tiny': dict(embed_dims=[72, 144, 288, 576], num_heads=[3, 6, 12, 24],
+                 depths=[2, 2, 15, 2], mlp_ratios=[8, 8, 4, 4], sr_ratios=[8, 4, 2, 1],
+                 window_size=[3, 3, 3, None]),
+    'small': dict(embed_dims=[72, 144, 288, 576], num_heads=[3, 6, 12, 24],
+                  depths=[5, 5, 22, 5], mlp_ratios=[8, 8, 4, 4], sr_ratios=[8, 4, 2, 1],
+                  window_size=[3, 3, 3, None]),
+    'base': dict(embed_dims=[96, 192, 384, 768], num_heads=[4, 8, 16, 32],
+                 depths=[5, 5, 23, 5], mlp_ratios=[8, 8, 4, 4], sr_ratios=[8, 4, 2, 1],
+                 window_size=[3, 3, 3, None]),
+}
+_ARCH_KEYS = ('embed_dims', 'num_heads', 'depths', 'mlp_ratios', 'sr_ratios', 'window_size')
+
+
+def _check_arch(arch: Union[str, dict]) -> dict:
+    """An arch name or dict, validated, as a dict of per-stage lists."""
+    if isinstance(arch, str):
+        if arch not in ARCH_SETTINGS:
+            raise ValueError(f'unknown TransNeXt arch {arch!r}; choose one of '
+                             f'{sorted(ARCH_SETTINGS)} or pass a dict with keys {_ARCH_KEYS}')
+        return deepcopy(ARCH_SETTINGS[arch])
+    if not isinstance(arch, dict):
+        raise TypeError(f'arch must be a name or a dict, not {type(arch).__name__}')
+    missing = [k for k in _ARCH_KEYS if k not in arch]
+    extra = [k for k in arch if k not in _ARCH_KEYS]
+    if missing or extra:
+        raise ValueError(f'TransNeXt arch dict: missing keys {missing}, unknown keys {extra}')
+    arch = {k: list(arch[k]) for k in _ARCH_KEYS}
+    stages = len(arch['embed_dims'])
+    if stages == 0 or any(len(v) != stages for v in arch.values()):
+        raise ValueError(f'TransNeXt arch dict: every key needs one entry per stage, got '
+                         f'{ {k: len(v) for k, v in arch.items()} }')
+    for i, (dim, heads, sr, ws) in enumerate(zip(arch['embed_dims'], arch['num_heads'],
+                                                 arch['sr_ratios'], arch['window_size'])):
+        if dim % heads:
+            raise ValueError(f'stage {i + 1}: {dim} channels do not split into {heads} heads')
+        if sr < 1:
+            raise ValueError(f'stage {i + 1}: sr_ratio must be >= 1, got {sr}')
+        if sr > 1 and (not isinstance(ws, int) or ws < 1 or ws % 2 == 0):
+            raise ValueError(f'stage {i + 1}: aggregated attention needs an odd window_size '
+                             f'>= 1, got {ws}')
+    return arch
+
+
+class _PatchEmbed(nn.Module):
+    """Overlapping patch embedding: a strided convolution, then LayerNorm on tokens."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=stride,
+                              padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, int, int]:
+        x = self.proj(x)
+        _, _, height, width = x.shape
+        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+
+
+class _ConvolutionalGLU(nn.Module):
+    """Gated linear unit whose gate passes through a 3x3 depthwise convolution."""
+
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(2 * int(dim * mlp_ratio) / 3)
+        self.fc1 = nn.Linear(dim, hidden * 2)
+        self.dwconv = _DepthwiseConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(self.dwconv(gate, height, width)) * value)
+
+
+class _DepthwiseConv(nn.Module):
+    """3x3 depthwise convolution of tokens seen as an ``height x width`` map."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        batch, tokens, channels = x.shape
+        x = x.transpose(1, 2).reshape(batch, channels, height, width)
+        return self.dwconv(x).flatten(2).transpose(1, 2)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: attention, then the convolutional GLU."""
+
+    def __init__(self, attn: nn.Module, dim: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=_BLOCK_NORM_EPS)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim, eps=_BLOCK_NORM_EPS)
+        self.mlp = _ConvolutionalGLU(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+
+
+@MODELS.register_module()
+class TransNeXt(BaseModule):
+    """TransNeXt backbone: aggregated attention and convolutional GLU, four stages.
+
+    A re-implementation of `TransNeXt: Robust Foveal Visual Perception for Vision
+    Transformers <https://arxiv.org/abs/2311.17132>`_ (CVPR 2024) for dense
+    prediction. Every token attends, in one softmax, to the ``ws x ws`` window
+    around it and to a pooled summary of the whole map, with a continuous
+    position bias; the last stage uses full attention.
+
+    Args:
+        arch (str | dict): ``'micro'``, ``'tiny'``, ``'small'``, ``'base'``, or a
+            dict with keys ``embed_dims, num_heads, depths, mlp_ratios,
+            sr_ratios, window_size`` (one entry per stage; ``window_size`` is
+            ``None`` for a full-attention stage, i.e. one with ``sr_ratio == 1``).
+            Default: ``'tiny'``.
+        img_size (int): the input size the position bias is built for in
+            interpolation mode (800 for COCO detection, 512 for ADE20K).
+            Default: 224.
+        pretrain_size (int, optional): the input size of pretraining, which sets
+            the unit of relative offsets. Default: None (``img_size``).
+        is_extrapolation (bool): build the bias on every input's own grid
+            instead of resizing the one built for ``img_size``. Default: False.
+        fixed_pool_size (int, optional): pool the periphery to ``S x S`` for any
+            input (linear inference mode). Default: None.
+        patch_size (int): stride of the first patch embedding (its kernel is
+            ``2 * patch_size - 1``). Default: 4.
+        in_channels (int): input channels. Default: 3.
+        qkv_bias (bool): biases in the query/key/value projections. Default: True.
+        drop_path_rate (float): stochastic depth, rising linearly over all blocks
+            from 0 to this. Default: 0.
+        out_indices (Sequence[int]): stages whose maps are returned.
+            Default: ``(0, 1, 2, 3)``.
+        frozen_stages (int): stages ``0..frozen_stages`` (patch embedding,
+            blocks, norm) stay in eval mode without gradients; -1 freezes none.
+            Default: -1.
+        norm_eval (bool): keep batch-norm layers in eval mode while training.
+            TransNeXt itself has only LayerNorm, so this concerns layers a
+            subclass adds; it is accepted so configs written for other backbones
+            work. Default: False.
+        with_cp (bool): recompute each block in the backward pass (activation
+            checkpointing) to save memory, when gradients flow. Default: False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
+            loads released weights (classifier, detector or segmentor, or a raw
+            state dict) and reports every missing, unexpected or mismatched name;
+            other mmengine init configs apply as usual. Default: None, which keeps
+            the training-from-scratch initialisation.
+
+    Shape:
+        - Input: ``(B, in_channels, H, W)``, any ``H, W >= 1``.
+        - Output: a tuple, per index in ``out_indices``, of ``(B, C_i, H_i, W_i)``
+          with strides ``patch_size * 2**i`` (rounded as the convolutions round).
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 img_size: int = 224,
+                 pretrain_size: Optional[int] = None,
+                 is_extrapolation: bool = False,
+                 fixed_pool_size: Optional[int] = None,
+                 patch_size: int = 4,
+                 in_channels: int = 3,
+                 qkv_bias: bool = True,
+                 drop_path_rate: float = 0.,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        settings = _check_arch(arch)
+        self.arch_settings = settings
+        self.num_stages = len(settings['embed_dims'])
+        self.embed_dims = settings['embed_dims']
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not 0 <= i < self.num_stages for i in out_indices):
+            raise ValueError(f'out_indices must name stages 0..{self.num_stages - 1}, '
+                             f'got {out_indices}')
+        if fixed_pool_size is not None and fixed_pool_size < 1:
+            raise ValueError(f'fixed_pool_size must be >= 1, got {fixed_pool_size}')
+        if patch_size < 1:
+            raise ValueError(f'patch_size must be >= 1, got {patch_size}')
+        self.out_indices = out_indices
+        self.in_channels = in_channels
+        self.qkv_bias = qkv_bias
+        self.img_size = img_size
+        self.pretrain_size = pretrain_size or img_size
+        self.is_extrapolation = is_extrapolation
+        self.fixed_pool_size = fixed_pool_size
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        rates = torch.linspace(0, drop_path_rate, sum(settings['depths'])).tolist()
+        first_block = 0
+        channels = in_channels
+        for i in range(self.num_stages):
+            dim, depth = settings['embed_dims'][i], settings['depths'][i]
+            stride = patch_size * 2**i
+            if i == 0:
+                embed = _PatchEmbed(channels, dim, 2 * patch_size - 1, patch_size)
+            else:
+                embed = _PatchEmbed(channels, dim, 3, 2)
+            blocks = nn.ModuleList(
+                _Block(self._attention(i, stride), dim, settings['mlp_ratios'][i],
+                       rates[first_block + j]) for j in range(depth))
+            setattr(self, f'patch_embed{i + 1}', embed)
+            setattr(self, f'block{i + 1}', blocks)
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=_BLOCK_NORM_EPS))
+            first_block += depth
+            channels = dim
+        self._init_from_scratch()
+        self._freeze_stages()
+
+    def _attention(self, stage: int, stride: int) -> nn.Module:
+        """The token mixer of one block of ``stage`` (0-based) at ``stride``."""
+        s = self.arch_settings
+        dim, heads, sr = s['embed_dims'][stage], s['num_heads'][stage], s['sr_ratios'][stage]
+        build = None if self.is_extrapolation else max(self.img_size // stride, 1)
+        pretrain = max(self.pretrain_size // stride, 1)
+        if sr == 1:
+            return FullAttention(dim, heads, build, pretrain, self.qkv_bias)
+        if self.is_extrapolation:
+            build_pool = None
+        elif self.fixed_pool_size is not None:
+            build_pool = self.fixed_pool_size
+        else:
+            build_pool = max(self.img_size // (stride * sr), 1)
+        return AggregatedAttention(dim, heads, s['window_size'][stage], sr, build, build_pool,
+                                   pretrain, self.fixed_pool_size, self.qkv_bias)
+
+    def _init_from_scratch(self):
+        """The released training initialisation (also what an unloaded model has)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0, math.sqrt(2.0 / (fan_out // module.groups)))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (AggregatedAttention, FullAttention)):
+                module.reset_attention_parameters()
+
+    def init_weights(self):
+        """Load ``init_cfg``'s released checkpoint, or apply another init config."""
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            checkpoint = self.init_cfg.get('checkpoint')
+            if not checkpoint:
+                raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint' path")
+            load_pretrained(self, checkpoint)
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def _stage_modules(self, stage: int):
+        return (getattr(self, f'patch_embed{stage + 1}'), getattr(self, f'block{stage + 1}'),
+                getattr(self, f'norm{stage + 1}'))
+
+    def _freeze_stages(self):
+        for stage in range(min(self.frozen_stages + 1, self.num_stages)):
+            for module in self._stage_modules(stage):
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        """Switch modes, keeping frozen stages (and, with ``norm_eval``, batch norms) in eval."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def _check_input(self, x: Tensor):
+        if not isinstance(x, Tensor):
+            raise TypeError(f'TransNeXt expects a tensor, got {type(x).__name__}')
+        if x.dim() != 4:
+            raise ValueError(f'TransNeXt expects a 4-D (B, C, H, W) input, got shape '
+                             f'{tuple(x.shape)}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'TransNeXt was built for {self.in_channels} input channels, '
+                             f'got {x.shape[1]} (shape {tuple(x.shape)})')
+        if x.numel() == 0:
+            raise ValueError(f'TransNeXt got an empty input of shape {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise ValueError(f'TransNeXt expects a floating-point input, got {x.dtype}')
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Args: x ``(B, C, H, W)``. Returns the maps of ``out_indices``."""
+        self._check_input(x)
+        outs = []
+        for stage in range(self.num_stages):
+            embed, blocks, norm = self._stage_modules(stage)
+            x, height, width = embed(x)
+            for block in blocks:
+                if self.with_cp and x.requires_grad:
+                    x = cp.checkpoint(block, x, height, width, use_reentrant=False)
+                else:
+                    x = block(x, height, width)
+            x = norm(x)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+            if stage in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+
+def _released_alias(arch: str):
+    """A builder named like the released configs' backbones (``transnext_tiny``...)."""
+
+    def build(pretrained: Optional[str] = None, scales: Optional[int] = None, **kwargs):
+        if pretrained is not None:
+            if kwargs.get('init_cfg') is not None:
+                raise ValueError('give either pretrained or init_cfg, not both')
+            kwargs['init_cfg'] = dict(type='Pretrained', checkpoint=pretrained)
+        if scales is not None:
+            # The released DINO configs ask for `scales` feature levels: the neck
+            # adds one below the backbone's last (scales - 1) stages.
+            if not 2 <= scales <= 5:
+                raise ValueError(f'scales must be 2..5 (feature levels), got {scales}')
+            if 'out_indices' in kwargs:
+                raise ValueError('give either scales or out_indices, not both')
+            kwargs['out_indices'] = tuple(range(5 - scales, 4))
+        return TransNeXt(arch=arch, **kwargs)
+
+    build.__name__ = f'transnext_{arch}'
+    build.__doc__ = (f'TransNeXt-{arch} under the released configs\' name; accepts their '
+                     '``pretrained`` (a checkpoint path) and ``scales`` (DINO feature levels: '
+                     "4 gives stages 1-3, 5 all four) besides TransNeXt's own arguments.")
+    return build
+
+
+for _arch in ARCH_SETTINGS:
+    MODELS.register_module(name=f'transnext_{_arch}', module=_released_alias(_arch))

@@ -1,0 +1,128 @@
+"""Attention with a position bias, computed a band of query rows at a time.
+
+The pooled half of aggregated attention (and the full attention of the last
+stage) is ``softmax(q k^T + bias) v`` with a per-head bias of shape
+``(heads, N, P)``. Built whole, the logits, the bias and the probabilities are
+each as large as ``B * heads * N * P`` floats (about 0.8 GB each at stage 1 of an
+800x1333 image). Here the query rows are processed in bands: a band's bias comes
+from :class:`~mmtransnext.models.position_bias.RowFactoredBias`, its logits and
+probabilities live only while the band is computed, and the backward pass
+recomputes them band by band (as flash attention does), so nothing of size
+``N * P`` is ever kept.
+
+The function also returns the log-sum-exp of every query's logits, so that the
+caller can merge this softmax with another one over a disjoint set of keys (the
+local window) into one joint softmax.
+"""
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Elements of one band's logits; 2**22 floats (16 MB) keeps the band in cache-friendly
+# matmuls while bounding the temporaries of the backward pass (four of them).
+_BAND_ELEMENTS = 1 << 22
+
+
+def _rows_per_band(batch: int, heads: int, width: int, keys: int, height: int) -> int:
+    per_row = max(batch * heads * width * keys, 1)
+    return max(1, min(height, _BAND_ELEMENTS // per_row))
+
+
+class _BandedBiasAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, query, key, value, by_rows, bias):
+        batch, heads, tokens, _ = query.shape
+        height, width = bias.layout.query_size
+        pool_h, pool_w = bias.layout.key_size
+        keys = key.shape[2]
+        band = _rows_per_band(batch, heads, width, keys, height)
+        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
+        lse = query.new_empty(batch, heads, tokens)
+        key_t = key.transpose(-2, -1)
+        for start in range(0, height, band):
+            stop = min(height, start + band)
+            lo, hi = start * width, stop * width
+            logits = torch.matmul(query[:, :, lo:hi], key_t)
+            logits.view(batch, heads, stop - start, width, pool_h, pool_w).add_(
+                bias.rows(start, stop, by_rows))
+            band_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            probs = logits.sub_(band_lse).exp_()
+            out[:, :, lo:hi] = torch.matmul(probs, value)
+            lse[:, :, lo:hi] = band_lse.squeeze(-1)
+        ctx.save_for_backward(query, key, value, by_rows, out, lse)
+        ctx.bias = bias
+        ctx.band = band
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, by_rows, out, lse = ctx.saved_tensors
+        bias, band = ctx.bias, ctx.band
+        batch, heads, _, _ = query.shape
+        height, width = bias.layout.query_size
+        pool_h, pool_w = bias.layout.key_size
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        # d lse / d logits = probs, and d out / d logits contracts to
+        # probs * (g - sum(probs * g)) with g = grad_out . value. That shift is about
+        # grad_out . out, known before the loop; subtracting it first leaves a
+        # small residual to sum per band. Done in this order, the rows of
+        # grad_logits sum to zero up to rounding of small numbers, which keeps a
+        # gradient that is zero in theory (a bias shared by all keys shifts no
+        # softmax) as close to zero as the released model has it.
+        shift = (grad_out * out).sum(-1)
+        grad_query = torch.empty_like(query)
+        grad_key = torch.zeros_like(key)
+        grad_value = torch.zeros_like(value)
+        want_bias = ctx.needs_input_grad[3]
+        by_rows_leaf = by_rows.detach().requires_grad_(want_bias)
+        key_t, value_t = key.transpose(-2, -1), value.transpose(-2, -1)
+        for start in range(0, height, band):
+            stop = min(height, start + band)
+            lo, hi = start * width, stop * width
+            with torch.enable_grad():
+                band_bias = bias.rows(start, stop, by_rows_leaf)
+            q_band, g_band = query[:, :, lo:hi], grad_out[:, :, lo:hi]
+            logits = torch.matmul(q_band, key_t)
+            logits.view(batch, heads, stop - start, width, pool_h, pool_w).add_(
+                band_bias.detach())
+            probs = logits.sub_(lse[:, :, lo:hi, None]).exp_()
+            grad_logits = torch.matmul(g_band, value_t).sub_(shift[:, :, lo:hi, None])
+            residual = (grad_logits * probs).sum(-1, keepdim=True)
+            grad_logits.sub_(residual.sub_(grad_lse[:, :, lo:hi, None])).mul_(probs)
+            grad_query[:, :, lo:hi] = torch.matmul(grad_logits, key)
+            grad_key += torch.matmul(grad_logits.transpose(-2, -1), q_band)
+            grad_value += torch.matmul(probs.transpose(-2, -1), g_band)
+            if want_bias:
+                band_grad = grad_logits.sum(0).view(heads, stop - start, width, pool_h, pool_w)
+                torch.autograd.backward(band_bias, band_grad)
+        grad_by_rows = by_rows_leaf.grad if want_bias else None
+        return grad_query, grad_key, grad_value, grad_by_rows, None
+
+
+def banded_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tuple:
+    """``softmax(query @ key^T + bias) @ value`` and its log-sum-exp, in bands of rows.
+
+    Args:
+        query (Tensor): ``(B, heads, N, d)``, already scaled; ``N = H * W``.
+        key (Tensor): ``(B, heads, P, d)`` with ``P = Hp * Wp``.
+        value (Tensor): ``(B, heads, P, dv)``.
+        bias (RowFactoredBias): the ``(heads, N, P)`` bias, shared by the batch;
+            its layout gives ``(H, W)`` and ``(Hp, Wp)``. Gradients reach the
+            tensors it was built from.
+
+    Returns:
+        tuple[Tensor, Tensor]: the output ``(B, heads, N, dv)`` and the log-sum-exp
+        of each query's logits ``(B, heads, N)``.
+    """
+    height, width = bias.layout.query_size
+    if query.shape[2] != height * width or key.shape[2] != bias.layout.key_size[0] * bias.layout.key_size[1]:
+        raise ValueError(
+            f'banded_bias_attention: query has {query.shape[2]} tokens and key {key.shape[2]}, '
+            f'but the bias is laid out for {height}x{width} queries and '
+            f'{bias.layout.key_size[0]}x{bias.layout.key_size[1]} keys')
+    return _BandedBiasAttention.apply(query, key, value, bias.by_rows, bias)

@@ -1,0 +1,234 @@
+"""The TransNeXt backbone: equal to the released reference, buildable from configs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import golden_arch
+from mmtransnext.models import TransNeXt, filter_backbone_state_dict
+from mmtransnext.models.attention import AggregatedAttention
+
+OUT_TOL = dict(atol=1e-4, rtol=1e-4)
+
+SMALL_ARCH = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1],
+                  mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1], window_size=[3, 3, 3, None])
+
+
+def assert_grad_close(grad, ref, name):
+    """The golden README's per-tensor gradient tolerance."""
+    limit = 1e-3 * max(ref.abs().max().item(), 1e-3)
+    err = (grad - ref).abs().max().item()
+    assert err <= limit, f'{name}: max |g - g_ref| = {err:.3g} > {limit:.3g}'
+
+
+def golden_model(golden, mode, **kwargs):
+    model = TransNeXt(**golden_arch(golden), is_extrapolation=mode == 'extrapolation', **kwargs)
+    model.load_state_dict(golden['state_dict'], strict=True)
+    return model
+
+
+@pytest.mark.parametrize('case', ['interpolation_at_img_size', 'interpolation_other_size',
+                                  'extrapolation_other_size'])
+def test_outputs_equal_reference(dense_golden, attention_path, case):
+    data = dense_golden['cases'][case]
+    model = golden_model(dense_golden, data['mode']).eval()
+    with torch.no_grad():
+        outs = model(data['input'])
+    assert len(outs) == len(data['outputs'])
+    for i, (out, ref) in enumerate(zip(outs, data['outputs'])):
+        assert out.shape == ref.shape, f'stage {i}'
+        torch.testing.assert_close(out, ref, **OUT_TOL, msg=lambda m: f'stage {i}: {m}')
+
+
+def test_gradients_equal_reference(dense_golden, attention_path):
+    data = dense_golden['cases']['interpolation_grad']
+    model = golden_model(dense_golden, data['mode']).train()
+    x = data['input'].clone().requires_grad_()
+    outs = model(x)
+    loss = sum((out * w).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss, data['loss'], **OUT_TOL)
+    loss.backward()
+    assert_grad_close(x.grad, data['input_grad'], 'input')
+    params = dict(model.named_parameters())
+    assert set(params) == set(data['param_grads'])
+    for name, ref in data['param_grads'].items():
+        assert params[name].grad is not None, name
+        assert_grad_close(params[name].grad, ref, name)
+
+
+@pytest.mark.parametrize('fixed_pool_size', [None, 3])
+def test_classifier_equals_reference(cls_golden, attention_path, fixed_pool_size):
+    data = cls_golden['cases'][f'classify_fixed_pool_{fixed_pool_size}']
+    model = TransNeXt(**golden_arch(cls_golden), fixed_pool_size=fixed_pool_size,
+                      out_indices=(3, )).eval()
+    weights = cls_golden['state_dict']
+    model.load_state_dict(filter_backbone_state_dict(weights), strict=True)
+    with torch.no_grad():
+        last, = model(data['input'])
+        logits = F.linear(last.mean(dim=(2, 3)), weights['head.weight'], weights['head.bias'])
+    torch.testing.assert_close(logits, data['logits'], **OUT_TOL)
+
+
+@pytest.mark.parametrize('arch', ['micro', 'tiny', 'small', 'base'])
+def test_names_and_shapes_equal_released_checkpoints(official_keys, arch):
+    released = official_keys[f'transnext_{arch}']
+    expected = {name: tuple(shape) for name, shape in released['state_dict']
+                if not name.startswith('head.')}
+    model = TransNeXt(arch=arch)
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert ours == expected
+    head = sum(math.prod(shape) for name, shape in released['state_dict']
+               if name.startswith('head.'))
+    assert sum(p.numel() for p in model.parameters()) == released['num_params'] - head
+
+
+def test_compiled_and_reference_paths_agree_on_odd_sizes(monkeypatch):
+    # float64, so that the two algorithms (joint softmax vs merged log-sum-exp) must
+    # agree to rounding; float32 agreement is what the golden tests check.
+    torch.manual_seed(0)
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, pretrain_size=48).double().train()
+    for size in [(33, 47), (9, 70), (5, 5)]:
+        x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+        results = []
+        for disable in ('0', '1'):
+            monkeypatch.setenv('MMTRANSNEXT_DISABLE_EXT', disable)
+            x.grad = None
+            model.zero_grad()
+            outs = model(x)
+            sum((o * o).sum() for o in outs).backward()
+            results.append(([o.detach() for o in outs], x.grad.clone(),
+                            {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (outs_a, gx_a, gp_a), (outs_b, gx_b, gp_b) = results
+        for a, b in zip(outs_a, outs_b):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gx_a, gx_b, rtol=1e-9, atol=1e-12)
+        for name in gp_a:
+            torch.testing.assert_close(gp_a[name], gp_b[name], rtol=1e-9, atol=1e-12,
+                                       msg=lambda m: f'{name} at {size}: {m}')
+
+
+@pytest.mark.parametrize('size,expected', [
+    ((32, 32), [(8, 8), (4, 4), (2, 2), (1, 1)]),          # below every pooling ratio
+    ((1, 1), [(1, 1), (1, 1), (1, 1), (1, 1)]),
+    ((150, 210), [(38, 53), (19, 27), (10, 14), (5, 7)]),  # the spec's example
+    ((17, 300), [(5, 75), (3, 38), (2, 19), (1, 10)]),
+])
+def test_any_input_size(attention_path, size, expected):
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert [tuple(o.shape[-2:]) for o in outs] == expected
+    assert [o.shape[1] for o in outs] == SMALL_ARCH['embed_dims']
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_tiny_stage_map_pools_to_one_cell():
+    attn = AggregatedAttention(16, 1, 3, sr_ratio=8, build_size=8, build_pool_size=1,
+                               pretrain_size=8)
+    assert attn.pool_size(3, 20) == (1, 2)
+    assert AggregatedAttention(16, 1, 3, 8, None, None, 8, fixed_pool_size=3).pool_size(1, 1) \
+        == (3, 3)
+
+
+@pytest.mark.parametrize('bad,message', [
+    (torch.randn(3, 64, 64), '4-D'),
+    (torch.randn(1, 4, 64, 64), 'input channels'),
+    (torch.randn(0, 3, 64, 64), 'empty'),
+    (torch.randn(1, 3, 0, 64), 'empty'),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.long), 'floating-point'),
+])
+def test_bad_input_raises_named_error(bad, message):
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64)
+    with pytest.raises(ValueError, match=message):
+        model(bad)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(arch='huge'), 'unknown TransNeXt arch'),
+    (dict(arch=dict(SMALL_ARCH, depths=[1, 1])), 'one entry per stage'),
+    (dict(arch=dict(SMALL_ARCH, window_size=[2, 3, 3, None])), 'odd window_size'),
+    (dict(arch=dict(SMALL_ARCH, num_heads=[3, 2, 4, 8])), 'do not split'),
+    (dict(arch={k: v for k, v in SMALL_ARCH.items() if k != 'depths'}), 'missing keys'),
+    (dict(out_indices=(4, )), 'out_indices'),
+    (dict(fixed_pool_size=0), 'fixed_pool_size'),
+])
+def test_bad_configuration_raises(kwargs, message):
+    kwargs = dict(dict(arch=SMALL_ARCH), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        TransNeXt(**kwargs)
+
+
+def test_out_indices_select_stages():
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [32, 128]
+
+
+def test_training_from_scratch_initialisation():
+    torch.manual_seed(0)
+    model = TransNeXt(arch='tiny', drop_path_rate=0.3)
+    attn = model.block1[0].attn
+    torch.testing.assert_close(F.softplus(attn.temperature), torch.full((3, 1, 1), 1 / 0.24))
+    assert attn.learnable_bias.abs().max() == 0
+    assert 0 < attn.relative_pos_bias_local.std() < 0.001
+    assert 0.015 < attn.learnable_tokens.std() < 0.025
+    assert 0.015 < model.block3[0].mlp.fc1.weight.std() < 0.025
+    assert model.block3[0].mlp.fc1.bias.abs().max() == 0
+    conv = model.block1[0].mlp.dwconv.dwconv  # fan_out = 9 * out / groups = 9
+    assert abs(conv.weight.std().item() - math.sqrt(2 / 9)) < 0.05
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, 'drop_prob') else 0.0
+             for i in range(1, 5) for b in getattr(model, f'block{i}')]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 21))
+
+
+def test_frozen_stages_stay_frozen():
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, frozen_stages=1)
+    model.train()
+    frozen = [model.patch_embed1, model.block1, model.norm1, model.patch_embed2, model.block2,
+              model.norm2]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    assert model.block3.training and all(p.requires_grad for p in model.block3.parameters())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
+    optim.step()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert torch.equal(before['block1.0.attn.q.weight'], model.block1[0].attn.q.weight)
+    assert not torch.equal(before['block3.0.attn.q.weight'], model.block3[0].attn.q.weight)
+
+
+def test_with_cp_gives_the_same_gradients(attention_path):
+    torch.manual_seed(0)
+    plain = TransNeXt(arch=SMALL_ARCH, img_size=64)
+    checkpointed = TransNeXt(arch=SMALL_ARCH, img_size=64, with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 48, 56)
+    grads = []
+    for model in (plain, checkpointed):
+        sum((o**2).sum() for o in model(x)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_bias_cache_follows_weight_changes(attention_path):
+    torch.manual_seed(0)
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = model(x)[0]
+        assert torch.equal(model(x)[0], first)
+        model.block1[0].attn.cpb_fc2.bias.add_(1.0)   # in-place update, as an optimizer does
+        second = model(x)[0]
+        model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
+        third = model(x)[0]
+    fresh = TransNeXt(arch=SMALL_ARCH, img_size=64).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = fresh(x)[0]
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(third, expected)
