@@ -232,3 +232,14 @@ def test_eval_bias_cache_follows_weight_changes(attention_path):
         expected = fresh(x)[0]
     assert not torch.equal(first, second)
     torch.testing.assert_close(third, expected)
+
+
+def test_attention_maps_are_the_joint_softmax():
+    torch.manual_seed(0)
+    attn = TransNeXt(arch=SMALL_ARCH, img_size=64).block1[0].attn
+    height, width = 6, 9
+    local, pooled = attn.attention_maps(torch.randn(2, height * width, 16), height, width)
+    assert local.shape == (2, 1, height * width, 9) and pooled.shape == (2, 1, height * width, 1)
+    torch.testing.assert_close(local.sum(-1) + pooled.sum(-1), torch.ones(2, 1, height * width))
+    # The top-left token's window reaches above and left of the map: those weights are 0.
+    assert torch.all(local[:, :, 0, [0, 1, 2, 3, 6]] == 0) and torch.all(local[:, :, 0, 4] > 0)

@@ -171,17 +171,17 @@ class AggregatedAttention(_PositionBiasAttention):
             return self.fixed_pool_size, self.fixed_pool_size
         return max(height // self.sr_ratio, 1), max(width // self.sr_ratio, 1)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
+    def _project(self, x: Tensor, height: int, width: int) -> tuple:
+        """Queries, keys and values of the window and of the periphery."""
         batch, tokens, channels = x.shape
-        heads, head_dim, ws = self.num_heads, self.head_dim, self.window_size
+        heads, head_dim = self.num_heads, self.head_dim
         pool_h, pool_w = self.pool_size(height, width)
         pooled = pool_h * pool_w
 
         query = F.normalize(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2), dim=-1)
         key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         key = F.normalize(key, dim=-1)
-        scale = _local_scale(height, width, ws, pooled, x.device).to(x.dtype)
+        scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
         query_scaled = self._scaled_query(query, scale)
 
         # The periphery: keys and values of the pooled map, through the same kv.
@@ -195,14 +195,42 @@ class AggregatedAttention(_PositionBiasAttention):
         # Learnable tokens: extra, query-dependent weights on the local values
         # (from the unscaled query), added after the softmax.
         token_weights = query @ self.learnable_tokens + self.learnable_bias
-
-        args = (query_scaled, key, value, pool_key, pool_value, token_weights, height, width,
+        return (query_scaled, key, value, pool_key, pool_value, token_weights, height, width,
                 (pool_h, pool_w))
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
+        batch, tokens, channels = x.shape
+        projected = self._project(x, height, width)
         if use_compiled_op(x):
-            out = self._merged_softmax(*args)
+            out = self._merged_softmax(*projected)
         else:
-            out = self._joint_softmax(*args)
+            out = self._joint_softmax(*projected)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+
+    @torch.no_grad()
+    def attention_maps(self, x: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
+        """The softmax weights every token gives its window and the pooled map.
+
+        For inspection (the fovea and periphery of each pixel); materialises
+        ``(B, heads, N, L + P)`` weights.
+
+        Args:
+            x (Tensor): ``(B, N, C)`` the block's normed input tokens.
+            height (int): map height ``H``.
+            width (int): map width ``W``.
+
+        Returns:
+            tuple[Tensor, Tensor]: window weights ``(B, heads, N, ws*ws)`` (zero
+            outside the map) and pooled weights ``(B, heads, N, Hp*Wp)``.
+        """
+        query, key, _, pool_key, _, _, height, width, pool_size = self._project(x, height, width)
+        local = sliding_window_logits_reference(query, key, self.relative_pos_bias_local,
+                                                height, width, self.window_size)
+        pooled = query @ pool_key.transpose(-2, -1) + self._full_bias((height, width),
+                                                                       pool_size, query)
+        attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1)
+        return tuple(attn.split([self.local_len, pooled.shape[-1]], dim=-1))
 
     def _joint_softmax(self, query, key, value, pool_key, pool_value, token_weights,
                        height, width, pool_size):
