@@ -73,9 +73,8 @@ class BuildWithHint(BuildExtension):
                 'mmtransnext: compiling the extension mmtransnext._C failed '
                 f'({type(exc).__name__}: {exc}). It needs a C++20 compiler with OpenMP '
                 '(g++ >= 10, `-fopenmp`), the headers of the installed torch '
-                f'{torch.__version__}, and for CUDA builds nvcc matching that torch. '
-                'The package still works without it (pure-PyTorch fallback) if you '
-                'install it with the extension removed; see the compiler output above.'
+                f'{torch.__version__}, and for CUDA builds nvcc matching that torch '
+                '(see the compiler output above).'
             ) from exc
 
 

@@ -17,6 +17,7 @@ values, which is where the reference spends its time and memory. Dispatch betwee
 follows one rule, :func:`use_compiled_op`. Fake (meta) kernels and autograd formulas are
 registered here, so ``torch.compile(fullgraph=True)`` traces through the compiled op.
 """
+import importlib
 import os
 import warnings
 from typing import Optional
@@ -40,7 +41,7 @@ _OP_NAMES = ('sliding_window_logits', 'sliding_window_logits_backward',
 # must never make `import mmtransnext` fail: remember why and fall back.
 _LOAD_ERROR: Optional[str] = None
 try:
-    from mmtransnext import _C  # noqa: F401
+    importlib.import_module('mmtransnext._C')
 except (ImportError, OSError) as exc:  # missing .so, or one built against another torch
     _LOAD_ERROR = f'{type(exc).__name__}: {exc}'
 
