@@ -138,13 +138,34 @@ def expand_bias(table: Tensor, layout: BiasLayout) -> Tensor:
     return bias.reshape(heads, pool_h * pool_w, height * width).transpose(1, 2)
 
 
+def _interp_taps(in_len: int, out_len: int):
+    """The two source cells and weights of each output cell of a 1-D bilinear resize.
+
+    The same arithmetic as PyTorch's ``align_corners=False`` resize, so that
+    applying the taps gives its numbers.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(out_len, 2)`` long indices and float32 weights.
+    """
+    # float32 like PyTorch's CPU kernel, whose rounding of the source position
+    # would otherwise show at 1e-5 on a 200-cell axis.
+    scale = torch.tensor(in_len, dtype=torch.float32) / out_len
+    src = ((torch.arange(out_len, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    low = src.long().clamp(max=in_len - 1)
+    high = (low + 1).clamp(max=in_len - 1)
+    frac = src - low
+    return torch.stack([low, high], -1), torch.stack([1 - frac, frac], -1)
+
+
 class RowFactoredBias:
     """The bias of a band of query rows, without building the whole bias.
 
     Bilinear resizing is separable, so the row axes (query rows with key rows)
-    are gathered and resized once, here, into a ``(heads, Uw, H, Hp)`` tensor of
-    a few megabytes; :meth:`rows` then gathers and resizes the column axes for
-    the requested rows only.
+    are gathered and resized once, here, into ``by_rows`` of shape
+    ``(heads, H, Hp, Uw)``, a few megabytes. The column axes are resized per
+    band: a bias entry is then a 4-tap weighted sum over one ``Uw`` vector of
+    ``by_rows``, whose taps (``col_index``, ``col_weight``, each ``(W, Wp, 4)``)
+    are the product of the query-column and key-column resizes.
 
     Args:
         table (Tensor): ``(heads, Uh, Uw)`` the MLP's output on ``layout.coords``.
@@ -153,30 +174,46 @@ class RowFactoredBias:
 
     def __init__(self, table: Tensor, layout: BiasLayout):
         self.layout = layout
-        height = layout.query_size[0]
-        pool_h = layout.key_size[0]
+        (height, width), (pool_h, pool_w) = layout.query_size, layout.key_size
         by_rows = table[:, layout.index_h].permute(0, 3, 1, 2)   # (h, Uw, Qh, Kh)
-        self.by_rows = _resize(by_rows, (height, pool_h))          # (h, Uw, H, Hp)
+        by_rows = _resize(by_rows, (height, pool_h))               # (h, Uw, H, Hp)
+        self.by_rows = by_rows.permute(0, 2, 3, 1).contiguous()    # (h, H, Hp, Uw)
+        self._col_taps = None
+
+    def col_taps(self, dtype) -> Tuple[Tensor, Tensor]:
+        """``(W, Wp, 4)`` indices into ``Uw`` and their weights, for the fused kernels."""
+        if self._col_taps is None:
+            (_, width), (_, pool_w) = self.layout.query_size, self.layout.key_size
+            qw, kw = self.layout.index_w.shape
+            cols, col_w = _interp_taps(qw, width)                 # (W, 2)
+            keys, key_w = _interp_taps(kw, pool_w)                # (Wp, 2)
+            index_w = self.layout.index_w.cpu()
+            index = index_w[cols[:, None, :, None], keys[None, :, None, :]]   # (W, Wp, 2, 2)
+            weight = col_w[:, None, :, None] * key_w[None, :, None, :]
+            device = self.by_rows.device
+            self._col_taps = (index.reshape(width, pool_w, 4).to(device),
+                              weight.reshape(width, pool_w, 4).to(device))
+        index, weight = self._col_taps
+        return index, weight.to(dtype)
 
     def rows(self, start: int, stop: int, by_rows: Tensor = None) -> Tensor:
-        """The bias of query rows ``start:stop``.
+        """The bias of query rows ``start:stop``, in plain PyTorch.
 
         Args:
             start (int): first query row.
             stop (int): one past the last query row.
-            by_rows (Tensor, optional): a stand-in for the row-resized tensor
-                (used to take its gradient). Default: ``self.by_rows``.
+            by_rows (Tensor, optional): a stand-in for ``self.by_rows`` (used to
+                take its gradient). Default: ``self.by_rows``.
 
         Returns:
             Tensor: ``(heads, rows, W, Hp, Wp)``, a strided view.
         """
         by_rows = self.by_rows if by_rows is None else by_rows
-        heads, _, _, pool_h = by_rows.shape
+        heads, _, pool_h, _ = by_rows.shape
         width, pool_w = self.layout.query_size[1], self.layout.key_size[1]
         qw, kw = self.layout.index_w.shape
-        band = by_rows[:, :, start:stop]                           # (h, Uw, R, Hp)
-        rows = band.shape[2]
-        band = band[:, self.layout.index_w]                        # (h, Qw, Kw, R, Hp)
-        band = band.permute(0, 3, 4, 1, 2).reshape(heads, rows * pool_h, qw, kw)
-        band = _resize(band, (width, pool_w))                      # (h, R*Hp, W, Wp)
+        band = by_rows[:, start:stop]                              # (h, R, Hp, Uw)
+        rows = band.shape[1]
+        band = band[..., self.layout.index_w]                      # (h, R, Hp, Qw, Kw)
+        band = _resize(band.reshape(heads, rows * pool_h, qw, kw), (width, pool_w))
         return band.view(heads, rows, pool_h, width, pool_w).permute(0, 1, 3, 2, 4)

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .sliding_window import use_compiled_op
+
 # Elements of one band's logits; 2**22 floats (16 MB) keeps the band in cache-friendly
 # matmuls while bounding the temporaries of the backward pass (four of them).
 _BAND_ELEMENTS = 1 << 22
@@ -28,15 +30,42 @@ def _rows_per_band(batch: int, heads: int, width: int, keys: int, height: int) -
     return max(1, min(height, _BAND_ELEMENTS // per_row))
 
 
+def _fused_kernels(tensor: Tensor) -> bool:
+    """Whether the compiled band kernels serve this tensor (CPU builds have them)."""
+    return (tensor.device.type == 'cpu' and use_compiled_op(tensor)
+            and all(hasattr(torch.ops.mmtransnext, name) for name in _KERNEL_NAMES))
+
+
+_KERNEL_NAMES = ('bias_softmax_', 'softmax_backward_', 'bias_rows_backward')
+
+
+def _biased_exp_(logits: Tensor, bias, by_rows: Tensor, start: int, stop: int,
+                 fused: bool, shift: Tensor = None):
+    """``logits <- exp(logits + bias - shift)`` in place, for query rows ``start:stop``.
+
+    ``shift`` defaults to each row's maximum. Returns the shift and the row sums.
+    """
+    if fused:
+        index, weight = bias.col_taps(logits.dtype)
+        return torch.ops.mmtransnext.bias_softmax_(logits, by_rows, index, weight, start, shift)
+    batch, heads = logits.shape[:2]
+    (_, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
+    logits.view(batch, heads, stop - start, width, pool_h, pool_w).add_(
+        bias.rows(start, stop, by_rows))
+    if shift is None:
+        shift = logits.amax(dim=-1)
+    logits.sub_(shift.unsqueeze(-1)).exp_()
+    return shift, logits.sum(-1)
+
+
 class _BandedBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, by_rows, bias):
         batch, heads, tokens, _ = query.shape
         height, width = bias.layout.query_size
-        pool_h, pool_w = bias.layout.key_size
-        keys = key.shape[2]
-        band = _rows_per_band(batch, heads, width, keys, height)
+        band = _rows_per_band(batch, heads, width, key.shape[2], height)
+        fused = _fused_kernels(query)
         out = query.new_empty(query.shape[:-1] + value.shape[-1:])
         lse = query.new_empty(batch, heads, tokens)
         key_t = key.transpose(-2, -1)
@@ -44,33 +73,28 @@ class _BandedBiasAttention(torch.autograd.Function):
             stop = min(height, start + band)
             lo, hi = start * width, stop * width
             logits = torch.matmul(query[:, :, lo:hi], key_t)
-            logits.view(batch, heads, stop - start, width, pool_h, pool_w).add_(
-                bias.rows(start, stop, by_rows))
-            band_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            probs = logits.sub_(band_lse).exp_()
-            out[:, :, lo:hi] = torch.matmul(probs, value)
-            lse[:, :, lo:hi] = band_lse.squeeze(-1)
+            row_max, row_sum = _biased_exp_(logits, bias, by_rows, start, stop, fused)
+            out[:, :, lo:hi] = torch.matmul(logits, value).div_(row_sum.unsqueeze(-1))
+            lse[:, :, lo:hi] = row_max + row_sum.log()
         ctx.save_for_backward(query, key, value, by_rows, out, lse)
-        ctx.bias = bias
-        ctx.band = band
+        ctx.bias, ctx.band, ctx.fused = bias, band, fused
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         query, key, value, by_rows, out, lse = ctx.saved_tensors
-        bias, band = ctx.bias, ctx.band
-        batch, heads, _, _ = query.shape
+        bias, band, fused = ctx.bias, ctx.band, ctx.fused
         height, width = bias.layout.query_size
         pool_h, pool_w = bias.layout.key_size
+        heads = query.shape[1]
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        if grad_lse is None:
-            grad_lse = torch.zeros_like(lse)
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
         # d lse / d logits = probs, and d out / d logits contracts to
         # probs * (g - sum(probs * g)) with g = grad_out . value. That shift is about
         # grad_out . out, known before the loop; subtracting it first leaves a
-        # small residual to sum per band. Done in this order, the rows of
+        # small residual to sum per row. Done in this order, the rows of
         # grad_logits sum to zero up to rounding of small numbers, which keeps a
         # gradient that is zero in theory (a bias shared by all keys shifts no
         # softmax) as close to zero as the released model has it.
@@ -79,29 +103,47 @@ class _BandedBiasAttention(torch.autograd.Function):
         grad_key = torch.zeros_like(key)
         grad_value = torch.zeros_like(value)
         want_bias = ctx.needs_input_grad[3]
-        by_rows_leaf = by_rows.detach().requires_grad_(want_bias)
+        if fused:
+            grad_by_rows = torch.zeros_like(by_rows) if want_bias else None
+            index, weight = bias.col_taps(query.dtype)
+        else:
+            by_rows_leaf = by_rows.detach().requires_grad_(want_bias)
         key_t, value_t = key.transpose(-2, -1), value.transpose(-2, -1)
         for start in range(0, height, band):
             stop = min(height, start + band)
             lo, hi = start * width, stop * width
-            with torch.enable_grad():
-                band_bias = bias.rows(start, stop, by_rows_leaf)
             q_band, g_band = query[:, :, lo:hi], grad_out[:, :, lo:hi]
-            logits = torch.matmul(q_band, key_t)
-            logits.view(batch, heads, stop - start, width, pool_h, pool_w).add_(
-                band_bias.detach())
-            probs = logits.sub_(lse[:, :, lo:hi, None]).exp_()
-            grad_logits = torch.matmul(g_band, value_t).sub_(shift[:, :, lo:hi, None])
-            residual = (grad_logits * probs).sum(-1, keepdim=True)
-            grad_logits.sub_(residual.sub_(grad_lse[:, :, lo:hi, None])).mul_(probs)
+            probs = torch.matmul(q_band, key_t)
+            if fused:
+                _biased_exp_(probs, bias, by_rows, start, stop, True, lse[:, :, lo:hi])
+            else:
+                with torch.enable_grad():
+                    band_bias = bias.rows(start, stop, by_rows_leaf)
+                probs.view(probs.shape[:2] + (stop - start, width, pool_h, pool_w)).add_(
+                    band_bias.detach())
+                probs.sub_(lse[:, :, lo:hi, None]).exp_()
+            grad_logits = torch.matmul(g_band, value_t)
+            if fused:
+                torch.ops.mmtransnext.softmax_backward_(grad_logits, probs, shift[:, :, lo:hi],
+                                                        grad_lse[:, :, lo:hi])
+            else:
+                grad_logits.sub_(shift[:, :, lo:hi, None])
+                residual = (grad_logits * probs).sum(-1, keepdim=True)
+                grad_logits.sub_(residual.sub_(grad_lse[:, :, lo:hi, None])).mul_(probs)
             grad_query[:, :, lo:hi] = torch.matmul(grad_logits, key)
             grad_key += torch.matmul(grad_logits.transpose(-2, -1), q_band)
             grad_value += torch.matmul(probs.transpose(-2, -1), g_band)
             if want_bias:
-                band_grad = grad_logits.sum(0).view(heads, stop - start, width, pool_h, pool_w)
-                torch.autograd.backward(band_bias, band_grad)
-        grad_by_rows = by_rows_leaf.grad if want_bias else None
-        return grad_query, grad_key, grad_value, grad_by_rows, None
+                band_grad = grad_logits.sum(0)                       # the batch shares the bias
+                if fused:
+                    grad_by_rows[:, start:stop] += torch.ops.mmtransnext.bias_rows_backward(
+                        band_grad, index, weight, by_rows.shape[-1])
+                else:
+                    torch.autograd.backward(
+                        band_bias, band_grad.view(heads, stop - start, width, pool_h, pool_w))
+        if want_bias and not fused:
+            grad_by_rows = by_rows_leaf.grad
+        return grad_query, grad_key, grad_value, grad_by_rows if want_bias else None, None
 
 
 def banded_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tuple:
