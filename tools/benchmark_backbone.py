@@ -71,7 +71,9 @@ def _worker(args) -> dict:
 
 
 def _run(args, path: str, mode: str) -> dict:
-    env = dict(os.environ, MMTRANSNEXT_DISABLE_EXT=PATHS[path])
+    # Freed tensors go back to the OS at once, so the high-water mark follows live
+    # tensors rather than heap fragmentation (as tools/benchmark_op.py does).
+    env = dict(os.environ, MMTRANSNEXT_DISABLE_EXT=PATHS[path], MALLOC_MMAP_THRESHOLD_='131072')
     cmd = [sys.executable, __file__, '--worker', '--mode', mode, '--arch', args.arch,
            '--size', *map(str, args.size), '--batch', str(args.batch), '--img-size',
            str(args.img_size), '--threads', str(args.threads), '--repeats', str(args.repeats),
