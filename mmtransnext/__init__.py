@@ -7,6 +7,7 @@ mmdet, mmseg and any other OpenMMLab project build it from a config once
 the compiled op is missing: the model then falls back to the pure-PyTorch reference.
 """
 from .version import __version__
+from . import engine  # noqa: F401  (weights-only loading of mmengine checkpoints)
 from . import ops  # noqa: F401
 from . import models  # noqa: F401
 from .models import TransNeXt
