@@ -94,8 +94,9 @@ def add_dump_metric(runner, out):
     runner.test_evaluator.metrics.append(metric)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def build_test_runner(args):
+    """The Runner that tests ``args.checkpoint`` (progress bar and ``--out``
+    included); ``runner.test()`` then evaluates."""
     _import_mmtransnext()
     from mmengine.config import Config
     from mmengine.registry import RUNNERS
@@ -124,6 +125,12 @@ def main(argv=None):
         runner.register_hook(TestProgressBarHook(), priority='VERY_LOW')
     if args.out is not None:
         add_dump_metric(runner, args.out)
+    return runner
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runner = build_test_runner(args)
     metrics = runner.test()
     if runner.rank == 0:
         print('\n' + '\n'.join(f'{k}: {v}' for k, v in metrics.items()))
