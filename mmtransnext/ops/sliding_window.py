@@ -342,6 +342,24 @@ def _register_python_side() -> None:
         return (torch.empty_like(weights, memory_format=torch.contiguous_format),
                 torch.empty_like(value, memory_format=torch.contiguous_format))
 
+    # Band kernels of banded bias attention (ops/banded_attention.py checks for them);
+    # a build older than them lacks the ops, which is not an error.
+    if all(hasattr(torch.ops.mmtransnext, name)
+           for name in ('bias_softmax_', 'softmax_backward_', 'bias_rows_backward')):
+        @torch.library.register_fake(lib + 'bias_softmax_')
+        def _bias_softmax_fake(logits, by_rows, col_index, col_weight, row_start, row_shift):
+            return logits.new_empty(logits.shape[:3]), logits.new_empty(logits.shape[:3])
+
+        @torch.library.register_fake(lib + 'softmax_backward_')
+        def _softmax_backward_fake(grad, probs, shift, grad_lse):
+            return None
+
+        @torch.library.register_fake(lib + 'bias_rows_backward')
+        def _bias_rows_backward_fake(grad_bias, col_index, col_weight, uw):
+            heads, rows, keys = grad_bias.shape
+            width, pool_w = col_index.shape[:2]
+            return grad_bias.new_empty((heads, rows // width, keys // pool_w, uw))
+
     def _logits_setup(ctx, inputs, output):
         query, key, _bias, height, width, window_size = inputs
         ctx.save_for_backward(query, key)

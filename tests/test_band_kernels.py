@@ -1,0 +1,255 @@
+"""The compiled band kernels of banded bias attention against their PyTorch definitions.
+
+``torch.ops.mmtransnext.bias_softmax_``, ``softmax_backward_`` and ``bias_rows_backward``
+(``csrc/cpu/band_softmax_cpu.cpp``) replace the plain-PyTorch lines next to them in
+``mmtransnext/ops/banded_attention.py``; those lines are the reference here.
+
+Tolerances: float64 agrees to 1e-10 except where the bias is interpolated: the fused
+path uses the column taps of ``RowFactoredBias.col_taps``, whose source positions and
+weights are computed in float32 (as PyTorch's float32 resize does) and only then cast,
+while the float64 reference resizes in float64; on a 23-cell axis that is ~3e-6
+relative, so those comparisons use 1e-5, and the kernels are also checked to 1e-10
+against a plain-PyTorch evaluation of the same taps (``taps_bias``). float32 uses 2e-5
+(own exp polynomial and float32 taps against PyTorch's exp and resize).
+"""
+import pytest
+import torch
+
+import mmtransnext.ops  # noqa: F401  (loads torch.ops.mmtransnext)
+from mmtransnext.models.position_bias import RowFactoredBias, bias_layout
+from mmtransnext.ops import banded_attention
+from mmtransnext.ops.banded_attention import _biased_exp_, banded_bias_attention
+
+pytestmark = pytest.mark.skipif(
+    not all(hasattr(torch.ops.mmtransnext, n) for n in banded_attention._KERNEL_NAMES),
+    reason='mmtransnext._C built without the band kernels')
+
+ops = torch.ops.mmtransnext
+
+# (build_query, build_key, pretrain, query_size, key_size)
+INTERP_SMALL = ((9, 9), (3, 3), (9, 9), (5, 13), (1, 4))
+INTERP_LARGE = ((20, 20), (5, 5), (20, 20), (17, 23), (4, 5))
+IDENTITY = ((6, 7), (2, 3), (6, 7), (6, 7), (2, 3))
+LAYOUTS = [INTERP_SMALL, INTERP_LARGE, IDENTITY]
+
+
+def make_bias(spec, heads, dtype, requires_grad=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layout = bias_layout(*spec, torch.device('cpu'))
+    table = torch.randn(heads, *layout.coords.shape[:2], generator=gen, dtype=dtype)
+    table.requires_grad_(requires_grad)
+    return RowFactoredBias(table, layout), table
+
+
+def tol(spec, dtype):
+    if dtype == torch.float32:
+        return dict(rtol=2e-5, atol=2e-5)
+    identity = spec[0] == spec[3] and spec[1] == spec[4]
+    return dict(rtol=1e-10, atol=1e-10) if identity else dict(rtol=1e-5, atol=1e-5)
+
+
+EXACT = dict(rtol=1e-10, atol=1e-10)
+
+
+def taps_bias(by_rows, index, weight, start, stop):
+    """The band bias ``(h, R, W, Hp, Wp)`` from the column taps, in plain PyTorch."""
+    band = by_rows[:, start:stop]                                 # (h, R, Hp, Uw)
+    taps = band[..., index]                                       # (h, R, Hp, W, Wp, 4)
+    return (taps * weight).sum(-1).permute(0, 1, 3, 2, 4)
+
+
+def bands(height):
+    """(start, stop) pairs: the whole map, and bands that do not start at row 0."""
+    out = [(0, height)]
+    if height > 2:
+        out += [(1, height - 1), (height - 2, height)]
+    return out
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('spec', LAYOUTS)
+@pytest.mark.parametrize('with_shift', [False, True])
+def test_bias_softmax_matches_pytorch(spec, dtype, with_shift):
+    batch, heads = 2, 3
+    bias, _ = make_bias(spec, heads, dtype)
+    (height, width), (pool_h, pool_w) = spec[3], spec[4]
+    index, weight = bias.col_taps(dtype)
+    gen = torch.Generator().manual_seed(1)
+    for start, stop in bands(height):
+        rows = stop - start
+        logits = torch.randn(batch, heads, rows * width, pool_h * pool_w, generator=gen,
+                             dtype=dtype) * 3
+        shift = None
+        if with_shift:   # a strided slice of a whole-map tensor, as the backward pass has it
+            full = torch.randn(batch, heads, height * width, generator=gen, dtype=dtype) + 4
+            shift = full[:, :, start * width:stop * width]
+        ref = logits.clone()
+        ref_shift, ref_sum = _biased_exp_(ref, bias, bias.by_rows, start, stop, False, shift)
+        got = logits.clone()
+        got_shift, got_sum = ops.bias_softmax_(got, bias.by_rows, index, weight, start, shift)
+        t = tol(spec, dtype)
+        torch.testing.assert_close(got, ref, **t)
+        torch.testing.assert_close(got_shift, ref_shift, **t)
+        torch.testing.assert_close(got_sum, ref_sum, **t)
+        if dtype == torch.float64:   # the same taps, evaluated in PyTorch
+            exact = logits.clone().view(batch, heads, rows, width, pool_h, pool_w)
+            exact = exact.add_(taps_bias(bias.by_rows, index, weight, start, stop))
+            exact = exact.view_as(logits)
+            exact_shift = exact.amax(-1) if shift is None else shift
+            exact = (exact - exact_shift[..., None]).exp()
+            torch.testing.assert_close(got, exact, **EXACT)
+            torch.testing.assert_close(got_sum, exact.sum(-1), **EXACT)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('spec', LAYOUTS)
+def test_bias_rows_backward_is_the_adjoint(spec, dtype):
+    heads = 3
+    bias, _ = make_bias(spec, heads, dtype)
+    (height, width), (pool_h, pool_w) = spec[3], spec[4]
+    index, weight = bias.col_taps(dtype)
+    uw = bias.by_rows.shape[-1]
+    gen = torch.Generator().manual_seed(2)
+    for start, stop in bands(height):
+        rows = stop - start
+        leaf = bias.by_rows.detach().clone().requires_grad_(True)
+        band = bias.rows(start, stop, leaf)
+        g = torch.randn(heads, rows * width, pool_h * pool_w, generator=gen, dtype=dtype)
+        torch.autograd.backward(band, g.view(heads, rows, width, pool_h, pool_w))
+        got = ops.bias_rows_backward(g, index, weight, uw)
+        assert got.shape == (heads, rows, pool_h, uw)
+        torch.testing.assert_close(got, leaf.grad[:, start:stop], **tol(spec, dtype))
+        assert not leaf.grad[:, :start].any() and not leaf.grad[:, stop:].any()
+        if dtype == torch.float64:   # the adjoint of the same taps, through autograd
+            leaf2 = bias.by_rows.detach().clone().requires_grad_(True)
+            torch.autograd.backward(taps_bias(leaf2, index, weight, start, stop),
+                                    g.view(heads, rows, width, pool_h, pool_w))
+            torch.testing.assert_close(got, leaf2.grad[:, start:stop], **EXACT)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_softmax_backward_matches_pytorch(dtype):
+    batch, heads, rows, keys, total = 2, 3, 10, 37, 25
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(batch, heads, rows, keys, generator=gen, dtype=dtype)
+    probs = torch.randn(batch, heads, rows, keys, generator=gen, dtype=dtype).softmax(-1)
+    shift = torch.randn(batch, heads, total, generator=gen, dtype=dtype)[:, :, 5:5 + rows]
+    grad_lse = torch.randn(batch, heads, total, generator=gen, dtype=dtype)[:, :, 7:7 + rows]
+    ref = grad.clone()
+    ref.sub_(shift[..., None])
+    residual = (ref * probs).sum(-1, keepdim=True)
+    ref.sub_(residual.sub_(grad_lse[..., None])).mul_(probs)
+    got = grad.clone()
+    assert ops.softmax_backward_(got, probs, shift, grad_lse) is None
+    t = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref, **t)
+
+
+def run_attention(spec, dtype, batch, heads, dim, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    bias, table = make_bias(spec, heads, dtype, requires_grad=True)
+    (height, width), (pool_h, pool_w) = spec[3], spec[4]
+    q = torch.randn(batch, heads, height * width, dim, generator=gen, dtype=dtype)
+    k = torch.randn(batch, heads, pool_h * pool_w, dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, heads, pool_h * pool_w, dim, generator=gen, dtype=dtype)
+    go = torch.randn(batch, heads, height * width, dim, generator=gen, dtype=dtype)
+    gl = torch.randn(batch, heads, height * width, generator=gen, dtype=dtype)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out, lse = banded_bias_attention(q, k, v, bias)
+    ((out * go).sum() + (lse * gl).sum()).backward()
+    return [out.detach(), lse.detach(), q.grad, k.grad, v.grad, table.grad]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('spec', LAYOUTS)
+def test_end_to_end_fused_matches_plain(spec, dtype, monkeypatch):
+    batch, heads, dim = 2, 2, 8
+    (height, width), (pool_h, pool_w) = spec[3], spec[4]
+    # Bands of two rows, so that most bands do not start at row 0.
+    monkeypatch.setattr(banded_attention, '_BAND_ELEMENTS', 2 * batch * heads * width * pool_h * pool_w)
+    assert banded_attention._fused_kernels(torch.zeros(1))
+    fused = run_attention(spec, dtype, batch, heads, dim)
+    monkeypatch.setattr(banded_attention, '_fused_kernels', lambda t: False)
+    plain = run_attention(spec, dtype, batch, heads, dim)
+    t = tol(spec, dtype)
+    if dtype == torch.float32:
+        t = dict(rtol=1e-4, atol=1e-4)
+    for name, a, b in zip(['out', 'lse', 'q', 'k', 'v', 'table'], fused, plain):
+        torch.testing.assert_close(a, b, **t, msg=lambda m: f'{name}: {m}')
+
+
+def test_gradcheck_through_fused_path(monkeypatch):
+    spec = INTERP_SMALL
+    layout = bias_layout(*spec, torch.device('cpu'))
+    (height, width), (pool_h, pool_w) = spec[3], spec[4]
+    monkeypatch.setattr(banded_attention, '_BAND_ELEMENTS', 2 * width * pool_h * pool_w * 2)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, height * width, 3, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, pool_h * pool_w, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, pool_h * pool_w, 2, generator=gen, dtype=torch.float64)
+    table = torch.randn(2, *layout.coords.shape[:2], generator=gen, dtype=torch.float64)
+    inputs = [x.requires_grad_(True) for x in (q, k, v, table)]
+
+    def fn(q, k, v, table):
+        return banded_bias_attention(q, k, v, RowFactoredBias(table, layout))
+
+    assert banded_attention._fused_kernels(q)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def _args(spec=INTERP_LARGE, dtype=torch.float32, start=2, rows=3, batch=1, heads=2):
+    bias, _ = make_bias(spec, heads, dtype)
+    (_, width), (pool_h, pool_w) = spec[3], spec[4]
+    index, weight = bias.col_taps(dtype)
+    logits = torch.randn(batch, heads, rows * width, pool_h * pool_w, dtype=dtype)
+    return [logits, bias.by_rows, index, weight, start, None]
+
+
+@pytest.mark.parametrize('mutate, message', [
+    (lambda a: a.__setitem__(0, a[0][0]), 'logits must be 4-D'),
+    (lambda a: a.__setitem__(1, a[1][0]), 'by_rows must be 4-D'),
+    (lambda a: a.__setitem__(2, a[2].int()), 'col_index must be int64'),
+    (lambda a: a.__setitem__(3, a[3].double()), 'col_weight has dtype'),
+    (lambda a: a.__setitem__(2, a[2][:, :-1]), 'col_weight has shape'),
+    (lambda a: (a.__setitem__(2, a[2][:, :-1]), a.__setitem__(3, a[3][:, :-1])), 'keys but by_rows gives Hp'),
+    (lambda a: (a.__setitem__(2, a[2][:-1]), a.__setitem__(3, a[3][:-1])), 'not a multiple of W'),
+    (lambda a: a.__setitem__(4, 15), 'runs past H'),
+    (lambda a: a.__setitem__(4, -1), 'row_start=-1'),
+    (lambda a: a.__setitem__(0, a[0].transpose(2, 3).contiguous().transpose(2, 3)),
+     'logits must be contiguous'),
+    (lambda a: a.__setitem__(1, a[1][:1]), 'by_rows has 1 heads'),
+    (lambda a: a.__setitem__(5, torch.zeros(1, 2, 5)), 'row_shift must have shape'),
+    (lambda a: a.__setitem__(2, a[2] + 1000), 'is outside \\[0, Uw'),
+])
+def test_bias_softmax_rejects_bad_arguments(mutate, message):
+    args = _args()
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.bias_softmax_(*args)
+
+
+def test_other_kernels_reject_bad_arguments():
+    grad = torch.randn(1, 2, 6, 5)
+    probs = torch.rand(1, 2, 6, 5)
+    stat = torch.zeros(1, 2, 6)
+    with pytest.raises(RuntimeError, match='grad must be contiguous'):
+        ops.softmax_backward_(grad.transpose(2, 3).contiguous().transpose(2, 3), probs, stat, stat)
+    with pytest.raises(RuntimeError, match='probs has shape'):
+        ops.softmax_backward_(grad, probs[..., :4].contiguous(), stat, stat)
+    with pytest.raises(RuntimeError, match='grad_lse must have shape'):
+        ops.softmax_backward_(grad, probs, stat, stat[..., :5])
+    with pytest.raises(RuntimeError, match='probs has dtype'):
+        ops.softmax_backward_(grad, probs.double(), stat, stat)
+    with pytest.raises(RuntimeError, match='unsupported dtype'):
+        ops.softmax_backward_(grad.half(), probs.half(), stat.half(), stat.half())
+    _, _, index, weight, _, _ = _args()
+    g = torch.randn(2, 3 * 23, 20)
+    with pytest.raises(RuntimeError, match='grad_bias must be 3-D'):
+        ops.bias_rows_backward(g[None], index, weight, 9)
+    with pytest.raises(RuntimeError, match='not a multiple of Wp'):
+        ops.bias_rows_backward(g[..., :-1], index, weight, 9)
+    with pytest.raises(RuntimeError, match='col_index must be int64'):
+        ops.bias_rows_backward(g, index.int(), weight, 9)
+    with pytest.raises(RuntimeError, match='is outside'):
+        ops.bias_rows_backward(g, index, weight, 1)
