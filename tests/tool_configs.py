@@ -21,7 +21,7 @@ def _backbone(out):
 
 _CONFIGS = {
     'mask-rcnn': f"""
-_base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py']
+_base_ = ['mmdet::_base_/models/mask-rcnn_r50_fpn.py', 'mmdet::_base_/datasets/coco_instance.py']
 default_scope = 'mmdet'
 custom_imports = dict(imports=['mmtransnext'], allow_failed_imports=False)
 model = dict(
@@ -52,7 +52,7 @@ model = dict(
     dn_cfg=dict(group_cfg=dict(num_dn_queries=10)))
 """,
     'upernet': f"""
-_base_ = ['mmseg::_base_/models/upernet_r50.py']
+_base_ = ['mmseg::_base_/models/upernet_r50.py', 'mmseg::_base_/datasets/ade20k.py']
 default_scope = 'mmseg'
 custom_imports = dict(imports=['mmtransnext'], allow_failed_imports=False)
 norm_cfg = dict(type='BN', requires_grad=True)
