@@ -32,11 +32,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _seg_dataset_meta(cfg) -> dict:
+def _config_dataset_meta(cfg, task) -> dict:
     """Classes and palette of the config's test dataset (built lazily)."""
     import copy
-
-    from mmseg.registry import DATASETS
+    if task == 'det':
+        from mmdet.registry import DATASETS
+    else:
+        from mmseg.registry import DATASETS
     dataset = copy.deepcopy(cfg.test_dataloader.dataset)
     dataset['lazy_init'] = True
     meta = DATASETS.build(dataset).metainfo
@@ -61,6 +63,8 @@ def run(args):
         from mmdet.apis import inference_detector, init_detector
         from mmdet.visualization import DetLocalVisualizer
         model = init_detector(cfg, args.checkpoint, device=args.device)
+        if not args.checkpoint:     # not COCO's classes: the config's
+            model.dataset_meta = _config_dataset_meta(cfg, task)
         result = inference_detector(model, args.image)
         visualizer = DetLocalVisualizer(name=name)
         visualizer.dataset_meta = model.dataset_meta
@@ -75,7 +79,7 @@ def run(args):
         from mmseg.visualization import SegLocalVisualizer
         model = init_model(cfg, args.checkpoint, device=args.device)
         if not hasattr(model, 'dataset_meta'):      # no checkpoint: the config's classes
-            model.dataset_meta = _seg_dataset_meta(cfg)
+            model.dataset_meta = _config_dataset_meta(cfg, task)
         result = inference_model(model, args.image)
         visualizer = SegLocalVisualizer(name=name, alpha=args.opacity)
         visualizer.dataset_meta = dict(classes=model.dataset_meta['classes'],

@@ -144,7 +144,7 @@ def draw(image: np.ndarray, records: Sequence[StageAttention], pixel: Sequence[i
         raise ValueError('the model has no aggregated-attention stage to draw')
     img_h, img_w = image.shape[:2]
     y, x = pixel
-    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 5.0), squeeze=False)
     shares = {}
     for ax, record in zip(axes[0], records):
         token = pixel_token(pixel, (img_h, img_w), (record.height, record.width))
@@ -178,7 +178,7 @@ def draw(image: np.ndarray, records: Sequence[StageAttention], pixel: Sequence[i
         ax.set_ylim(img_h, 0)
         ax.axis('off')
     fig.suptitle(title or f'pixel (y={y}, x={x}), heads: {head}', fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return shares
