@@ -8,19 +8,25 @@
 # mmengine's DefaultOptimWrapperConstructor matches `custom_keys` as substrings
 # of the full parameter name (e.g. 'backbone.block3.7.attn.cpb_fc1.weight'),
 # tries the longest key first and stops at the first hit; a hit replaces, it
-# does not combine with, a shorter key such as 'backbone'. So each key below is
-# written to hit only TransNeXt parameters (names from the released
-# checkpoints), never a detector or segmentor head's: mmdet's DINO has its own
-# `query_embedding.weight`, and DETR-style layers have `norms.N` and
-# `decoder.norm`. tests/test_configs.py checks this on every config.
+# does not combine with, a shorter key. So each key below is
+# * longer than 'backbone' (8 characters), which DINO and Mask2Former set to
+#   lr_mult=0.1: a shorter key would lose to it and its parameter would keep
+#   weight decay;
+# * written to hit only TransNeXt parameters (names from the released
+#   checkpoints), never a detector or segmentor head's: mmdet's DINO has its
+#   own `query_embedding.weight`, and DETR-style layers have `norms.N` and
+#   `decoder.norm`.
+# tests/test_configs.py checks both on every config, parameter by parameter.
 transnext_no_decay_names = [
     'attn.query_embedding',  # (heads, 1, head_dim) per attention layer
     'attn.relative_pos_bias_local',  # (heads, window*window)
     'attn.cpb_fc',  # cpb_fc1 and cpb_fc2, weights and biases
     'attn.temperature',  # (heads, 1, 1)
     'attn.norm.',  # LayerNorm of the pooled tokens
-    '.norm1.',  # block norm1, and the stage-1 output norm backbone.norm1
-    '.norm2.',  # block norm2, and the stage-2 output norm backbone.norm2
+    '.norm1.weight',  # block norm1, and the stage-1 output norm backbone.norm1
+    '.norm1.bias',
+    '.norm2.weight',  # block norm2, and the stage-2 output norm backbone.norm2
+    '.norm2.bias',
     'backbone.norm3.',  # stage output norms
     'backbone.norm4.',
     'backbone.patch_embed1.norm.',  # patch-embedding norms
