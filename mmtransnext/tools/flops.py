@@ -222,6 +222,8 @@ def model_complexity(cfg, image_size: Optional[Tuple[int, int]] = None,
     """
     from .common import build_model, task_of
     model = build_model(cfg).eval()
+    # A test-time-augmentation wrapper (multi-scale + flip configs) holds the model.
+    model = getattr(model, 'module', model)
     result = dict(params=count_params(model),
                   backbone_params=count_params(model.backbone))
     if not count:
