@@ -101,7 +101,8 @@ def bias_layout(build_query: Size2d, build_key: Size2d, pretrain: Size2d,
     values_h, index_h = _axis_offsets(build_query[0], build_key[0], pretrain[0])
     values_w, index_w = _axis_offsets(build_query[1], build_key[1], pretrain[1])
     coords = torch.stack(torch.meshgrid(values_h, values_w, indexing='ij'), dim=-1)
-    return BiasLayout(coords=coords.to(device=device, dtype=torch.float32),
+    # float64, cast to the model's dtype where used, so float64 runs stay exact.
+    return BiasLayout(coords=coords.to(device=device),
                       index_h=index_h.to(device), index_w=index_w.to(device),
                       query_size=tuple(query_size), key_size=tuple(key_size))
 
@@ -138,19 +139,19 @@ def expand_bias(table: Tensor, layout: BiasLayout) -> Tensor:
     return bias.reshape(heads, pool_h * pool_w, height * width).transpose(1, 2)
 
 
-def _interp_taps(in_len: int, out_len: int):
+def _interp_taps(in_len: int, out_len: int, dtype=torch.float32):
     """The two source cells and weights of each output cell of a 1-D bilinear resize.
 
-    The same arithmetic as PyTorch's ``align_corners=False`` resize, so that
-    applying the taps gives its numbers.
+    The same arithmetic as PyTorch's ``align_corners=False`` resize, in the dtype
+    it computes in (float32 for float32 and reduced-precision inputs, float64 for
+    float64), so that applying the taps gives its numbers; in float32 the rounding
+    of the source position would otherwise show at 1e-5 on a 200-cell axis.
 
     Returns:
-        tuple[Tensor, Tensor]: ``(out_len, 2)`` long indices and float32 weights.
+        tuple[Tensor, Tensor]: ``(out_len, 2)`` long indices and weights in ``dtype``.
     """
-    # float32 like PyTorch's CPU kernel, whose rounding of the source position
-    # would otherwise show at 1e-5 on a 200-cell axis.
-    scale = torch.tensor(in_len, dtype=torch.float32) / out_len
-    src = ((torch.arange(out_len, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    scale = torch.tensor(in_len, dtype=dtype) / out_len
+    src = ((torch.arange(out_len, dtype=dtype) + 0.5) * scale - 0.5).clamp(min=0)
     low = src.long().clamp(max=in_len - 1)
     high = (low + 1).clamp(max=in_len - 1)
     frac = src - low
@@ -178,23 +179,23 @@ class RowFactoredBias:
         by_rows = table[:, layout.index_h].permute(0, 3, 1, 2)   # (h, Uw, Qh, Kh)
         by_rows = _resize(by_rows, (height, pool_h))               # (h, Uw, H, Hp)
         self.by_rows = by_rows.permute(0, 2, 3, 1).contiguous()    # (h, H, Hp, Uw)
-        self._col_taps = None
+        self._col_taps = {}
 
     def col_taps(self, dtype) -> Tuple[Tensor, Tensor]:
         """``(W, Wp, 4)`` indices into ``Uw`` and their weights, for the fused kernels."""
-        if self._col_taps is None:
+        if dtype not in self._col_taps:
             (_, width), (_, pool_w) = self.layout.query_size, self.layout.key_size
             qw, kw = self.layout.index_w.shape
-            cols, col_w = _interp_taps(qw, width)                 # (W, 2)
-            keys, key_w = _interp_taps(kw, pool_w)                # (Wp, 2)
+            math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            cols, col_w = _interp_taps(qw, width, math_dtype)     # (W, 2)
+            keys, key_w = _interp_taps(kw, pool_w, math_dtype)    # (Wp, 2)
             index_w = self.layout.index_w.cpu()
             index = index_w[cols[:, None, :, None], keys[None, :, None, :]]   # (W, Wp, 2, 2)
             weight = col_w[:, None, :, None] * key_w[None, :, None, :]
             device = self.by_rows.device
-            self._col_taps = (index.reshape(width, pool_w, 4).to(device),
-                              weight.reshape(width, pool_w, 4).to(device))
-        index, weight = self._col_taps
-        return index, weight.to(dtype)
+            self._col_taps[dtype] = (index.reshape(width, pool_w, 4).to(device),
+                                     weight.reshape(width, pool_w, 4).to(device, dtype))
+        return self._col_taps[dtype]
 
     def rows(self, start: int, stop: int, by_rows: Tensor = None) -> Tensor:
         """The bias of query rows ``start:stop``, in plain PyTorch.
