@@ -37,7 +37,7 @@ $(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/
 ext: $(EXT_STAMP)
 
 test: $(EXT_STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -rs
 
 demo: $(EXT_STAMP)
 	$(PY) tools/run_demo.py det
