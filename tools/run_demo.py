@@ -18,8 +18,10 @@
 import argparse
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 # Before torch loads OpenMP: threads that wait sleep instead of spinning. On a
@@ -128,6 +130,7 @@ def draw_predictions(runner, out_file, num, score_thr):
     vis.dataset_meta = dataset.metainfo
     step = max(len(dataset) // max(num, 1), 1)
     panels = []
+    tmp_dir = tempfile.mkdtemp(prefix='demo_panels_')
     for idx in range(0, len(dataset), step)[:num]:
         with torch.no_grad():
             sample = model.test_step(_collate_one(dataset, idx))[0]
@@ -135,9 +138,13 @@ def draw_predictions(runner, out_file, num, score_thr):
         kwargs = dict(draw_gt=True, draw_pred=True, show=False)
         if 'pred_instances' in sample:
             kwargs['pred_score_thr'] = score_thr
+        # out_file, not get_image(): mmseg's visualizer never sets the
+        # combined ground truth | prediction image as its current image
+        panel_file = osp.join(tmp_dir, f'{idx:06d}.png')
         vis.add_datasample(osp.basename(sample.img_path), img, sample,
-                           **kwargs)
-        panels.append(vis.get_image())
+                           out_file=panel_file, **kwargs)
+        panels.append(mmcv.imread(panel_file, channel_order='rgb'))
+    shutil.rmtree(tmp_dir, ignore_errors=True)
     if not panels:
         return None
     h, w = panels[0].shape[:2]
