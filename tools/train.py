@@ -30,12 +30,10 @@ def _import_mmtransnext():
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
-
     parser = argparse.ArgumentParser(
         description='Train a detector or segmentor (mmdet / mmseg config)')
-    parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument('config', help='an mmdet or mmseg config')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/CONFIG_NAME)')
     parser.add_argument(
         '--resume',
         nargs='?',
@@ -58,21 +56,24 @@ def parse_args(argv=None):
         '--no-validate',
         action='store_true',
         help='skip the validation loop during training')
+    return parse_runner_args(parser, argv)
+
+
+def parse_runner_args(parser, argv=None):
+    """Add the options train.py and test.py share, parse, and export LOCAL_RANK."""
+    from mmengine.config import DictAction
+
     parser.add_argument(
         '--cfg-options',
         nargs='+',
         action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
+        help='config entries to change, as dotted.key=value pairs; lists as '
+        'key=a,b or key="[a,b]", tuples as key="(a,b)" (quoted, no spaces)')
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none',
-        help='job launcher')
+        help='how the processes were started (none: a single process)')
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun
     # sets the LOCAL_RANK environment variable instead.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
