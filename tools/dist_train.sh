@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# Multi-process training on one machine with torchrun:
+# Multi-process training with torchrun:
 #   tools/dist_train.sh CONFIG NPROC [train.py arguments ...]
 # e.g. tools/dist_train.sh configs/demo/mask-rcnn_transnext-demo_shapes.py 2 --work-dir work_dirs/x
-# Several machines: set NNODES, NODE_RANK, MASTER_ADDR (and PORT) on each.
-# Without CUDA the processes use gloo on the CPU (train.py sets that up).
+# Environment: NNODES, NODE_RANK, MASTER_ADDR, PORT (see torchrun.sh).
 set -euo pipefail
-
 if [ $# -lt 2 ]; then
     echo "usage: $0 CONFIG NPROC [train.py arguments ...]" >&2
     exit 2
@@ -13,21 +11,4 @@ fi
 CONFIG=$1
 NPROC=$2
 shift 2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-HERE="$(cd "$(dirname "$0")" && pwd)"
-# The repository's virtual environment when there is one (as `make` builds it).
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$HERE/../.venv/bin/python" ]; then PYTHON="$HERE/../.venv/bin/python"; else PYTHON=python; fi
-fi
-
-PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$HERE/.." \
-exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --master_port="$PORT" \
-    --nproc_per_node="$NPROC" \
-    "$HERE/train.py" "$CONFIG" --launcher pytorch "$@"
+exec "$(dirname "$0")/torchrun.sh" train.py "$NPROC" "$CONFIG" "$@"
