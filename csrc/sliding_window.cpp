@@ -56,37 +56,36 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
               expected, ", got ", t.sizes());
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> check_logits_args(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& bias,
-    int64_t height, int64_t width, int64_t window_size) {
+// What the logits op and its backward both require of query and key.
+void check_query_key(const at::Tensor& query, const at::Tensor& key, int64_t height,
+                     int64_t width, int64_t window_size) {
   check_geometry(height, width, window_size);
   check_4d(query, "query");
   check_4d(key, "key");
   check_dtype(query, "query");
   check_same(query, "query", key, "key");
-  check_same(query, "query", bias, "bias");
   check_tokens(query, "query", height, width);
   check_shape(key, "key", query.sizes());
-  const int64_t L = window_size * window_size;
-  check_shape(bias, "bias", {query.size(1), L});
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> check_logits_args(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& bias,
+    int64_t height, int64_t width, int64_t window_size) {
+  check_query_key(query, key, height, width, window_size);
+  check_same(query, "query", bias, "bias");
+  check_shape(bias, "bias", {query.size(1), window_size * window_size});
   return {query.contiguous(), key.contiguous(), bias.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> check_logits_backward_args(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     int64_t height, int64_t width, int64_t window_size) {
-  check_geometry(height, width, window_size);
-  check_4d(query, "query");
-  check_4d(key, "key");
-  check_dtype(query, "query");
-  check_same(query, "query", key, "key");
+  check_query_key(query, key, height, width, window_size);
   check_same(query, "query", grad_out, "grad_out");
-  check_tokens(query, "query", height, width);
-  check_shape(key, "key", query.sizes());
-  const int64_t L = window_size * window_size;
-  check_shape(grad_out, "grad_out", {query.size(0), query.size(1), query.size(2), L});
+  check_shape(grad_out, "grad_out",
+              {query.size(0), query.size(1), query.size(2), window_size * window_size});
   return {grad_out.contiguous(), query.contiguous(), key.contiguous()};
 }
 
