@@ -303,6 +303,23 @@ def test_mask_rcnn_train_step_and_predict(name):
         assert ((inst.labels >= 0) & (inst.labels < 80)).all()
 
 
+def test_mask_rcnn_roi_features_are_read_in_the_right_layout():
+    """mmcv's CPU RoIAlign reads its input as contiguous NCHW whatever its strides; a
+    channels-last map (what a transposed token view turns into through the neck's
+    convolutions) gave silently scrambled RoI features and a detector that never
+    learned. The neck's maps must be read the same as their NCHW copies."""
+    cfg = small_cfg(REPO / 'configs/detection/mask-rcnn_transnext-tiny_fpn_1x_coco.py', 128)
+    model = build(cfg).eval()
+    data = model.data_preprocessor(det_batch(128, True, np.random.default_rng(0)), False)
+    rois = torch.tensor([[0, 4., 6., 40., 50.], [1, 30., 20., 120., 90.]])
+    extractor = model.roi_head.bbox_roi_extractor
+    with torch.no_grad():
+        feats = model.extract_feat(data['inputs'])
+        got = extractor(feats[:extractor.num_inputs], rois)
+        want = extractor([f.contiguous() for f in feats[:extractor.num_inputs]], rois)
+    torch.testing.assert_close(got, want)
+
+
 def test_dino_train_step_and_predict():
     """5-scale (every stage feeds the neck). DINO picks its 900 queries among the
     encoder's tokens: 5 levels (strides 4-64) give 1364 at 128 px."""

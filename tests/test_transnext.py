@@ -164,6 +164,8 @@ def test_out_indices_select_stages():
     with torch.no_grad():
         outs = model(torch.randn(1, 3, 64, 64))
     assert [o.shape[1] for o in outs] == [32, 128]
+    # Plain NCHW memory, as necks and mmcv's ops (RoIAlign reads raw NCHW) expect.
+    assert all(o.is_contiguous() for o in outs)
 
 
 def test_training_from_scratch_initialisation():

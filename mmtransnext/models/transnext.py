@@ -339,7 +339,10 @@ class TransNeXt(BaseModule):
                 else:
                     x = block(x, height, width)
             x = norm(x)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+            # Contiguous NCHW: the transposed view is channels-last in memory, which
+            # convolutions pass on to the neck, and mmcv's CPU RoIAlign reads such
+            # maps as if they were NCHW (silently wrong RoI features in Mask R-CNN).
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width).contiguous()
             if stage in self.out_indices:
                 outs.append(x)
         return tuple(outs)
