@@ -201,7 +201,9 @@ class TransNeXt(BaseModule):
             subclass adds; it is accepted so configs written for other backbones
             work. Default: False.
         with_cp (bool): recompute each block in the backward pass (activation
-            checkpointing) to save memory, when gradients flow. Default: False.
+            checkpointing) to save memory, when gradients flow. Without it the
+            default path still recomputes the convolutional GLU's hidden part, the
+            largest activations, at the cost of one more GLU forward. Default: False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
             loads released weights (classifier, detector or segmentor, or a raw
             state dict) and reports every missing, unexpected or mismatched name;
