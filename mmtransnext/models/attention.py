@@ -24,7 +24,8 @@ from torch import Tensor
 from ..ops import (sliding_window_aggregate, sliding_window_aggregate_reference,
                    sliding_window_logits, sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
-from .position_bias import BiasLayout, RowFactoredBias, bias_layout, expand_bias
+from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
+                            expand_bias)
 
 # Hidden width of the position-bias MLP, as released.
 _CPB_HIDDEN = 512
@@ -98,9 +99,15 @@ class _PositionBiasAttention(nn.Module):
                            tuple(query_size), tuple(key_size), device)
 
     def _bias_table(self, layout: BiasLayout, dtype) -> Tensor:
-        """The MLP on the layout's offsets: ``(heads, Uh, Uw)``."""
+        """The MLP on the layout's offsets: ``(heads, Uh, Uw)``, the released way."""
         coords = layout.coords.to(dtype)
         return self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords))).permute(2, 0, 1)
+
+    def _chunked_bias_table(self, layout: BiasLayout, dtype) -> Tensor:
+        """The same table through :class:`OffsetMLP`, which keeps no hidden layer."""
+        return OffsetMLP.apply(layout.offsets_h.to(dtype), layout.offsets_w.to(dtype),
+                               self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight,
+                               self.cpb_fc2.bias)
 
     def _full_bias(self, query_size, key_size, like: Tensor) -> Tensor:
         """The whole ``(heads, N, P)`` bias, as the released model builds it."""
@@ -119,7 +126,7 @@ class _PositionBiasAttention(nn.Module):
             if self._bias_cache is not None and self._bias_cache[0] == key:
                 return self._bias_cache[1]
         layout = self._layout(query_size, key_size, like.device)
-        bias = RowFactoredBias(self._bias_table(layout, like.dtype), layout)
+        bias = RowFactoredBias(self._chunked_bias_table(layout, like.dtype), layout)
         self._bias_cache = (key, bias) if cacheable else None
         return bias
 

@@ -10,6 +10,8 @@ points) and expand afterwards:
 * :func:`expand_bias` builds the whole ``(heads, N, P)`` bias the way the released
   model does (gather, then bilinear resize of the key axes, then of the query
   axes). It is the reference path.
+* :class:`OffsetMLP` evaluates the MLP on that grid a chunk at a time, without
+  keeping its hidden layer for the backward pass.
 * :class:`RowFactoredBias` exploits that both the gather and the bilinear resize
   act on the row axes and the column axes independently: it resizes the row
   axes once (a small tensor) and hands out the bias for any band of query rows
@@ -70,6 +72,8 @@ class BiasLayout:
     Attributes:
         coords (Tensor): ``(Uh, Uw, 2)`` MLP inputs, the product of the distinct
             row and column offsets.
+        offsets_h (Tensor): ``(Uh,)`` the distinct row offsets, ``coords[:, 0, 0]``.
+        offsets_w (Tensor): ``(Uw,)`` the distinct column offsets, ``coords[0, :, 1]``.
         index_h (Tensor): ``(Qh, Kh)`` long, row offset of each query row / key row
             pair on the grid the bias is built on.
         index_w (Tensor): ``(Qw, Kw)`` long, likewise for columns.
@@ -77,6 +81,8 @@ class BiasLayout:
         key_size (tuple[int, int]): ``(Hp, Wp)`` the bias is resized to.
     """
     coords: Tensor
+    offsets_h: Tensor
+    offsets_w: Tensor
     index_h: Tensor
     index_w: Tensor
     query_size: Size2d
@@ -102,9 +108,81 @@ def bias_layout(build_query: Size2d, build_key: Size2d, pretrain: Size2d,
     values_w, index_w = _axis_offsets(build_query[1], build_key[1], pretrain[1])
     coords = torch.stack(torch.meshgrid(values_h, values_w, indexing='ij'), dim=-1)
     # float64, cast to the model's dtype where used, so float64 runs stay exact.
-    return BiasLayout(coords=coords.to(device=device),
-                      index_h=index_h.to(device), index_w=index_w.to(device),
+    return BiasLayout(coords=coords.to(device=device), offsets_h=values_h.to(device),
+                      offsets_w=values_w.to(device), index_h=index_h.to(device), index_w=index_w.to(device),
                       query_size=tuple(query_size), key_size=tuple(key_size))
+
+
+# Rows of the offset grid per step of OffsetMLP: about 1 Mi hidden values (4 MB in
+# float32), so that a chunk's hidden layer stays in the cache between its uses.
+_MLP_CHUNK_ELEMENTS = 1 << 20
+
+
+class OffsetMLP(torch.autograd.Function):
+    """``fc2(relu(fc1(coords)))`` on the product grid of row and column offsets.
+
+    ``fc1`` is affine in the two offsets, so its output at grid point ``(u, v)`` is
+    ``a[u] + b[v]`` with ``a = offsets_h * w1[:, 0] + b1`` and
+    ``b = offsets_w * w1[:, 1]``. The MLP is evaluated a chunk of grid rows at a time
+    and the backward pass recomputes each chunk's hidden layer, so the
+    ``(Uh, Uw, hidden)`` activation (about 300 MB per stage-1 block of a detector at
+    800 x 1333) is never whole and never kept. The sums run in another order than
+    ``nn.Linear``'s, so results agree with it up to float rounding.
+
+    ``OffsetMLP.apply(offsets_h, offsets_w, w1, b1, w2, b2)``:
+
+    Args:
+        offsets_h (Tensor): ``(Uh,)`` row offsets (no gradient).
+        offsets_w (Tensor): ``(Uw,)`` column offsets (no gradient).
+        w1 (Tensor): ``(hidden, 2)`` weight of ``fc1``; ``b1`` ``(hidden,)`` its bias.
+        w2 (Tensor): ``(heads, hidden)`` weight of ``fc2``; ``b2`` ``(heads,)`` its bias.
+
+    Returns:
+        Tensor: ``(heads, Uh, Uw)``, the table :class:`RowFactoredBias` expands.
+    """
+
+    @staticmethod
+    def _chunks(rows: int, cols: int, hidden: int):
+        step = max(1, _MLP_CHUNK_ELEMENTS // (cols * hidden))
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+    @staticmethod
+    def _hidden_parts(offsets_h, offsets_w, w1, b1):
+        return torch.outer(offsets_h, w1[:, 0]) + b1, torch.outer(offsets_w, w1[:, 1])
+
+    @staticmethod
+    def forward(ctx, offsets_h, offsets_w, w1, b1, w2, b2):
+        row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
+        rows, cols, heads = offsets_h.numel(), offsets_w.numel(), w2.shape[0]
+        table = w2.new_empty(rows, cols, heads)
+        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0]):
+            hidden = (row_part[start:stop, None] + col_part[None]).relu_()
+            torch.matmul(hidden, w2.t(), out=table[start:stop])
+        table += b2
+        ctx.save_for_backward(offsets_h, offsets_w, w1, b1, w2)
+        return table.permute(2, 0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_table):
+        offsets_h, offsets_w, w1, b1, w2 = ctx.saved_tensors
+        row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
+        grad = grad_table.permute(1, 2, 0).contiguous()              # (Uh, Uw, heads)
+        rows, cols, heads = grad.shape
+        grad_rows = torch.empty_like(row_part)                        # d/d row_part
+        # d/d col_part sums one term per chunk: in float64, or the float32 rounding
+        # of hundreds of additions shows in fc1's gradient.
+        grad_cols = torch.zeros_like(col_part, dtype=torch.float64)
+        grad_w2 = torch.zeros_like(w2)
+        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0]):
+            hidden = (row_part[start:stop, None] + col_part[None]).relu_()
+            chunk = grad[start:stop]
+            grad_w2.addmm_(chunk.reshape(-1, heads).t(), hidden.reshape(-1, hidden.shape[-1]))
+            grad_hidden = (chunk @ w2).mul_(hidden > 0)
+            torch.sum(grad_hidden, dim=1, out=grad_rows[start:stop])
+            grad_cols += grad_hidden.sum(dim=0)
+        grad_cols = grad_cols.to(col_part.dtype)
+        grad_w1 = torch.stack([offsets_h @ grad_rows, offsets_w @ grad_cols], dim=1)
+        return None, None, grad_w1, grad_rows.sum(0), grad_w2, grad.sum((0, 1))
 
 
 def _resize(x: Tensor, size: Size2d) -> Tensor:

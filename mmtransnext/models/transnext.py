@@ -18,6 +18,7 @@ from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ops import reference_requested
 from .attention import AggregatedAttention, FullAttention
 from .checkpoint import load_pretrained
 
@@ -87,7 +88,16 @@ class _PatchEmbed(nn.Module):
 
 
 class _ConvolutionalGLU(nn.Module):
-    """Gated linear unit whose gate passes through a 3x3 depthwise convolution."""
+    """Gated linear unit whose gate passes through a 3x3 depthwise convolution.
+
+    Its hidden activations are the largest tensors a training step keeps: five of
+    ``(B, N, hidden)`` or more per block against one ``(B, N, dim)`` input, with
+    ``hidden`` up to ``5.3 * dim``. With ``recompute_hidden`` (the default path's
+    training mode) only the input is kept and the hidden part is recomputed in the
+    backward pass, which costs one more GLU forward per block and leaves the gradients
+    unchanged. The reference path (``MMTRANSNEXT_DISABLE_EXT=1``) keeps the released
+    behaviour.
+    """
 
     def __init__(self, dim: int, mlp_ratio: float):
         super().__init__()
@@ -97,7 +107,14 @@ class _ConvolutionalGLU(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+    def forward(self, x: Tensor, height: int, width: int,
+                recompute_hidden: bool = False) -> Tensor:
+        """Args: x ``(B, height * width, dim)``. Returns the same shape."""
+        if recompute_hidden and torch.is_grad_enabled() and not reference_requested():
+            return cp.checkpoint(self._forward, x, height, width, use_reentrant=False)
+        return self._forward(x, height, width)
+
+    def _forward(self, x: Tensor, height: int, width: int) -> Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(self.act(self.dwconv(gate, height, width)) * value)
 
@@ -110,9 +127,18 @@ class _DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        """Args: x ``(B, height * width, dim)``. Returns the same shape."""
         batch, tokens, channels = x.shape
-        x = x.transpose(1, 2).reshape(batch, channels, height, width)
-        return self.dwconv(x).flatten(2).transpose(1, 2)
+        if reference_requested():
+            # The released layout: a channels-first view with channel stride 1, which
+            # the CPU convolution handles about 3x slower than channels-last.
+            x = x.transpose(1, 2).reshape(batch, channels, height, width)
+            return self.dwconv(x).flatten(2).transpose(1, 2)
+        # Tokens already are a channels-last map. One copy packs the gate (a strided
+        # half of fc1's output); the output comes back channels-last, so a view.
+        x = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+        x = self.dwconv(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).reshape(batch, tokens, channels)
 
 
 class _Block(nn.Module):
@@ -126,9 +152,12 @@ class _Block(nn.Module):
         self.mlp = _ConvolutionalGLU(dim, mlp_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+    def forward(self, x: Tensor, height: int, width: int,
+                recompute_hidden: bool = False) -> Tensor:
+        """Args: x ``(B, height * width, dim)``; ``recompute_hidden`` as the GLU's."""
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+        return x + self.drop_path(
+            self.mlp(self.norm2(x), height, width, recompute_hidden=recompute_hidden))
 
 
 @MODELS.register_module()
@@ -172,7 +201,9 @@ class TransNeXt(BaseModule):
             subclass adds; it is accepted so configs written for other backbones
             work. Default: False.
         with_cp (bool): recompute each block in the backward pass (activation
-            checkpointing) to save memory, when gradients flow. Default: False.
+            checkpointing) to save memory, when gradients flow. Without it the
+            default path still recomputes the convolutional GLU's hidden part, the
+            largest activations, at the cost of one more GLU forward. Default: False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
             loads released weights (classifier, detector or segmentor, or a raw
             state dict) and reports every missing, unexpected or mismatched name;
@@ -337,7 +368,8 @@ class TransNeXt(BaseModule):
                 if self.with_cp and x.requires_grad:
                     x = cp.checkpoint(block, x, height, width, use_reentrant=False)
                 else:
-                    x = block(x, height, width)
+                    # Checkpointing the whole block already recomputes the GLU.
+                    x = block(x, height, width, recompute_hidden=True)
             x = norm(x)
             # Contiguous NCHW: the transposed view is channels-last in memory, which
             # convolutions pass on to the neck, and mmcv's CPU RoIAlign reads such

@@ -5,10 +5,11 @@ references (and warn once per device type).
 """
 from .sliding_window import (DISABLE_ENV, extension_available, sliding_window_aggregate,
                              sliding_window_aggregate_reference, sliding_window_logits,
-                             sliding_window_logits_reference, use_compiled_op)
+                             sliding_window_logits_reference, reference_requested,
+                             use_compiled_op)
 
 __all__ = [
     'sliding_window_logits', 'sliding_window_aggregate',
     'sliding_window_logits_reference', 'sliding_window_aggregate_reference',
-    'extension_available', 'use_compiled_op', 'DISABLE_ENV',
+    'extension_available', 'use_compiled_op', 'reference_requested', 'DISABLE_ENV',
 ]

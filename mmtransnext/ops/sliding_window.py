@@ -28,7 +28,7 @@ import torch.nn.functional as F
 __all__ = [
     'sliding_window_logits', 'sliding_window_aggregate',
     'sliding_window_logits_reference', 'sliding_window_aggregate_reference',
-    'extension_available', 'use_compiled_op', 'DISABLE_ENV',
+    'extension_available', 'use_compiled_op', 'reference_requested', 'DISABLE_ENV',
 ]
 
 #: Set this environment variable to ``1`` to force the pure-PyTorch reference.
@@ -89,7 +89,13 @@ def extension_available(device) -> bool:
     return _has_kernels(device_type)
 
 
-def _disabled() -> bool:
+def reference_requested() -> bool:
+    """Whether ``MMTRANSNEXT_DISABLE_EXT=1`` asks for the released computation.
+
+    The reference path then runs everywhere: the op's pure-PyTorch reference, and the
+    model's released step-by-step forward (no fused or memory-saving variants), so it
+    can serve as the baseline of tests and benchmarks.
+    """
     return os.environ.get(DISABLE_ENV, '0') == '1'
 
 
@@ -107,7 +113,7 @@ def use_compiled_op(tensor: torch.Tensor) -> bool:
     Returns:
         bool: True to call ``torch.ops.mmtransnext``, False for the reference.
     """
-    if _disabled():
+    if reference_requested():
         return False
     device_type = tensor.device.type
     if extension_available(device_type):
