@@ -5,6 +5,7 @@ seconds: training lowers the loss, test.py reports COCO metrics, an interrupted
 run resumes from its saved iteration with the same optimizer state (through
 torch.load's default weights_only mode), and two gloo processes train.
 """
+import argparse
 import copy
 import importlib.util
 import json
@@ -290,3 +291,25 @@ def test_two_process_gloo_training(tiny):
     assert re.search(r'GPU number: 2\b', log)  # MMEngine's name for world size
     assert "'backend': 'gloo'" in log
     assert sorted(_scalars(work)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize('config', [
+    DEMO_CFG, REPO / 'configs/demo/upernet_transnext-demo_shapes.py'
+])
+def test_demo_max_iters_fits_the_whole_schedule(config):
+    """run_demo.py --max-iters N shortens the schedule, not just the loop."""
+    from mmengine.config import Config, DictAction
+    run_demo = _load_tool('run_demo')
+    cfg = Config.fromfile(config)
+    warmup_end = cfg.param_scheduler[0].end
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--opts', nargs='+', action=DictAction)
+    options = run_demo.schedule_options(str(config), 300)
+    cfg.merge_from_dict(parser.parse_args(['--opts', *options]).opts)
+    assert cfg.train_cfg.max_iters == cfg.train_cfg.val_interval == 300
+    warmup, cosine = cfg.param_scheduler
+    assert warmup.end == warmup_end                       # warm-up keeps its length
+    assert cosine.begin == warmup_end and cosine.end == 300
+    assert cosine.T_max == 300 - warmup_end
+    with pytest.raises(ValueError, match='must be above'):
+        run_demo.schedule_options(str(config), warmup_end)

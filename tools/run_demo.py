@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--data-root', default='data/demo', help='where the demo data lives')
     parser.add_argument(
-        '--max-iters', type=int, help='override the number of iterations')
+        '--max-iters', type=int, help='fit the schedule (loop and learning-rate decay) into N iterations')
     parser.add_argument(
         '--skip-train',
         action='store_true',
@@ -92,6 +92,34 @@ def last_checkpoint(work_dir):
     if not osp.isabs(path) and not osp.exists(path):
         path = osp.join(work_dir, osp.basename(path))
     return path
+
+
+def schedule_options(config, max_iters):
+    """``--cfg-options`` that fit the config's whole schedule into ``max_iters``.
+
+    The loop length and the validation interval change, and each iteration-based
+    scheduler that ended with the old schedule ends with the new one (a cosine's
+    ``T_max`` with it), so a shorter run still decays its learning rate to the
+    end instead of stopping half-way. Warm-ups keep their length.
+
+    Raises:
+        ValueError: ``max_iters`` does not reach past a scheduler's start.
+    """
+    from mmengine.config import Config
+    cfg = Config.fromfile(config)
+    old = cfg.train_cfg.max_iters
+    options = [f'train_cfg.max_iters={max_iters}', f'train_cfg.val_interval={max_iters}']
+    for i, scheduler in enumerate(cfg.get('param_scheduler') or []):
+        if scheduler.get('by_epoch', True) or scheduler.get('end') != old:
+            continue
+        begin = scheduler.get('begin', 0)
+        if max_iters <= begin:
+            raise ValueError(f'--max-iters {max_iters} must be above {begin}, where '
+                             f'{scheduler["type"]} of {config} begins')
+        options.append(f'param_scheduler.{i}.end={max_iters}')
+        if 'T_max' in scheduler:
+            options.append(f'param_scheduler.{i}.T_max={max_iters - begin}')
+    return options
 
 
 def train(config, work_dir, cfg_options, resume):
@@ -185,14 +213,11 @@ def main(argv=None):
     config = args.config or task['config']
     work_dir = args.work_dir or task['work_dir']
     cfg_options = list(args.cfg_options)
-    if args.max_iters is not None:
-        cfg_options += [
-            f'train_cfg.max_iters={args.max_iters}',
-            f'train_cfg.val_interval={args.max_iters}'
-        ]
 
     from train import _import_mmtransnext
     _import_mmtransnext()
+    if args.max_iters is not None:
+        cfg_options += schedule_options(config, args.max_iters)
     from mmtransnext.datasets.demo_data import ensure_demo_data
     ensure_demo_data(args.data_root)
 
