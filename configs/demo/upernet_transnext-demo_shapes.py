@@ -101,7 +101,9 @@ model = dict(
     test_cfg=dict(mode='whole'))
 
 # ---------------------------------------------------------------- schedule
-max_iters = 600
+# Per-pixel shape classes come slowly: after 300-900 iterations the model paints
+# every shape as one class (or all as background); 1500 tell circles apart.
+max_iters = 1500
 train_cfg = dict(
     type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
