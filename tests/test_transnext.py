@@ -168,6 +168,22 @@ def test_out_indices_select_stages():
     assert all(o.is_contiguous() for o in outs)
 
 
+def test_runs_under_autocast(attention_path):
+    """bfloat16 autocast (mmdet's --amp on a GPU; the CPU's here): projections come out
+    in bfloat16 and softmax in float32, yet the window op takes one dtype. The
+    attention core runs in float32, so outputs stay close to a float32 run."""
+    torch.manual_seed(0)
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64).train()
+    x = torch.randn(2, 3, 64, 96)
+    expected = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(x)
+        sum(out.float().sum() for out in outs).backward()
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out.float(), ref.detach(), atol=0.1, rtol=0.05)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_training_from_scratch_initialisation():
     torch.manual_seed(0)
     model = TransNeXt(arch='tiny', drop_path_rate=0.3)

@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward_cpu(
                               query.const_data_ptr<scalar_t>(),
                               grad_key.mutable_data_ptr<scalar_t>(), g);
       });
-  auto grad_bias = row_sums.sum({0, 2}).to(query.scalar_type());
+  auto grad_bias = row_sums.sum(at::IntArrayRef{0, 2}).to(query.scalar_type());
   return {grad_query, grad_key, grad_bias};
 }
 

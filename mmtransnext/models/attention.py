@@ -47,6 +47,23 @@ def _local_scale(height: int, width: int, window_size: int, pooled: int,
     return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
 
 
+def _one_dtype(items):
+    """``items`` with every floating tensor cast to one dtype, float32 or wider.
+
+    Under autocast the projections come out in the low-precision dtype while some
+    normalisations, the softmax and the parameters stay float32, and the window ops
+    take one dtype for all operands. The attention core then runs in float32 (float64
+    for float64 models) with autocast off, as the released model's softmax would
+    under autocast, and the output projection autocasts again.
+    """
+    common = torch.float32
+    for t in items:
+        if torch.is_tensor(t) and t.is_floating_point():
+            common = torch.promote_types(common, t.dtype)
+    return tuple(t.to(common) if torch.is_tensor(t) and t.is_floating_point() else t
+                 for t in items)
+
+
 class _PositionBiasAttention(nn.Module):
     """What both attentions share: scaled cosine queries and the continuous bias.
 
@@ -209,10 +226,9 @@ class AggregatedAttention(_PositionBiasAttention):
         """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
         batch, tokens, channels = x.shape
         projected = self._project(x, height, width)
-        if use_compiled_op(x):
-            out = self._merged_softmax(*projected)
-        else:
-            out = self._joint_softmax(*projected)
+        core = self._merged_softmax if use_compiled_op(x) else self._joint_softmax
+        with torch.autocast(x.device.type, enabled=False):
+            out = core(*_one_dtype(projected))
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
     @torch.no_grad()
@@ -294,9 +310,13 @@ class FullAttention(_PositionBiasAttention):
         query = self._scaled_query(F.normalize(query, dim=-1), math.log(tokens))
         key = F.normalize(key, dim=-1)
         size = (height, width)
-        if use_compiled_op(x):
-            out, _ = banded_bias_attention(query, key, value, self._factored_bias(size, size, x))
-        else:
-            attn = (query @ key.transpose(-2, -1) + self._full_bias(size, size, x)).softmax(-1)
-            out = attn @ value
+        query, key, value = _one_dtype((query, key, value))
+        with torch.autocast(x.device.type, enabled=False):
+            if use_compiled_op(x):
+                out, _ = banded_bias_attention(query, key, value,
+                                               self._factored_bias(size, size, query))
+            else:
+                attn = (query @ key.transpose(-2, -1) +
+                        self._full_bias(size, size, query)).softmax(-1)
+                out = attn @ value
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))

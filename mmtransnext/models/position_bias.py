@@ -164,6 +164,12 @@ class OffsetMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_table):
+        # The saved tensors' dtype rules, whatever autocast region backward() runs in.
+        with torch.autocast(grad_table.device.type, enabled=False):
+            return OffsetMLP._gradients(ctx, grad_table)
+
+    @staticmethod
+    def _gradients(ctx, grad_table):
         offsets_h, offsets_w, w1, b1, w2 = ctx.saved_tensors
         row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
         grad = grad_table.permute(1, 2, 0).contiguous()              # (Uh, Uw, heads)

@@ -87,6 +87,13 @@ class _BandedBiasAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
+        # The saved tensors' dtype rules, whatever autocast region backward() runs in.
+        device = (grad_out if grad_out is not None else grad_lse).device.type
+        with torch.autocast(device, enabled=False):
+            return _BandedBiasAttention._gradients(ctx, grad_out, grad_lse)
+
+    @staticmethod
+    def _gradients(ctx, grad_out, grad_lse):
         query, key, value, by_rows, out, lse = ctx.saved_tensors
         bias, band, fused = ctx.bias, ctx.band, ctx.fused
         height, width = bias.layout.query_size
