@@ -57,7 +57,9 @@ def parse_args(argv=None):
     parser.add_argument(
         '--data-root', default='data/demo', help='where the demo data lives')
     parser.add_argument(
-        '--max-iters', type=int, help='fit the schedule (loop and learning-rate decay) into N iterations')
+        '--max-iters',
+        type=int,
+        help='fit the schedule (loop and learning-rate decay) into N iterations')
     parser.add_argument(
         '--skip-train',
         action='store_true',

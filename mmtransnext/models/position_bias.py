@@ -21,7 +21,7 @@ Both give the same numbers up to float rounding.
 """
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Tuple
 
 import torch
@@ -70,23 +70,26 @@ class BiasLayout:
     """Where the position-bias MLP is evaluated and how the result is expanded.
 
     Attributes:
-        coords (Tensor): ``(Uh, Uw, 2)`` MLP inputs, the product of the distinct
-            row and column offsets.
-        offsets_h (Tensor): ``(Uh,)`` the distinct row offsets, ``coords[:, 0, 0]``.
-        offsets_w (Tensor): ``(Uw,)`` the distinct column offsets, ``coords[0, :, 1]``.
+        offsets_h (Tensor): ``(Uh,)`` the distinct (log-spaced) row offsets.
+        offsets_w (Tensor): ``(Uw,)`` the distinct column offsets.
         index_h (Tensor): ``(Qh, Kh)`` long, row offset of each query row / key row
             pair on the grid the bias is built on.
         index_w (Tensor): ``(Qw, Kw)`` long, likewise for columns.
         query_size (tuple[int, int]): ``(H, W)`` the bias is resized to.
         key_size (tuple[int, int]): ``(Hp, Wp)`` the bias is resized to.
     """
-    coords: Tensor
     offsets_h: Tensor
     offsets_w: Tensor
     index_h: Tensor
     index_w: Tensor
     query_size: Size2d
     key_size: Size2d
+
+    @cached_property
+    def coords(self) -> Tensor:
+        """``(Uh, Uw, 2)`` MLP inputs, the product of the row and column offsets."""
+        return torch.stack(torch.meshgrid(self.offsets_h, self.offsets_w, indexing='ij'),
+                           dim=-1)
 
 
 @lru_cache(maxsize=64)
@@ -106,10 +109,9 @@ def bias_layout(build_query: Size2d, build_key: Size2d, pretrain: Size2d,
     """
     values_h, index_h = _axis_offsets(build_query[0], build_key[0], pretrain[0])
     values_w, index_w = _axis_offsets(build_query[1], build_key[1], pretrain[1])
-    coords = torch.stack(torch.meshgrid(values_h, values_w, indexing='ij'), dim=-1)
     # float64, cast to the model's dtype where used, so float64 runs stay exact.
-    return BiasLayout(coords=coords.to(device=device), offsets_h=values_h.to(device),
-                      offsets_w=values_w.to(device), index_h=index_h.to(device), index_w=index_w.to(device),
+    return BiasLayout(offsets_h=values_h.to(device), offsets_w=values_w.to(device),
+                      index_h=index_h.to(device), index_w=index_w.to(device),
                       query_size=tuple(query_size), key_size=tuple(key_size))
 
 
