@@ -8,7 +8,8 @@ import torch
 from mmtransnext.ops import DISABLE_ENV, extension_available
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / 'shared' / 'golden'
+# The released model's own outputs, shipped with the repository (tests/data/README.md).
+GOLDEN = REPO / 'tests' / 'data'
 ARCH_KEYS = ('embed_dims', 'num_heads', 'depths', 'mlp_ratios', 'sr_ratios', 'window_size')
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -17,13 +18,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _load_golden(name):
     path = GOLDEN / name
     if not path.exists():
-        pytest.skip(f'golden file {path} is absent (../shared/golden beside the repo)')
+        pytest.fail(f'golden file {path} is missing: the equality checks against the '
+                    'released model cannot run (restore tests/data from git)')
     return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope='session')
 def dense_golden():
-    """The reference's dense outputs and gradients (see ../shared/golden/README.md)."""
+    """The reference's dense outputs and gradients (see tests/data/README.md)."""
     return _load_golden('transnext_dense_golden.pt')
 
 
@@ -38,7 +40,7 @@ def official_keys():
     import json
     path = GOLDEN / 'official_state_dict_keys.json'
     if not path.exists():
-        pytest.skip(f'{path} is absent')
+        pytest.fail(f'{path} is missing (restore tests/data from git)')
     return json.loads(path.read_text())
 
 
