@@ -201,22 +201,42 @@ def test_training_from_scratch_initialisation():
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 21))
 
 
-def test_frozen_stages_stay_frozen():
-    model = TransNeXt(arch=SMALL_ARCH, img_size=64, frozen_stages=1)
+@pytest.mark.parametrize('frozen_stages, prefixes', [
+    (-1, ()),
+    (0, ('patch_embed1.',)),
+    (1, ('patch_embed1.', 'block1.', 'norm1.')),
+    (2, ('patch_embed1.', 'block1.', 'norm1.', 'patch_embed2.', 'block2.', 'norm2.')),
+    (4, ('patch_embed', 'block', 'norm')),
+])
+def test_frozen_stages_follow_mmdet_and_stay_frozen(frozen_stages, prefixes):
+    """k freezes the first k stages with their patch embeddings (0: the stem only), as
+    mmdet's Swin / ResNet count; train() keeps them frozen and the optimizer leaves them."""
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, frozen_stages=frozen_stages)
     model.train()
-    frozen = [model.patch_embed1, model.block1, model.norm1, model.patch_embed2, model.block2,
-              model.norm2]
-    for module in frozen:
-        assert not module.training
-        assert all(not p.requires_grad for p in module.parameters())
-    assert model.block3.training and all(p.requires_grad for p in model.block3.parameters())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if name and name.startswith(prefixes):
+            assert not module.training, name
+    for part in ('patch_embed4', 'block4', 'norm4'):
+        assert modules[part].training == (frozen_stages < 4), part
+    if frozen_stages == 4:      # nothing left to train
+        return
     before = {n: p.clone() for n, p in model.named_parameters()}
     optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     sum(o.sum() for o in model(torch.randn(1, 3, 64, 64))).backward()
     optim.step()
-    assert all(p.grad is None for m in frozen for p in m.parameters())
-    assert torch.equal(before['block1.0.attn.q.weight'], model.block1[0].attn.q.weight)
-    assert not torch.equal(before['block3.0.attn.q.weight'], model.block3[0].attn.q.weight)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert param.grad is None and torch.equal(before[name], param), name
+    assert not torch.equal(before['block4.0.attn.qkv.weight'], model.block4[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize('frozen_stages', [-2, 5])
+def test_frozen_stages_out_of_range_is_an_error(frozen_stages):
+    with pytest.raises(ValueError, match='frozen_stages'):
+        TransNeXt(arch=SMALL_ARCH, img_size=64, frozen_stages=frozen_stages)
 
 
 def test_with_cp_gives_the_same_gradients(attention_path):

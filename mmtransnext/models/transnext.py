@@ -5,7 +5,7 @@ names equal the released checkpoints' so those load unchanged.
 """
 import math
 from copy import deepcopy
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,8 @@ ARCH_SETTINGS = {
                  window_size=[3, 3, 3, None]),
 }
 _ARCH_KEYS = ('embed_dims', 'num_heads', 'depths', 'mlp_ratios', 'sr_ratios', 'window_size')
+# What init_cfg=dict(type='Pretrained', checkpoint=...) may also say (load_pretrained's).
+_PRETRAINED_OPTIONS = {'prefix', 'map_location', 'allow_partial'}
 
 
 def _check_arch(arch: Union[str, dict]) -> dict:
@@ -193,22 +195,30 @@ class TransNeXt(BaseModule):
             from 0 to this. Default: 0.
         out_indices (Sequence[int]): stages whose maps are returned.
             Default: ``(0, 1, 2, 3)``.
-        frozen_stages (int): stages ``0..frozen_stages`` (patch embedding,
-            blocks, norm) stay in eval mode without gradients; -1 freezes none.
+        frozen_stages (int): mmdet's convention (Swin, ResNet): ``k >= 1``
+            freezes the first ``k`` stages, each with its patch embedding, blocks
+            and norm (``patch_embed1..k``, ``block1..k``, ``norm1..k``); 0
+            freezes only the stem, ``patch_embed1``; -1 freezes nothing. Frozen
+            parts stay in eval mode without gradients, also after ``train()``.
             Default: -1.
-        norm_eval (bool): keep batch-norm layers in eval mode while training.
-            TransNeXt itself has only LayerNorm, so this concerns layers a
-            subclass adds; it is accepted so configs written for other backbones
-            work. Default: False.
+        norm_eval (bool): keep batch-norm layers in eval mode while training,
+            as mmdet's Swin does. TransNeXt itself has only LayerNorm, so this
+            concerns layers a subclass adds; it is accepted so configs written
+            for other backbones work. Default: False.
         with_cp (bool): recompute each block in the backward pass (activation
             checkpointing) to save memory, when gradients flow. Without it the
             default path still recomputes the convolutional GLU's hidden part, the
             largest activations, at the cost of one more GLU forward. Default: False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
             loads released weights (classifier, detector or segmentor, or a raw
-            state dict) and reports every missing, unexpected or mismatched name;
-            other mmengine init configs apply as usual. Default: None, which keeps
-            the training-from-scratch initialisation.
+            state dict) through mmengine's ``CheckpointLoader``: ``PATH`` is a
+            local file or an ``https://`` address (downloaded once into torch's
+            hub cache); ``prefix`` and ``map_location`` mean what they mean in
+            mmengine's ``PretrainedInit``. Backbone weights that are missing,
+            mismatched or extra are an error naming the variant the file looks
+            like, unless ``allow_partial=True``. Other mmengine init configs
+            apply as usual. Default: None, which keeps the training-from-scratch
+            initialisation.
 
     Shape:
         - Input: ``(B, in_channels, H, W)``, any ``H, W >= 1``.
@@ -251,6 +261,9 @@ class TransNeXt(BaseModule):
         self.pretrain_size = pretrain_size or img_size
         self.is_extrapolation = is_extrapolation
         self.fixed_pool_size = fixed_pool_size
+        if not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be -1 (none), 0 (the stem) .. '
+                             f'{self.num_stages} (every stage), got {frozen_stages}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
@@ -313,11 +326,16 @@ class TransNeXt(BaseModule):
 
     def init_weights(self):
         """Load ``init_cfg``'s released checkpoint, or apply another init config."""
-        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            checkpoint = self.init_cfg.get('checkpoint')
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            options = {k: v for k, v in self.init_cfg.items() if k != 'type'}
+            checkpoint = options.pop('checkpoint', None)
             if not checkpoint:
                 raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint' path")
-            load_pretrained(self, checkpoint)
+            unknown = sorted(set(options) - _PRETRAINED_OPTIONS)
+            if unknown:
+                raise ValueError(f"init_cfg of type 'Pretrained': unknown keys {unknown}; "
+                                 f'TransNeXt reads {sorted(_PRETRAINED_OPTIONS)}')
+            load_pretrained(self, checkpoint, **options)
             self._is_init = True
         else:
             super().init_weights()
@@ -326,12 +344,18 @@ class TransNeXt(BaseModule):
         return (getattr(self, f'patch_embed{stage + 1}'), getattr(self, f'block{stage + 1}'),
                 getattr(self, f'norm{stage + 1}'))
 
+    def _frozen_modules(self) -> List[nn.Module]:
+        """What ``frozen_stages`` freezes (see the class docstring)."""
+        if self.frozen_stages == 0:
+            return [self.patch_embed1]
+        return [module for stage in range(max(self.frozen_stages, 0))
+                for module in self._stage_modules(stage)]
+
     def _freeze_stages(self):
-        for stage in range(min(self.frozen_stages + 1, self.num_stages)):
-            for module in self._stage_modules(stage):
-                module.eval()
-                for param in module.parameters():
-                    param.requires_grad = False
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
 
     def train(self, mode: bool = True):
         """Switch modes, keeping frozen stages (and, with ``norm_eval``, batch norms) in eval."""
