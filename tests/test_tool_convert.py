@@ -125,3 +125,39 @@ def test_cli_converts_imagenet_and_dense(tmp_path):
     TransNeXt(arch=tc.SMALL_ARCH).load_state_dict(backbone, strict=True)
     with pytest.raises(SystemExit, match='exists'):
         cli.main([str(tmp_path / 'cls.pth'), str(tmp_path / 'cls_new.pth')])
+
+
+def _cli():
+    from importlib import util
+    spec = util.spec_from_file_location('convert_cli', REPO / 'tools' / 'convert_checkpoint.py')
+    cli = util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_writes_nothing_when_the_strict_check_fails(tmp_path, capsys):
+    cli = _cli()
+    torch.save(tc.released_imagenet(TransNeXt(arch=tc.SMALL_ARCH).state_dict()),
+               tmp_path / 'cls.pth')
+    dst = tmp_path / 'out' / 'cls_new.pth'
+    # The released layout of the small arch against the micro variant: does not fit.
+    assert cli.main([str(tmp_path / 'cls.pth'), str(dst), '--arch', 'micro']) == 1
+    out = capsys.readouterr().out
+    assert 'strict load: FAILED' in out and 'not written' in out
+    assert not dst.exists() and not list(tmp_path.glob('out/.*tmp'))
+    # The rerun with the right target needs no --force: nothing was left behind.
+    fits = tc.write_config(tmp_path, 'upernet')
+    assert cli.main([str(tmp_path / 'cls.pth'), str(dst), '--config', str(fits)]) == 0
+    assert dst.is_file() and [p.name for p in dst.parent.iterdir()] == ['cls_new.pth']
+
+
+def test_cli_reports_a_missing_source_as_missing(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        _cli().main([str(tmp_path / 'nope.pth'), str(tmp_path / 'new.pth')])
+    message = str(stop.value)
+    assert 'nope.pth: no such file' in message and 'trust' not in message
+    assert not (tmp_path / 'new.pth').exists()
+    # A file that is not a weights-only checkpoint still gets the trust message.
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
+    with pytest.raises(RuntimeError, match='as weights only'):
+        cv.load_released(str(tmp_path / 'text.pth'))

@@ -4,13 +4,15 @@
     python tools/convert_checkpoint.py SRC DST [--source auto|imagenet|mmdet2-mask-rcnn|
         mmdet3-dino|mmseg0-upernet|mmseg1-mask2former] [--config CFG | --arch tiny]
 
-Prints a report of renamed, dropped and (with --config / --arch) missing keys; with a
-config or an arch it also loads the result strictly and exits 1 if that fails.
+Prints a report of renamed, dropped and (with --config / --arch) missing keys. With a
+config or an arch the result is first loaded strictly; if that fails nothing is written
+and the exit status is 1. DST appears only when complete (written beside it, then renamed).
 The conversion itself lives in mmtransnext.tools.convert.
 """
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -59,24 +61,44 @@ def _target_model(args, source):
     return build_model(cfg)
 
 
+def write_atomically(checkpoint: dict, dst: str):
+    """Save to a temporary file beside ``dst``, renamed onto it once complete."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(dst)}.', suffix='.tmp',
+                                   dir=folder)
+    os.close(handle)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def main(argv=None):
     args = parse_args(argv)
     from mmtransnext.tools.convert import (check_against_model, convert_checkpoint,
                                            load_released)
     if os.path.exists(args.dst) and not args.force:
         raise SystemExit(f'{args.dst} exists; pass --force to overwrite it')
-    released = load_released(args.src)
+    try:
+        released = load_released(args.src)
+    except FileNotFoundError:
+        raise SystemExit(f'{args.src}: no such file (the released checkpoint to '
+                         'convert)') from None
     converted, report = convert_checkpoint(
         released, None if args.source == 'auto' else args.source)
     model = _target_model(args, report.source)
-    ok = True
-    if model is not None:
-        ok = check_against_model(converted['state_dict'], model, report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    torch.save(converted, args.dst)
-    print(f'{args.src} -> {args.dst}')
+    ok = model is None or check_against_model(converted['state_dict'], model, report)
     print(report.format())
-    return 0 if ok else 1
+    if not ok:
+        print(f'{args.dst} not written: the converted weights do not load strictly '
+              f'into {args.config or "TransNeXt-" + args.arch} (see above)')
+        return 1
+    write_atomically(converted, args.dst)
+    print(f'{args.src} -> {args.dst}')
+    return 0
 
 
 if __name__ == '__main__':

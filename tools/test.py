@@ -2,7 +2,8 @@
 """Evaluate a checkpoint on a config's test split (mmdet / mmseg config).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
-                         [--show-dir DIR] [--cfg-options k=v ...]
+                         [--show-dir DIR] [--show [--wait-time S]]
+                         [--cfg-options k=v ...]
                          [--launcher {none,pytorch,slurm,mpi}]
 
 Shows a progress bar over the test set, then the metrics (COCO bbox / segm mAP
@@ -34,29 +35,49 @@ def parse_args(argv=None):
         help='dump the predictions to a pickle file (.pkl)')
     parser.add_argument(
         '--show-dir',
-        help='directory (under the work dir\'s timestamped folder) where '
-        'pictures of the predictions are saved')
+        help='save a picture of each prediction: a detector writes '
+        'WORK_DIR/TIMESTAMP/SHOW_DIR/<image name>, a segmentor '
+        'SHOW_DIR/vis_data/vis_image/<image name>_<index>.png')
     parser.add_argument(
-        '--wait-time', type=float, default=2, help='seconds each picture stays up with --show')
+        '--show',
+        action='store_true',
+        help='show each prediction in a window (needs a display)')
+    parser.add_argument(
+        '--wait-time',
+        type=float,
+        default=2,
+        help='seconds each picture stays up with --show (default: 2)')
     parser.add_argument(
         '--no-progress', action='store_true', help='no progress bar')
     return parse_runner_args(parser, argv)
 
 
-def enable_visualization(cfg, show_dir):
-    """Turn on the visualization hook so each test image is drawn."""
+def enable_visualization(cfg, show_dir=None, show=False, wait_time=2.):
+    """Turn on the visualization hook so each test image is drawn.
+
+    Args:
+        cfg (Config): an mmdet or mmseg config (changed in place).
+        show_dir (str, optional): where pictures are saved (see ``--show-dir``).
+        show (bool): show each picture in a window. Default: False.
+        wait_time (float): seconds a shown picture stays up. Default: 2.
+    """
     hooks = cfg.get('default_hooks', {})
     vis = hooks.get('visualization') if hooks else None
     if vis is None:
         raise RuntimeError(
-            '--show-dir needs a "visualization" entry in default_hooks '
+            '--show / --show-dir need a "visualization" entry in default_hooks '
             '(DetVisualizationHook or SegVisualizationHook)')
     vis['draw'] = True
-    if 'Det' in str(vis.get('type', '')):
-        vis['test_out_dir'] = show_dir
-    else:  # mmseg's hook writes where the visualizer's save_dir points
-        vis['interval'] = 1
-        cfg.visualizer['save_dir'] = show_dir
+    if show:
+        vis['show'] = True
+        vis['wait_time'] = wait_time
+    if 'Det' not in str(vis.get('type', '')):
+        vis['interval'] = 1        # mmseg's hook draws every interval-th image
+    if show_dir:
+        if 'Det' in str(vis.get('type', '')):
+            vis['test_out_dir'] = show_dir
+        else:  # mmseg's hook writes where the visualizer's save_dir points
+            cfg.visualizer['save_dir'] = show_dir
 
 
 def add_dump_metric(runner, out):
@@ -95,8 +116,8 @@ def build_test_runner(args):
                                 osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
     cfg.resume = False
-    if args.show_dir:
-        enable_visualization(cfg, args.show_dir)
+    if args.show or args.show_dir:
+        enable_visualization(cfg, args.show_dir, args.show, args.wait_time)
     setup_cpu_distributed(cfg, args.launcher)
 
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \

@@ -43,6 +43,7 @@ family (checked against the installed mmdet 3.3.0 / mmseg 1.2.2 modules and the
   (``img_norm_cfg``), mmdet 3 / mmseg 1 in the model's ``data_preprocessor``;
   that is configuration, not weights, and our configs carry it.
 """
+import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -350,13 +351,17 @@ def check_against_model(state_dict: Mapping[str, Tensor], model: nn.Module,
 
 
 def load_released(path: str) -> dict:
-    """``torch.load`` a released file, weights only (mmengine's own types allowed)."""
-    from ..engine.checkpoint_compat import allow_mmengine_checkpoints
-    allow_mmengine_checkpoints()
-    import argparse
+    """``torch.load`` a released file, weights only (mmengine's own types allowed).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        RuntimeError: the file is not a checkpoint that loads as weights only.
+    """
+    from ..models.checkpoint import weights_only_loads
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path!r}: no such file')
     try:
-        # The classification trainer may store its argparse.Namespace under 'args'.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with weights_only_loads():
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # pickle errors come as several types
         raise RuntimeError(
