@@ -48,10 +48,10 @@ def build_backbone(args):
         model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=224)
     if args.checkpoint:
         from mmtransnext.models.checkpoint import load_pretrained
-        missing, _, mismatched = load_pretrained(model, args.checkpoint)
-        if missing or mismatched:
-            raise SystemExit(f'{args.checkpoint} does not fit the backbone: '
-                             f'{len(missing)} missing, {len(mismatched)} mismatched weights')
+        try:
+            load_pretrained(model, args.checkpoint)
+        except ValueError as error:     # names the variant the file looks like
+            raise SystemExit(str(error)) from None
     return model.eval()
 
 

@@ -10,7 +10,7 @@ import argparse
 import os
 import re
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -49,9 +49,11 @@ def weights_only_loads():
     previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
     if not os.environ.get(_FORCE_FULL_UNPICKLING):
         os.environ[_FORCE_WEIGHTS_ONLY] = '1'
+    # The classification trainer stores its argparse.Namespace under 'args'
+    # (torch.serialization.safe_globals exists from torch 2.5 on).
+    scoped_globals = getattr(torch.serialization, 'safe_globals', None)
     try:
-        # The classification trainer stores its argparse.Namespace under 'args'.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with (scoped_globals([argparse.Namespace]) if scoped_globals else nullcontext()):
             yield
     finally:
         if previous is None:
