@@ -9,8 +9,9 @@
 _base_ = '../detection/mask-rcnn_transnext-tiny_fpn_1x_coco.py'
 
 # ---------------------------------------------------------------- classes
-# The category names of your JSON files, in the order the labels should get
-# (0, 1, 2...); the palette colours the pictures of tools/test.py --show-dir.
+# The category names of your JSON files, in the order of their `categories` list
+# (labels 0, 1, 2... follow that order); the palette colours the pictures of
+# tools/test.py --show-dir.
 classes = ('circle', 'square', 'triangle')
 metainfo = dict(
     classes=classes,
