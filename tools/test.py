@@ -35,9 +35,9 @@ def parse_args(argv=None):
         help='dump the predictions to a pickle file (.pkl)')
     parser.add_argument(
         '--show-dir',
-        help='save a picture of each prediction: a detector writes '
-        'WORK_DIR/TIMESTAMP/SHOW_DIR/<image name>, a segmentor '
-        'SHOW_DIR/vis_data/vis_image/<image name>_<index>.png')
+        help='save a picture of each prediction: a detector writes them to '
+        'WORK_DIR/TIMESTAMP/SHOW_DIR/ (named as the images), a segmentor to '
+        'SHOW_DIR/vis_data/vis_image/ (test_<image name>_<iteration>.png)')
     parser.add_argument(
         '--show',
         action='store_true',
