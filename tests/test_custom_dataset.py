@@ -63,7 +63,7 @@ def _run(cmd, cwd, timeout=900):
 
 def _initial_lrs(checkpoint):
     state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    return {group['initial_lr'] for group in state['optimizer']['param_groups']}
+    return sorted({group['initial_lr'] for group in state['optimizer']['param_groups']})
 
 
 def test_mask_rcnn_recipe_trains_and_tests(user_dir):
@@ -84,7 +84,7 @@ def test_mask_rcnn_recipe_trains_and_tests(user_dir):
     assert 'Dropped 2 entries that are not backbone weights: head (2)' in log
     assert re.search(r'coco/bbox_mAP: -?[\d.]+', log), log[-3000:]
     # lr scaled from the published 16 images per iteration to this run's 2.
-    assert _initial_lrs(work / 'epoch_1.pth') == {pytest.approx(1e-4 * 2 / 16)}
+    assert _initial_lrs(work / 'epoch_1.pth') == pytest.approx([1e-4 * 2 / 16])
     trained = torch.load(work / 'epoch_1.pth', map_location='cpu', weights_only=True)
     assert trained['meta']['dataset_meta']['classes'] == ('circle', 'square', 'triangle')
     assert trained['state_dict']['roi_head.bbox_head.fc_cls.weight'].shape[0] == 3 + 1
