@@ -36,9 +36,13 @@ SMALL_ARCH = dict(
 
 
 def _env():
+    # The tools import the same mmtransnext as this process: the checkout's own, or
+    # an installed one (tests run from outside the tree).
+    import mmtransnext
+    package_parent = str(Path(mmtransnext.__file__).resolve().parents[1])
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(
-        p for p in (str(REPO), env.get('PYTHONPATH')) if p)
+        p for p in (package_parent, env.get('PYTHONPATH')) if p)
     env.setdefault('OMP_NUM_THREADS', '1')
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     return env

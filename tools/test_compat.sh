@@ -2,9 +2,10 @@
 # Run the whole test suite against another torch, in a side environment built the way a
 # user of an existing OpenMMLab stack would have it:
 #   torch==TORCH from the package index, the numpy that torch was built against, mmcv 2.1.0
-#   compiled against that torch, mmengine/mmdet/mmseg, and mmtransnext installed
-#   non-editably (its op compiled for that torch). The tests then import the installed
-#   package, not this source tree.
+#   compiled against that torch, mmengine/mmdet/mmseg, and mmtransnext as a wheel built
+#   there (`pip wheel --no-build-isolation`, its op compiled for that torch) and
+#   installed non-editably. The tests run from outside the source tree, so they import
+#   the installed package.
 #
 # Usage: tools/test_compat.sh TORCH_VERSION [PYTHON]
 #   e.g. tools/test_compat.sh 2.1.2 /root/.pyenv/versions/3.9.18/bin/python
@@ -43,23 +44,31 @@ EOF
     fi
     $PIP install -q -c "$CONSTRAINTS" "torch==$TORCH"
     $PIP install -q -c "$CONSTRAINTS" -r "$REPO/requirements/build.txt"
-    # pip's wheel cache is keyed by name and version only: a cached mmcv 2.1.0 built
-    # against another torch would install and then fail to load. Always compile it here.
-    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} $PIP install --no-cache-dir \
+    # pip's wheel cache is keyed by name and version only: an mmcv 2.1.0 wheel cached
+    # for another torch would install and then fail to load. Compile it against this
+    # torch, with a wheel cache of its own for this torch and Python.
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} $PIP install \
+        --cache-dir "$COMPAT_DIR/pip-cache-torch-$TORCH-py$PY_TAG" \
         --no-build-isolation -c "$CONSTRAINTS" mmcv==2.1.0
     $PIP install -q -c "$CONSTRAINTS" -r "$REPO/requirements/runtime.txt" \
         -r "$REPO/requirements/tests.txt"
     touch "$DEPS_STAMP"
 fi
 
-# Build and install the package from a copy of the tracked (and new, unignored) files,
-# so neither this tree's build/ nor its in-place .so from `make ext` (compiled against
-# another torch) can leak into the build.
+# Build the wheel from a copy of the tracked (and new, unignored) files, so neither this
+# tree's build/ nor its in-place .so from `make ext` (compiled against another torch)
+# can leak into it.
 SRC=$VENV/src
 rm -rf "$SRC" && mkdir -p "$SRC"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard \
     | tar --null -T - --ignore-failed-read -cf - 2>/dev/null) | tar -C "$SRC" -xf -
-MAX_JOBS=${MAX_JOBS:-2} $PIP install -q --no-build-isolation -c "$CONSTRAINTS" "$SRC"
+rm -rf "$VENV/dist"
+MAX_JOBS=${MAX_JOBS:-2} $PIP wheel --no-build-isolation --no-deps -w "$VENV/dist" "$SRC"
+# Installed with its declared dependencies resolved against what is there (the
+# constraints keep torch and numpy as they are).
+$PIP uninstall -q -y mmtransnext 2>/dev/null || true
+$PIP install -q -c "$CONSTRAINTS" "$VENV"/dist/mmtransnext-*.whl
+$PIP check
 
 echo "== test-compat: versions"
 $PY - <<'EOF'

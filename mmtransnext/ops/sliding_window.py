@@ -452,3 +452,9 @@ def _register_python_side() -> None:
 
 if _LOADED:
     _register_python_side()
+
+# torch.compile before torch 2.4 cannot trace os.environ.get (it refuses to inline
+# Mapping.get), which would break the graph at use_compiled_op. There the environment
+# variable is read when a graph is compiled; a change takes effect at the next one.
+if not _HAS_REGISTER_FAKE:
+    reference_requested = torch._dynamo.assume_constant_result(reference_requested)
