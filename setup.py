@@ -99,11 +99,13 @@ def select_cuda_archs():
     if torch.cuda.is_available():
         print('mmtransnext: building CUDA kernels for the visible GPUs')
         return
-    archs = [a for a in DEFAULT_CUDA_ARCHS if nvcc_release() < (13, 0) or a != '7.0']
+    cuda = nvcc_release()
+    archs = [a for a in DEFAULT_CUDA_ARCHS if cuda < (13, 0) or a != '7.0']
+    dropped = '' if len(archs) == len(DEFAULT_CUDA_ARCHS) else '; CUDA 13 has no sm_70'
     os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
     print('mmtransnext: no GPU visible; building CUDA kernels for '
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
-          '(set TORCH_CUDA_ARCH_LIST to choose others)')
+          f'(CUDA {cuda[0]}.{cuda[1]}{dropped}; set TORCH_CUDA_ARCH_LIST to choose others)')
 
 
 def make_extension():
