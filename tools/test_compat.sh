@@ -12,7 +12,12 @@
 # Environment: COMPAT_DIR (default .venv-compat) holds one venv per torch/Python pair;
 # the third-party part is built once per venv (mmcv takes ~6 min on 2 cores), the
 # package and the suite on every run. PYTEST_ARGS replaces the default '-q -rs'.
+# MMCV_CACHE_DIR: pip's cache for the mmcv build (default: one per torch and Python
+# under COMPAT_DIR; pip keys cached wheels by name and version only, so a shared cache
+# could hand over an mmcv compiled against another torch).
 set -euo pipefail
+
+main() {
 
 TORCH=${1:?usage: tools/test_compat.sh TORCH_VERSION [PYTHON]}
 PYTHON=${2:-python3}
@@ -44,12 +49,12 @@ EOF
     fi
     $PIP install -q -c "$CONSTRAINTS" "torch==$TORCH"
     $PIP install -q -c "$CONSTRAINTS" -r "$REPO/requirements/build.txt"
-    # pip's wheel cache is keyed by name and version only: an mmcv 2.1.0 wheel cached
-    # for another torch would install and then fail to load. Compile it against this
-    # torch, with a wheel cache of its own for this torch and Python.
+    # mmcv 2.1.0 compiled against this torch (see MMCV_CACHE_DIR above), its ops
+    # loaded once to prove it.
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} $PIP install \
-        --cache-dir "$COMPAT_DIR/pip-cache-torch-$TORCH-py$PY_TAG" \
+        --cache-dir "${MMCV_CACHE_DIR:-$COMPAT_DIR/pip-cache-torch-$TORCH-py$PY_TAG}" \
         --no-build-isolation -c "$CONSTRAINTS" mmcv==2.1.0
+    $PY -c 'import mmcv.ops'
     $PIP install -q -c "$CONSTRAINTS" -r "$REPO/requirements/runtime.txt" \
         -r "$REPO/requirements/tests.txt"
     touch "$DEPS_STAMP"
@@ -88,4 +93,8 @@ EOF
 # From outside the source tree, so `import mmtransnext` finds the installed package.
 cd "$VENV"
 # shellcheck disable=SC2086
-exec $PY -m pytest "$REPO/tests" -p no:cacheprovider ${PYTEST_ARGS:--q -rs}
+$PY -m pytest "$REPO/tests" -p no:cacheprovider ${PYTEST_ARGS:--q -rs}
+}
+
+# The whole script is parsed before it runs, so editing it during a run is harmless.
+main "$@"
