@@ -48,8 +48,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         'run `pip install --no-build-isolation -e .` so the build sees it.') from exc
 
 
-
-
 def check_torch_version():
     """Refuse a torch older than the supported range (its headers lack APIs the op
     uses); build with a warning against a newer one."""
@@ -71,7 +69,7 @@ def want_cuda():
     return bool(torch.cuda.is_available() and CUDA_HOME is not None)
 
 
-# sm_70 (V100) to sm_90 (H100): the GPUs of the clusters this op is used on.
+# Data-centre and workstation GPUs from V100 (sm_70) to H100 (sm_90).
 DEFAULT_CUDA_ARCHS = ('7.0', '7.5', '8.0', '8.6', '8.9', '9.0')
 
 
