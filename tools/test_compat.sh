@@ -74,9 +74,12 @@ MAX_JOBS=${MAX_JOBS:-2} $PIP wheel --no-build-isolation --no-deps -w "$VENV/dist
 $PIP uninstall -q -y mmtransnext 2>/dev/null || true
 $PIP install -q -c "$CONSTRAINTS" "$VENV"/dist/mmtransnext-*.whl
 
+# From outside the source tree from here on, so `import mmtransnext` finds the
+# installed package.
+cd "$VENV"
 echo "== test-compat: versions"
-$PY - <<'EOF'
-import importlib, platform, subprocess
+$PY - "$REPO" <<'EOF'
+import importlib, os, platform, subprocess, sys
 import torch
 from importlib.metadata import version
 names = ['numpy', 'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'mmtransnext']
@@ -85,12 +88,11 @@ print(f'python {platform.python_version()}  torch {torch.__version__} '
       f'(CUDA {torch.version.cuda})  compiler: {compiler.splitlines()[0]}')
 print('  '.join(f'{n} {version(n)}' for n in names))
 import mmtransnext.ops.sliding_window as sw
-print('mmtransnext from', importlib.import_module('mmtransnext').__file__,
-      '| compiled op on cpu:', sw.extension_available('cpu'))
+package = importlib.import_module('mmtransnext').__file__
+print('mmtransnext from', package, '| compiled op on cpu:', sw.extension_available('cpu'))
+if package.startswith(os.path.join(sys.argv[1], 'mmtransnext', '')):
+    sys.exit('test-compat: the source tree shadows the installed mmtransnext')
 EOF
-
-# From outside the source tree, so `import mmtransnext` finds the installed package.
-cd "$VENV"
 # shellcheck disable=SC2086
 $PY -m pytest "$REPO/tests" -p no:cacheprovider ${PYTEST_ARGS:--q -rs}
 }
