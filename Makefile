@@ -1,6 +1,11 @@
 # Two entry points, each bootstrapping .venv on first use and reusing it afterwards:
 #   make test   the test suite
 #   make demo   the main job (train, evaluate and draw the embedded demo)
+# Besides them:
+#   make test-compat TORCH=2.1.2 COMPAT_PYTHON=python3.9   the suite in a side venv
+#       (.venv-compat/) with that torch, mmcv 2.1.0 built for it and this package
+#       installed as a user installs it; not part of `make test`
+#   make wheel   dist/mmtransnext-*.whl, the op compiled for .venv's torch
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +17,7 @@ export MAX_JOBS ?= 2
 STAMP := $(VENV)/.mmtransnext-deps
 EXT_STAMP := $(VENV)/.mmtransnext-ext
 
-.PHONY: venv test demo demo-seg ext clean
+.PHONY: venv test demo demo-seg ext clean test-compat wheel
 
 venv: $(EXT_STAMP)
 
@@ -45,5 +50,13 @@ demo: $(EXT_STAMP)
 demo-seg: $(EXT_STAMP)
 	$(PY) tools/run_demo.py seg
 
+TORCH ?= $(TORCH_VERSION)
+COMPAT_PYTHON ?= $(PYTHON)
+test-compat:
+	tools/test_compat.sh $(TORCH) $(COMPAT_PYTHON)
+
+wheel: $(STAMP)
+	$(PIP) wheel --no-build-isolation --no-deps -w dist .
+
 clean:
-	rm -rf build *.egg-info mmtransnext/*.so work_dirs
+	rm -rf build dist *.egg-info mmtransnext/*.so work_dirs

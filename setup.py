@@ -2,18 +2,41 @@
 
 The extension always carries the CPU kernels (``csrc/sliding_window.cpp`` and
 ``csrc/cpu/*.cpp``); the CUDA kernels (``csrc/cuda/*.cu``) are added when a CUDA
-PyTorch sees a GPU and CUDA_HOME is set, or when ``FORCE_CUDA=1``. PyTorch must be
-importable while building (``pip install --no-build-isolation -e .``); it is not listed
-in ``install_requires`` because the Makefile installs it first (and a user's own CUDA
-build must not be replaced).
+PyTorch sees a GPU and CUDA_HOME is set, or when ``FORCE_CUDA=1``. A CUDA build without
+a visible GPU (a cluster's login node) targets ``TORCH_CUDA_ARCH_LIST``, by default
+sm_70 to sm_90 (those the CUDA toolkit still supports), and prints the list.
+
+PyTorch must be importable while building (``pip install --no-build-isolation .``), and
+the op is compiled against that torch, with the C++ standard its headers need. torch is
+deliberately not in ``install_requires``: pip would otherwise be free to replace a
+user's CUDA build of torch with another one.
+
+The configs are shipped as package data under ``mmtransnext/.mim/configs`` (the
+OpenMMLab layout); ``mmtransnext.get_config_path('detection/....py')`` finds them.
 """
 import glob
 import os
 import re
+import shutil
+import subprocess
+import warnings
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version_module():
+    """The names of ``mmtransnext/version.py`` (read by path: the package itself imports
+    mmengine and the compiled op, neither of which a build may need)."""
+    names = {}
+    with open(os.path.join(HERE, 'mmtransnext', 'version.py'), encoding='utf-8') as f:
+        exec(compile(f.read(), f.name, 'exec'), names)
+    return names
+
+
+VERSION = read_version_module()
 
 try:
     import torch
@@ -25,12 +48,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         'run `pip install --no-build-isolation -e .` so the build sees it.') from exc
 
 
-def read_version():
-    with open(os.path.join(HERE, 'mmtransnext', 'version.py'), encoding='utf-8') as f:
-        match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read())
-    if match is None:
-        raise RuntimeError('mmtransnext/version.py does not define __version__')
-    return match.group(1)
+def check_torch_version():
+    """Refuse a torch older than the supported range (its headers lack APIs the op
+    uses); build with a warning against a newer one."""
+    message = VERSION['unsupported_torch_message'](torch.__version__)
+    if message is None:
+        return
+    if VERSION['torch_release'](torch.__version__) < VERSION['TORCH_MIN']:
+        raise RuntimeError(f'{message}. Install a torch in that range first.')
+    warnings.warn(f'{message}; building anyway, untested.')
 
 
 def rel(paths):
@@ -43,20 +69,60 @@ def want_cuda():
     return bool(torch.cuda.is_available() and CUDA_HOME is not None)
 
 
+# Data-centre and workstation GPUs from V100 (sm_70) to H100 (sm_90).
+DEFAULT_CUDA_ARCHS = ('7.0', '7.5', '8.0', '8.6', '8.9', '9.0')
+
+
+def nvcc_release():
+    """(major, minor) of CUDA_HOME's nvcc."""
+    out = subprocess.run([os.path.join(CUDA_HOME, 'bin', 'nvcc'), '--version'],
+                         capture_output=True, text=True, check=True).stdout
+    match = re.search(r'release (\d+)\.(\d+)', out)
+    if match is None:
+        raise RuntimeError(f'mmtransnext: cannot read the CUDA version from nvcc:\n{out}')
+    return int(match.group(1)), int(match.group(2))
+
+
+def select_cuda_archs():
+    """Fill TORCH_CUDA_ARCH_LIST when building CUDA kernels without a visible GPU.
+
+    torch would otherwise pick the architectures of the visible GPUs, or, with none
+    visible, every architecture its own build supports. The user's own list always
+    wins; CUDA 13 dropped sm_70, so it is left out there.
+    """
+    if os.environ.get('TORCH_CUDA_ARCH_LIST'):
+        print('mmtransnext: building CUDA kernels for TORCH_CUDA_ARCH_LIST='
+              f"{os.environ['TORCH_CUDA_ARCH_LIST']} (set by the environment)")
+        return
+    if torch.cuda.is_available():
+        print('mmtransnext: building CUDA kernels for the visible GPUs')
+        return
+    cuda = nvcc_release()
+    archs = [a for a in DEFAULT_CUDA_ARCHS if cuda < (13, 0) or a != '7.0']
+    dropped = '' if len(archs) == len(DEFAULT_CUDA_ARCHS) else '; CUDA 13 has no sm_70'
+    os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
+    print('mmtransnext: no GPU visible; building CUDA kernels for '
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+          f'(CUDA {cuda[0]}.{cuda[1]}{dropped}; set TORCH_CUDA_ARCH_LIST to choose others)')
+
+
 def make_extension():
     sources = rel([os.path.join(HERE, 'csrc', 'sliding_window.cpp')] +
                   glob.glob(os.path.join(HERE, 'csrc', 'cpu', '*.cpp')))
-    cxx_flags = ['-O3', '-fopenmp']
+    std = '-std=' + VERSION['cxx_standard'](torch.__version__)
+    cxx_flags = ['-O3', '-fopenmp', std]
     link_flags = ['-fopenmp']  # pulls in libgomp, which at::parallel_for then uses
     if want_cuda():
         if CUDA_HOME is None:
             raise RuntimeError(
                 'mmtransnext: FORCE_CUDA=1 but no CUDA toolkit was found (CUDA_HOME is '
                 'unset and nvcc is not on PATH); install the toolkit or unset FORCE_CUDA.')
+        select_cuda_archs()
         sources += rel(glob.glob(os.path.join(HERE, 'csrc', 'cuda', '*.cu')))
         return CUDAExtension(
             'mmtransnext._C', sources,
-            extra_compile_args={'cxx': cxx_flags, 'nvcc': ['-O3', '--use_fast_math']},
+            extra_compile_args={'cxx': cxx_flags,
+                                'nvcc': ['-O3', '--use_fast_math', std]},
             extra_link_args=link_flags)
     return CppExtension('mmtransnext._C', sources,
                         extra_compile_args={'cxx': cxx_flags}, extra_link_args=link_flags)
@@ -71,21 +137,44 @@ class BuildWithHint(BuildExtension):
         except Exception as exc:
             raise RuntimeError(
                 'mmtransnext: compiling the extension mmtransnext._C failed '
-                f'({type(exc).__name__}: {exc}). It needs a C++20 compiler with OpenMP '
-                '(g++ >= 10, `-fopenmp`), the headers of the installed torch '
+                f'({type(exc).__name__}: {exc}). It needs a compiler with OpenMP '
+                f'(`-fopenmp`) for {VERSION["cxx_standard"](torch.__version__)} (g++ >= 10 '
+                'for C++20), the headers of the installed torch '
                 f'{torch.__version__}, and for CUDA builds nvcc matching that torch '
                 '(see the compiler output above).'
             ) from exc
 
 
+class BuildPyWithConfigs(build_py):
+    """build_py that ships ``configs/`` as ``mmtransnext/.mim/configs`` in the build
+    (the source tree keeps one copy; an editable install reads ``configs/`` itself)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return
+        target = os.path.join(self.build_lib, 'mmtransnext', '.mim', 'configs')
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(HERE, 'configs'), target,
+                        ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+
+
+
+check_torch_version()
 setup(
     name='mmtransnext',
-    version=read_version(),
+    version=VERSION['__version__'],
     description='TransNeXt vision backbone as an OpenMMLab plugin',
     packages=find_packages(include=['mmtransnext*']),
-    python_requires='>=3.8',
-    install_requires=[],
+    python_requires='>=3.9',
+    # What `import mmtransnext` needs besides torch; mmdet and mmseg are what the
+    # backbone plugs into, so they stay the user's choice (extras below).
+    install_requires=['numpy', 'mmengine>=0.10.0', 'mmcv>=2.0.0,<2.2.0'],
+    extras_require={
+        'det': ['mmdet>=3.3.0,<3.4'],
+        'seg': ['mmsegmentation>=1.2.2,<1.3', 'ftfy', 'regex'],
+    },
     ext_modules=[make_extension()],
-    cmdclass={'build_ext': BuildWithHint},
+    cmdclass={'build_ext': BuildWithHint, 'build_py': BuildPyWithConfigs},
     zip_safe=False,
 )

@@ -171,7 +171,7 @@ void check_row_stats(const at::Tensor& t, const at::Tensor& logits, const char* 
 std::tuple<BandGeometry, at::Tensor, at::Tensor, at::Tensor> check_bias_softmax_args(
     const at::Tensor& logits, const at::Tensor& by_rows, const at::Tensor& col_index,
     const at::Tensor& col_weight, int64_t row_start,
-    const std::optional<at::Tensor>& row_shift) {
+    const OptionalTensor& row_shift) {
   const char* op = "bias_softmax_";
   check_dim(logits, 4, op, "logits", "(B, heads, M, P)");
   check_float(logits, op, "logits");

@@ -10,12 +10,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
-#include <optional>
 #include <tuple>
 
 namespace mmtransnext {
+
+// The C++ type of a schema's `Tensor?` argument. torch's dispatcher expects
+// c10::optional: a class of its own up to torch 2.3 (whose schema inference rejects
+// std::optional), an alias of std::optional in later torches.
+using OptionalTensor = c10::optional<at::Tensor>;
 
 // Argument checks (TORCH_CHECK, RuntimeError on failure). Each returns the inputs
 // made contiguous, in the order they were passed.
@@ -55,7 +60,7 @@ struct BandGeometry {
 // may be strided.
 std::tuple<BandGeometry, at::Tensor, at::Tensor, at::Tensor> check_bias_softmax_args(
     const at::Tensor& logits, const at::Tensor& by_rows, const at::Tensor& col_index,
-    const at::Tensor& col_weight, int64_t row_start, const std::optional<at::Tensor>& row_shift);
+    const at::Tensor& col_weight, int64_t row_start, const OptionalTensor& row_shift);
 
 // Checks of softmax_backward_: grad (written in place) and probs contiguous, shift and
 // grad_lse (B, heads, M), any strides.

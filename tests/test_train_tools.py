@@ -36,9 +36,13 @@ SMALL_ARCH = dict(
 
 
 def _env():
+    # The tools import the same mmtransnext as this process: the checkout's own, or
+    # an installed one (tests run from outside the tree).
+    import mmtransnext
+    package_parent = str(Path(mmtransnext.__file__).resolve().parents[1])
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(
-        p for p in (str(REPO), env.get('PYTHONPATH')) if p)
+        p for p in (package_parent, env.get('PYTHONPATH')) if p)
     env.setdefault('OMP_NUM_THREADS', '1')
     env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     return env
@@ -228,9 +232,37 @@ def test_resume_continues_iteration_and_optimizer_state(tiny):
     assert int(step) == start + 2  # AdamW kept counting, did not restart
 
 
+def test_weights_only_allowlist_applied_only_where_torch_needs_it():
+    """torch >= 2.6 loads weights-only by default, and MMEngine's types are on its
+    allowlist; older torches load whole pickles and their allowlist is untouched."""
+    import io
+
+    from mmengine.logging import HistoryBuffer
+
+    from mmtransnext.engine import torch_loads_weights_only
+
+    buf = io.BytesIO()
+    torch.save({'x': argparse.Namespace()}, buf)  # a class no allowlist names
+    buf.seek(0)
+    try:
+        torch.load(buf)
+        default_is_weights_only = False
+    except pickle.UnpicklingError:
+        default_is_weights_only = True
+    assert torch_loads_weights_only() == default_is_weights_only
+    get_safe_globals = getattr(torch.serialization, 'get_safe_globals', None)
+    allowed = get_safe_globals() if get_safe_globals else []
+    assert (HistoryBuffer in allowed) == torch_loads_weights_only()
+
+
 def test_weights_only_allowlist_stays_narrow():
     """The allowlist opens MMEngine's types, not arbitrary calls."""
     import io
+
+    from mmtransnext.engine import torch_loads_weights_only
+    if not torch_loads_weights_only():
+        pytest.skip(f'torch {torch.__version__} does not load weights-only by '
+                    'default, so mmtransnext installs no allowlist there')
 
     import numpy as np
     from mmengine.logging import HistoryBuffer

@@ -15,6 +15,7 @@ Exits 0 when every file compiles; otherwise prints nvcc's message and exits 1
 import argparse
 import glob
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,10 @@ def torch_flags(shim_dir):
     flags = [f'-I{p}' for p in includes] + shim_flags(includes, shim_dir)
     flags += [f'-I{sysconfig.get_paths()["include"]}']
     flags += list(cpp_extension.COMMON_NVCC_FLAGS)
-    flags += ['-std=c++20', '-O3', '-Xcompiler', '-fPIC', f'-D_GLIBCXX_USE_CXX11_ABI={abi}',
+    # The standard setup.py compiles the op with, for this torch.
+    cxx_standard = runpy.run_path(os.path.join(ROOT, 'mmtransnext', 'version.py'))['cxx_standard']
+    flags += [f'-std={cxx_standard(torch.__version__)}', '-O3', '-Xcompiler', '-fPIC',
+              f'-D_GLIBCXX_USE_CXX11_ABI={abi}',
               '-DTORCH_API_INCLUDE_EXTENSION_H', '-DTORCH_EXTENSION_NAME=_C']
     return flags
 

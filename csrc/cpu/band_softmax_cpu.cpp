@@ -201,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> bias_softmax_cpu(at::Tensor logits,
                                                     const at::Tensor& col_index_in,
                                                     const at::Tensor& col_weight_in,
                                                     int64_t row_start,
-                                                    const std::optional<at::Tensor>& row_shift) {
+                                                    const OptionalTensor& row_shift) {
   auto [g, by_rows, col_index, col_weight] = check_bias_softmax_args(
       logits, by_rows_in, col_index_in, col_weight_in, row_start, row_shift);
   auto shift = at::empty({g.batch, g.heads, g.m}, logits.options());

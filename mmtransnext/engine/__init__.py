@@ -8,10 +8,11 @@ Importing this package
 * registers :class:`TestProgressBarHook` in MMEngine's root ``HOOKS``.
 """
 from .checkpoint_compat import (allow_mmengine_checkpoints,
-                                history_buffer_getattr, mmengine_safe_globals)
+                                history_buffer_getattr, mmengine_safe_globals,
+                                torch_loads_weights_only)
 from .hooks import TestProgressBarHook
 
 __all__ = [
     'allow_mmengine_checkpoints', 'history_buffer_getattr',
-    'mmengine_safe_globals', 'TestProgressBarHook'
+    'mmengine_safe_globals', 'torch_loads_weights_only', 'TestProgressBarHook'
 ]

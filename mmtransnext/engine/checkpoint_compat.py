@@ -21,7 +21,8 @@ downloaded checkpoint still cannot run arbitrary code while loading.
 
 Importing the module applies the allowlist once (it is idempotent), so mmdet's
 and mmseg's own tools benefit as soon as ``mmtransnext`` is imported (for
-instance through a config's ``custom_imports``).
+instance through a config's ``custom_imports``). Older torches (2.1 to 2.5) load
+MMEngine's checkpoints as they are, so nothing is changed there.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ from typing import Any, Callable, List, Tuple, Union
 import numpy as np
 import torch
 
+from ..version import torch_release
+
 __all__ = [
     'mmengine_safe_globals', 'allow_mmengine_checkpoints',
-    'history_buffer_getattr'
+    'history_buffer_getattr', 'torch_loads_weights_only'
 ]
 
 _SafeGlobal = Union[Callable, Tuple[Callable, str]]
@@ -93,18 +96,24 @@ def mmengine_safe_globals() -> List[_SafeGlobal]:
     return safe
 
 
+def torch_loads_weights_only() -> bool:
+    """Whether this torch's ``torch.load`` defaults to ``weights_only=True``
+    (torch >= 2.6), which is what MMEngine's plain ``torch.load`` calls meet."""
+    return torch_release(torch.__version__) >= (2, 6)
+
+
 def allow_mmengine_checkpoints() -> None:
     """Mark :func:`mmengine_safe_globals` safe for ``weights_only`` loading.
 
-    A no-op on a torch without :func:`torch.serialization.add_safe_globals`
-    (before 2.4), whose ``torch.load`` does not default to ``weights_only``.
+    Only where :func:`torch_loads_weights_only`: before torch 2.6 MMEngine's
+    ``torch.load`` unpickles its checkpoints without an allowlist, and the
+    torch-wide list of safe globals is left as it is.
     """
     global _applied
     if _applied:
         return
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is not None:
-        add(mmengine_safe_globals())
+    if torch_loads_weights_only():
+        torch.serialization.add_safe_globals(mmengine_safe_globals())
     _applied = True
 
 

@@ -325,74 +325,136 @@ def sliding_window_aggregate(weights: torch.Tensor, value: torch.Tensor, height:
 
 
 # ------------------------------------------------- fake kernels and autograd (compiled)
+# torch >= 2.4 has torch.library.register_fake and register_autograd. Older torches of
+# the supported range (2.1 to 2.3) get the same kernels and formulas the way they allow:
+# the fake kernels as Meta kernels, the autograd formulas as an autograd.Function
+# registered as the ops' Autograd kernel. Either way torch.ops.mmtransnext.* is
+# differentiable and traceable by torch.compile, so use_compiled_op stays the one rule.
+_HAS_REGISTER_FAKE = hasattr(torch.library, 'register_fake')
+_HAS_REGISTER_AUTOGRAD = hasattr(torch.library, 'register_autograd')
+# Registrations made from Python live as long as this Library object.
+_PY_LIBRARY = None
+
+
+def _logits_fake(query, key, bias, height, width, window_size):
+    B, h, N, _ = query.shape
+    return query.new_empty((B, h, N, window_size * window_size))
+
+
+def _logits_backward_fake(grad_out, query, key, height, width, window_size):
+    return (torch.empty_like(query, memory_format=torch.contiguous_format),
+            torch.empty_like(key, memory_format=torch.contiguous_format),
+            query.new_empty((query.shape[1], window_size * window_size)))
+
+
+def _aggregate_fake(weights, value, height, width, window_size):
+    return torch.empty_like(value, memory_format=torch.contiguous_format)
+
+
+def _aggregate_backward_fake(grad_out, weights, value, height, width, window_size):
+    return (torch.empty_like(weights, memory_format=torch.contiguous_format),
+            torch.empty_like(value, memory_format=torch.contiguous_format))
+
+
+# Band kernels of banded bias attention (ops/banded_attention.py checks for them).
+def _bias_softmax_fake(logits, by_rows, col_index, col_weight, row_start, row_shift):
+    return logits.new_empty(logits.shape[:3]), logits.new_empty(logits.shape[:3])
+
+
+def _softmax_backward_fake(grad, probs, shift, grad_lse):
+    return None
+
+
+def _bias_rows_backward_fake(grad_bias, col_index, col_weight, uw):
+    heads, rows, keys = grad_bias.shape
+    width, pool_w = col_index.shape[:2]
+    return grad_bias.new_empty((heads, rows // width, keys // pool_w, uw))
+
+
+def _logits_setup(ctx, inputs, output):
+    query, key, _bias, height, width, window_size = inputs
+    ctx.save_for_backward(query, key)
+    ctx.geometry = (height, width, window_size)
+
+
+def _logits_backward(ctx, grad):
+    query, key = ctx.saved_tensors
+    grad_query, grad_key, grad_bias = torch.ops.mmtransnext.sliding_window_logits_backward(
+        grad, query, key, *ctx.geometry)
+    return grad_query, grad_key, grad_bias, None, None, None
+
+
+def _aggregate_setup(ctx, inputs, output):
+    weights, value, height, width, window_size = inputs
+    ctx.save_for_backward(weights, value)
+    ctx.geometry = (height, width, window_size)
+
+
+def _aggregate_backward(ctx, grad):
+    weights, value = ctx.saved_tensors
+    grad_weights, grad_value = torch.ops.mmtransnext.sliding_window_aggregate_backward(
+        grad, weights, value, *ctx.geometry)
+    return grad_weights, grad_value, None, None, None
+
+
+def _below_autograd(op_name: str):
+    """A forward that runs ``op_name``'s CPU/CUDA/Meta kernel, skipping its Autograd one."""
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return getattr(torch.ops.mmtransnext, op_name)(*args)
+    return staticmethod(forward)
+
+
+class _LogitsFunction(torch.autograd.Function):
+    """Autograd of ``sliding_window_logits`` on torches without ``register_autograd``."""
+    forward = _below_autograd('sliding_window_logits')
+    setup_context = staticmethod(_logits_setup)
+    backward = staticmethod(_logits_backward)
+
+
+class _AggregateFunction(torch.autograd.Function):
+    """Autograd of ``sliding_window_aggregate`` on torches without ``register_autograd``."""
+    forward = _below_autograd('sliding_window_aggregate')
+    setup_context = staticmethod(_aggregate_setup)
+    backward = staticmethod(_aggregate_backward)
+
+
 def _register_python_side() -> None:
-    lib = 'mmtransnext::'
+    global _PY_LIBRARY
+    fakes = {'sliding_window_logits': _logits_fake,
+             'sliding_window_logits_backward': _logits_backward_fake,
+             'sliding_window_aggregate': _aggregate_fake,
+             'sliding_window_aggregate_backward': _aggregate_backward_fake}
+    band = {'bias_softmax_': _bias_softmax_fake,
+            'softmax_backward_': _softmax_backward_fake,
+            'bias_rows_backward': _bias_rows_backward_fake}
+    # A build older than the band kernels lacks those ops, which is not an error.
+    if all(hasattr(torch.ops.mmtransnext, name) for name in band):
+        fakes.update(band)
+    if not (_HAS_REGISTER_FAKE and _HAS_REGISTER_AUTOGRAD):
+        _PY_LIBRARY = torch.library.Library('mmtransnext', 'IMPL')
 
-    @torch.library.register_fake(lib + 'sliding_window_logits')
-    def _logits_fake(query, key, bias, height, width, window_size):
-        B, h, N, _ = query.shape
-        return query.new_empty((B, h, N, window_size * window_size))
+    for name, fake in fakes.items():
+        if _HAS_REGISTER_FAKE:
+            torch.library.register_fake('mmtransnext::' + name)(fake)
+        else:
+            _PY_LIBRARY.impl(name, fake, 'Meta')
 
-    @torch.library.register_fake(lib + 'sliding_window_logits_backward')
-    def _logits_backward_fake(grad_out, query, key, height, width, window_size):
-        return (torch.empty_like(query, memory_format=torch.contiguous_format),
-                torch.empty_like(key, memory_format=torch.contiguous_format),
-                query.new_empty((query.shape[1], window_size * window_size)))
-
-    @torch.library.register_fake(lib + 'sliding_window_aggregate')
-    def _aggregate_fake(weights, value, height, width, window_size):
-        return torch.empty_like(value, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake(lib + 'sliding_window_aggregate_backward')
-    def _aggregate_backward_fake(grad_out, weights, value, height, width, window_size):
-        return (torch.empty_like(weights, memory_format=torch.contiguous_format),
-                torch.empty_like(value, memory_format=torch.contiguous_format))
-
-    # Band kernels of banded bias attention (ops/banded_attention.py checks for them);
-    # a build older than them lacks the ops, which is not an error.
-    if all(hasattr(torch.ops.mmtransnext, name)
-           for name in ('bias_softmax_', 'softmax_backward_', 'bias_rows_backward')):
-        @torch.library.register_fake(lib + 'bias_softmax_')
-        def _bias_softmax_fake(logits, by_rows, col_index, col_weight, row_start, row_shift):
-            return logits.new_empty(logits.shape[:3]), logits.new_empty(logits.shape[:3])
-
-        @torch.library.register_fake(lib + 'softmax_backward_')
-        def _softmax_backward_fake(grad, probs, shift, grad_lse):
-            return None
-
-        @torch.library.register_fake(lib + 'bias_rows_backward')
-        def _bias_rows_backward_fake(grad_bias, col_index, col_weight, uw):
-            heads, rows, keys = grad_bias.shape
-            width, pool_w = col_index.shape[:2]
-            return grad_bias.new_empty((heads, rows // width, keys // pool_w, uw))
-
-    def _logits_setup(ctx, inputs, output):
-        query, key, _bias, height, width, window_size = inputs
-        ctx.save_for_backward(query, key)
-        ctx.geometry = (height, width, window_size)
-
-    def _logits_backward(ctx, grad):
-        query, key = ctx.saved_tensors
-        grad_query, grad_key, grad_bias = torch.ops.mmtransnext.sliding_window_logits_backward(
-            grad, query, key, *ctx.geometry)
-        return grad_query, grad_key, grad_bias, None, None, None
-
-    def _aggregate_setup(ctx, inputs, output):
-        weights, value, height, width, window_size = inputs
-        ctx.save_for_backward(weights, value)
-        ctx.geometry = (height, width, window_size)
-
-    def _aggregate_backward(ctx, grad):
-        weights, value = ctx.saved_tensors
-        grad_weights, grad_value = torch.ops.mmtransnext.sliding_window_aggregate_backward(
-            grad, weights, value, *ctx.geometry)
-        return grad_weights, grad_value, None, None, None
-
-    torch.library.register_autograd(lib + 'sliding_window_logits', _logits_backward,
-                                    setup_context=_logits_setup)
-    torch.library.register_autograd(lib + 'sliding_window_aggregate', _aggregate_backward,
-                                    setup_context=_aggregate_setup)
+    if _HAS_REGISTER_AUTOGRAD:
+        torch.library.register_autograd('mmtransnext::sliding_window_logits',
+                                        _logits_backward, setup_context=_logits_setup)
+        torch.library.register_autograd('mmtransnext::sliding_window_aggregate',
+                                        _aggregate_backward, setup_context=_aggregate_setup)
+    else:
+        _PY_LIBRARY.impl('sliding_window_logits', _LogitsFunction.apply, 'Autograd')
+        _PY_LIBRARY.impl('sliding_window_aggregate', _AggregateFunction.apply, 'Autograd')
 
 
 if _LOADED:
     _register_python_side()
+
+# torch.compile before torch 2.4 cannot trace os.environ.get (it refuses to inline
+# Mapping.get), which would break the graph at use_compiled_op. There the environment
+# variable is read when a graph is compiled; a change takes effect at the next one.
+if not _HAS_REGISTER_FAKE:
+    reference_requested = torch._dynamo.assume_constant_result(reference_requested)
