@@ -12,6 +12,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=${1:-$ROOT/.whl}
 PY=${PYTHON:-python3}
 MMCV=2.1.0
+"$PY" -c 'import pkg_resources' 2>/dev/null || {
+    echo "device_wheels: $PY lacks pkg_resources (setuptools<70), which mmcv's setup.py" \
+        'imports; set PYTHON to one that has it' >&2
+    exit 2
+}
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl "$DEST"/*.tar.gz
 
