@@ -97,6 +97,38 @@ def test_each_operand_is_cast_once(monkeypatch):
     assert torch.bfloat16 in {src for src, _ in calls[0]}  # the projections did need it
 
 
+@pytest.mark.parametrize('dtype', LOW, ids=str)
+def test_low_precision_core_matches_float32(monkeypatch, dtype):
+    """The core as CUDA autocast runs it (every operand in the low dtype, the pooled
+    band in plain PyTorch), here on the CPU kernels: against the float32 core on the
+    same rounded operands, forward and backward."""
+    from mmtransnext.ops import banded_attention
+    monkeypatch.setattr(banded_attention, '_fused_kernels', lambda tensor: False)
+    monkeypatch.delenv(ops.DISABLE_ENV, raising=False)
+    torch.manual_seed(0)
+    attn = AggregatedAttention(32, 2, 3, 2, None, None, 16)
+    attn.reset_attention_parameters()
+    with torch.no_grad():
+        projected = attn._project(torch.randn(2, 6 * 10, 32), 6, 10)
+
+    def run(cast):
+        leaves = [t.to(cast).requires_grad_() if torch.is_tensor(t) else t for t in projected]
+        out = attn._merged_softmax(*leaves)
+        grads = torch.autograd.grad(out.float().square().sum(),
+                                    [t for t in leaves if torch.is_tensor(t)])
+        return out, grads
+
+    projected = [t.to(dtype).float() if torch.is_tensor(t) else t for t in projected]
+    ref, ref_grads = run(torch.float32)
+    out, grads = run(dtype)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = FORWARD_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    for got, want in zip(grads, ref_grads):
+        err = ((got.float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+        assert err <= tol, f'relative gradient error {err:.3g} > {tol}'
+
+
 # ------------------------------------------------------------------ CUDA kernels
 def _op_inputs(shape, dtype, seed=0):
     B, h, H, W, d, ws = shape

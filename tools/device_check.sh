@@ -25,11 +25,9 @@
 #  9 mask-rcnn-amp   Mask R-CNN training steps, float16 (AmpOptimWrapper, dynamic loss
 #                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
 #
-# The device call (run from the repository root, .whl carried):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
-#     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
-#     PYTHONUNBUFFERED=1 bash tools/device_check.sh $OUT
-# (one line; carry [".whl"], timeout_s 600). The exit status is 0 when every step passed.
+# The device call: run(carry=[".whl"], timeout_s=600, command=
+#   'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 bash tools/device_check.sh $OUT')
+# The exit status is 0 when every step passed.
 set -uo pipefail
 
 OUT=${1:?usage: tools/device_check.sh OUT_DIR}
@@ -114,7 +112,7 @@ fi"
 MMCV_SDIST=$(ls .whl/mmcv-*.tar.gz 2>/dev/null | head -n 1)
 MMCV_PID=
 if [[ ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
-    MMCV_LIMIT=$(( $(remaining) - 100 ))
+    MMCV_LIMIT=$(( $(remaining) - 75 ))  # what the Mask R-CNN steps need after it
     MMCV_T0=$(date +%s)
     (
         rm -rf /tmp/mmcv-src /tmp/mmcv-wheel /tmp/site-mmcv && mkdir -p /tmp/mmcv-src &&
@@ -138,31 +136,51 @@ $PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extensio
 "
 
 # 5 ------------------------------------------------------------------------- bad input
-crash_diagnostics() {
-    run_step "crash-diagnostics-$1" 40 "
-echo '--- which libraries serve the C++ throw and unwind symbols'
-LD_DEBUG=bindings $PY -c 'import torch, mmtransnext.ops
+crash_diagnostics() {  # $1: cpu or cuda; each probe reports its own exit status
+    local bad="torch.ops.mmtransnext.sliding_window_aggregate(torch.ones(1, 1, 4, 1, device='$1'), torch.ones(1, 1, 4, 1, device='$1'), 2, 2, 2)"
+    run_step "crash-diagnostics-$1" 60 "
+echo '--- 1. the same calls without C++ stack symbolisation'
+TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1 $PY tests/bad_op_calls.py --device $1 > /dev/null 2>&1; echo exit \$?
+echo '--- 2. one bad call, the library loaded by torch.ops.load_library alone (no mmtransnext, mmcv, mmengine, cv2 imports)'
+$PY -X faulthandler -c \"import glob, torch
+torch.ops.load_library(glob.glob('mmtransnext/_C*.so')[0])
+try:
+    $bad
+except RuntimeError as exc:
+    print('raised:', str(exc).splitlines()[0])\"; echo exit \$?
+echo '--- 3. which libraries serve the C++ throw and unwind symbols (plain ATen error, then ours)'
+LD_DEBUG=bindings $PY -c \"import torch, mmtransnext.ops
 try:
     torch.ones(2, 3) @ torch.ones(2, 3)
 except RuntimeError:
-    pass' 2>&1 | grep -E '_Unwind_RaiseException|__cxa_throw\b' | sed -E 's/^ *[0-9]+: *//' | sort -u
-echo '--- ldd of the op library'; ldd mmtransnext/_C*.so
-echo '--- environment'; env | grep -E '^(LD_PRELOAD|LD_LIBRARY_PATH|TORCH_SHOW_CPP_STACKTRACES|TORCH_DISABLE_ADDR2LINE)=' || true
-echo '--- loaded unwinders'; $PY -c 'import torch, mmtransnext.ops
-print(\"\".join(sorted({l.split()[-1] + chr(10) for l in open(\"/proc/self/maps\") if any(k in l for k in (\"unwind\", \"gcc_s\", \"stdc++\", \"gomp\"))})))'
+    print('plain ATen error raised')
+$bad\" 2>&1 | grep -E '_Unwind_RaiseException|_Unwind_Resume|__cxa_throw|raised' | sed -E 's/^ *[0-9]+: *//' | sort -u
+echo '--- 4. ldd of the op library'; ldd mmtransnext/_C*.so
+echo '--- 5. environment'; env | grep -E '^(LD_PRELOAD|LD_LIBRARY_PATH|TORCH_SHOW_CPP_STACKTRACES|TORCH_DISABLE_ADDR2LINE)=' || true
+echo '--- 6. unwinders, C++ runtimes and OpenMP runtimes loaded with mmtransnext'
+$PY -c \"import torch, mmtransnext.ops
+print(''.join(sorted({l.split()[-1] + chr(10) for l in open('/proc/self/maps') if any(k in l for k in ('unwind', 'gcc_s', 'stdc++', 'gomp', 'omp'))})))\"
 "
 }
-run_step bad-input-cpu 60 "$PY tests/bad_op_calls.py --device cpu --kind raw" || {
-    (( $? > 128 )) && crash_diagnostics cpu; }
+# After a crash (or always, with DEVICE_CHECK_DIAGNOSE=1).
+bad_input() {
+    run_step "bad-input-$1" 60 "$PY tests/bad_op_calls.py --device $1 --kind raw"
+    local rc=$?
+    if (( rc > 128 && rc != 137 )) || [[ ${DEVICE_CHECK_DIAGNOSE:-0} == 1 ]]; then
+        crash_diagnostics "$1"
+    fi
+}
+bad_input cpu
 if [[ $HAS_GPU == 1 ]]; then
-    run_step bad-input-cuda 60 "$PY tests/bad_op_calls.py --device cuda --kind raw" || {
-        (( $? > 128 )) && crash_diagnostics cuda; }
+    bad_input cuda
 else
     skip_step bad-input-cuda 'no CUDA device'
 fi
 
 # 6 ------------------------------------------------------------------------------ tests
-run_step tests 200 "$PY -m pytest tests/test_ops_bad_input.py tests/test_ops.py tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k 'not mask_rcnn' 2>&1 | tail -n 60"
+# The CPU-only tests of tests/test_ops.py are CI's; its CUDA ones run here.
+run_step tests 200 "$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k 'not mask_rcnn' 2>&1 | tail -n 40; first=\$?
+$PY -m pytest tests/test_ops.py -q -rs -p no:cacheprovider -k cuda 2>&1 | tail -n 20; exit \$(( first | \$? ))"
 
 # 7-8 ------------------------------------------------------------------------ benchmarks
 if [[ $HAS_GPU == 1 ]]; then
