@@ -130,7 +130,7 @@ fi
 # 4 --------------------------------------------------------------------------- build-op
 run_step build-op 240 "
 rm -rf build mmtransnext/_C*.so
-FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=4 $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | tail -n 30
+FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=4 $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
 ls mmtransnext/_C*.so
 $PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extension_available(\"cpu\"), \"cuda\", o.extension_available(\"cuda\"))'
 "
