@@ -12,9 +12,9 @@
 #
 #  1 environment     GPU, driver, Python, torch, CUDA, gcc, nvcc, torch's build config
 #  2 install         .whl/*.whl into /tmp/site (skipped when the caller did it already)
-#  3 mmcv-ops        mmcv's CUDA ops compiled from .whl/mmcv-*.tar.gz, in the background
-#                    of steps 4-9 (MMCV_BUILD=0 skips it)
-#  4 build-op        mmtransnext._C in place, CUDA kernels for this GPU's architecture
+#  3 build-op        mmtransnext._C in place, CUDA kernels for this GPU's architecture
+#  4 mmcv-ops        mmcv's CUDA ops compiled from .whl/mmcv-*.tar.gz, in the background
+#                    of steps 5-8 (MMCV_BUILD=0 skips it)
 #  5 bad-input-*     every op with bad arguments in a child process (CPU, then CUDA);
 #                    after a crash, what tells its cause (faulthandler stack, whether a
 #                    plain ATen error raises, which library unwinds, the .so's ldd)
@@ -108,7 +108,15 @@ else
     $PY -c 'import mmengine, mmdet, mmseg, mmcv; print(mmengine.__version__, mmdet.__version__, mmseg.__version__, mmcv.__version__)'
 fi"
 
-# 3 ------------------------------------------------------------ mmcv's ops, in background
+# 3 --------------------------------------------------------------------------- build-op
+run_step build-op 240 "
+rm -rf build mmtransnext/_C*.so
+FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=4 $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
+ls mmtransnext/_C*.so
+$PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extension_available(\"cpu\"), \"cuda\", o.extension_available(\"cuda\"))'
+"
+
+# 4 ------------------------------------------------ mmcv's ops, in the background
 MMCV_SDIST=$(ls .whl/mmcv-*.tar.gz 2>/dev/null | head -n 1)
 MMCV_PID=
 if [[ ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
@@ -126,14 +134,6 @@ if [[ ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
     ) > "$WORK/mmcv-ops.out" 2>&1 &
     MMCV_PID=$!
 fi
-
-# 4 --------------------------------------------------------------------------- build-op
-run_step build-op 240 "
-rm -rf build mmtransnext/_C*.so
-FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=4 $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
-ls mmtransnext/_C*.so
-$PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extension_available(\"cpu\"), \"cuda\", o.extension_available(\"cuda\"))'
-"
 
 # 5 ------------------------------------------------------------------------- bad input
 crash_diagnostics() {  # $1: cpu or cuda; each probe reports its own exit status
