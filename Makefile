@@ -17,7 +17,7 @@ export MAX_JOBS ?= 2
 STAMP := $(VENV)/.mmtransnext-deps
 EXT_STAMP := $(VENV)/.mmtransnext-ext
 
-.PHONY: venv test demo demo-seg ext clean test-compat wheel
+.PHONY: venv test demo demo-seg ext clean test-compat wheel device-wheels device-check
 
 venv: $(EXT_STAMP)
 
@@ -57,6 +57,16 @@ test-compat:
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-build-isolation --no-deps -w dist .
+
+# .whl/: the OpenMMLab wheels (Python 3.12) and mmcv's source that tools/device_check.sh
+# installs on a GPU machine without network.
+device-wheels:
+	PYTHON=$(PYTHON) tools/device_wheels.sh
+
+# The CUDA check on a GPU machine, report in $(OUT)/device_check.md (tools/device_check.sh).
+OUT ?= device_check_out
+device-check:
+	bash tools/device_check.sh $(OUT)
 
 clean:
 	rm -rf build dist *.egg-info mmtransnext/*.so work_dirs

@@ -222,51 +222,10 @@ def test_torch_compile_fullgraph(monkeypatch, backend):
 
 
 # ----------------------------------------------------------------- invalid arguments
+# Every op with each kind of bad argument: tests/test_ops_bad_input.py.
 def _valid(dtype=torch.float32):
     x = make_inputs(2, 3, 4, 5, 6, 3, dtype=dtype)
     return x['q'], x['k'], x['bias'], x['w'], x['v']
-
-
-@pytest.mark.parametrize('case,pattern', [
-    ('even_ws', 'odd'), ('zero_ws', 'odd'), ('bad_n', 'height\\*width'),
-    ('key_shape', 'key'), ('bias_shape', 'bias'), ('dtype', 'dtype'), ('device', 'meta'),
-    ('weights_shape', 'weights'), ('not_4d', '4-D'),
-])
-def test_invalid_arguments(case, pattern):
-    q, k, b, w, v = _valid()
-    H, W, ws = 4, 5, 3
-    calls = {
-        'even_ws': (lambda f, g: f(q, k, torch.zeros(3, 16), H, W, 4)),
-        'zero_ws': (lambda f, g: g(w, v, H, W, 0)),
-        'bad_n': (lambda f, g: f(q, k, b, 5, 5, ws)),
-        'key_shape': (lambda f, g: f(q, k[:, :, :, :4], b, H, W, ws)),
-        'bias_shape': (lambda f, g: f(q, k, b[:, :4], H, W, ws)),
-        'dtype': (lambda f, g: f(q, k.double(), b, H, W, ws)),
-        'device': (lambda f, g: f(q, k.to('meta'), b, H, W, ws)),
-        'weights_shape': (lambda f, g: g(w[..., :4], v, H, W, ws)),
-        'not_4d': (lambda f, g: g(w, v[0], H, W, ws)),
-    }
-    call = calls[case]
-    # Python face: ValueError naming the problem.
-    with pytest.raises(ValueError, match=pattern):
-        call(ops.sliding_window_logits, ops.sliding_window_aggregate)
-    with pytest.raises(ValueError, match=pattern):
-        call(ops.sliding_window_logits_reference, ops.sliding_window_aggregate_reference)
-    # The compiled op itself: RuntimeError from TORCH_CHECK naming it too.
-    if case == 'device':
-        return  # mixing in a meta tensor sends the call to the meta (fake) kernel
-    with pytest.raises(RuntimeError, match=pattern):
-        call(compiled_logits, compiled_aggregate)
-
-
-def test_backward_ops_check_arguments():
-    q, k, b, w, v = _valid()
-    with pytest.raises(RuntimeError, match='grad_out'):
-        torch.ops.mmtransnext.sliding_window_logits_backward(w[..., :4], q, k, 4, 5, 3)
-    with pytest.raises(RuntimeError, match='grad_out'):
-        torch.ops.mmtransnext.sliding_window_aggregate_backward(v[:1], w, v, 4, 5, 3)
-    with pytest.raises(RuntimeError, match='unsupported dtype'):
-        torch.ops.mmtransnext.sliding_window_aggregate(w.int(), v.int(), 4, 5, 3)
 
 
 # ------------------------------------------------------------------------ dispatching

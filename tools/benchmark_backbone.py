@@ -11,6 +11,9 @@ hide in another's, and the table is printed side by side with ratios in one run
 Example (the figures in docs/benchmarks.md)::
 
     python tools/benchmark_backbone.py --arch tiny --size 800 1333 --batch 1
+
+On a GPU, ``--device cuda`` (peak memory is then ``torch.cuda.max_memory_allocated``
+in the RSS columns) and ``--amp bfloat16`` or ``--amp float16`` for autocast.
 """
 import argparse
 import json
@@ -40,32 +43,41 @@ def _worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=224,
-                      with_cp=args.with_cp)
-    x = torch.randn(args.batch, 3, *args.size)
+                      with_cp=args.with_cp).to(args.device)
+    x = torch.randn(args.batch, 3, *args.size, device=args.device)
     compiled = use_compiled_op(x)
-    baseline = _rss_mb()
+    cuda = x.device.type == 'cuda'
+    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    amp = torch.autocast(x.device.type, dtype=getattr(torch, args.amp or 'float32'),
+                         enabled=args.amp is not None)
 
     if args.mode == 'forward':
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 model(x)
     else:
         model.train()
 
         def step():
             model.zero_grad(set_to_none=True)
-            loss = sum(out.float().mean() for out in model(x))
+            with amp:
+                loss = sum(out.float().mean() for out in model(x))
             loss.backward()
 
     times = []
     for _ in range(args.warmup + args.repeats):
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     times = sorted(times[args.warmup:])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(time_s=times[len(times) // 2], peak_mb=peak, baseline_mb=baseline,
                 compiled=compiled)
 
@@ -77,7 +89,8 @@ def _run(args, path: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, '--worker', '--mode', mode, '--arch', args.arch,
            '--size', *map(str, args.size), '--batch', str(args.batch), '--img-size',
            str(args.img_size), '--threads', str(args.threads), '--repeats', str(args.repeats),
-           '--warmup', str(args.warmup)] + (['--with-cp'] if args.with_cp else [])
+           '--warmup', str(args.warmup), '--device', args.device] + (
+               ['--with-cp'] if args.with_cp else []) + (['--amp', args.amp] if args.amp else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f'{path}/{mode} failed:\n{done.stderr[-3000:]}')
@@ -104,6 +117,9 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=1)
     parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--amp', choices=['bfloat16', 'float16'], default=None,
+                        help='run under autocast in this dtype')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--mode', default='forward', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,7 +128,8 @@ def main():
         return
 
     print(f'TransNeXt-{args.arch}, input {args.batch}x3x{args.size[0]}x{args.size[1]}, '
-          f'img_size {args.img_size}, {args.threads} threads, with_cp={args.with_cp}, '
+          f'img_size {args.img_size}, {args.device}, amp={args.amp}, {args.threads} threads, '
+          f'with_cp={args.with_cp}, '
           f'median of {args.repeats} after {args.warmup} warm-up')
     header = f'{"mode":8} {"path":10} {"time s":>8} {"peak RSS MB":>12} {"above model MB":>15}'
     print(header)

@@ -14,9 +14,12 @@ forward+backward, of the dense output gradient, allocated with them). Workers ru
 ``MALLOC_MMAP_THRESHOLD_=131072`` so freed tensors leave the resident set at once.
 Times are the median of ``--repeats`` runs after one warm-up run.
 
+Inputs are float32 unless ``--dtype`` names float16 or bfloat16 (both paths then run
+in that dtype; on CUDA that is the dtype the model's attention runs in under autocast).
+
 Usage:
     python tools/benchmark_op.py [--repeats 5] [--threads 2]
-        [--shape B HEADS HEIGHT WIDTH DIM WS] [--device cpu]
+        [--shape B HEADS HEIGHT WIDTH DIM WS] [--device cpu] [--dtype float32]
 """
 import argparse
 import json
@@ -43,13 +46,14 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def worker(path, mode, shape, repeats, threads, device):
+def worker(path, mode, shape, repeats, threads, device, dtype_name):
     sys.path.insert(0, ROOT)
     import torch
 
     from mmtransnext.ops import sliding_window as sw
 
     torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
     if path == 'compiled':
         if not sw.extension_available(device):
             raise SystemExit(f'compiled op not built for {device}: {sw._LOAD_ERROR}')
@@ -63,12 +67,13 @@ def worker(path, mode, shape, repeats, threads, device):
     N = H * W
     gen = torch.Generator().manual_seed(0)
     backward = mode == 'forward+backward'
-    q, k, v = (torch.randn(B, h, N, d, generator=gen).to(device).requires_grad_(backward)
+    q, k, v = (torch.randn(B, h, N, d, generator=gen).to(device, dtype).requires_grad_(backward)
                for _ in range(3))
-    bias = (0.1 * torch.randn(h, ws * ws, generator=gen)).to(device).requires_grad_(backward)
+    bias = (0.1 * torch.randn(h, ws * ws, generator=gen)).to(device, dtype)
+    bias.requires_grad_(backward)
     # In the model the gradient reaching the attention output is a dense tensor produced
     # upstream (by the output projection's backward): allocate it with the inputs.
-    grad_out = torch.randn(B, h, N, d, generator=gen).to(device) if backward else None
+    grad_out = torch.randn(B, h, N, d, generator=gen).to(device, dtype) if backward else None
 
     def step():
         with torch.set_grad_enabled(backward):
@@ -100,7 +105,7 @@ def worker(path, mode, shape, repeats, threads, device):
 def run_worker(path, mode, args):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', path, mode,
            '--repeats', str(args.repeats), '--threads', str(args.threads),
-           '--device', args.device, '--shape', *map(str, args.shape)]
+           '--device', args.device, '--dtype', args.dtype, '--shape', *map(str, args.shape)]
     # A fixed mmap threshold makes glibc return every large freed block to the OS at
     # once, so the resident high-water mark follows live tensor memory instead of heap
     # fragmentation (the default threshold adapts to freed sizes up to 32 MiB).
@@ -118,15 +123,17 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'))
     parser.add_argument('--worker', nargs=2, metavar=('PATH', 'MODE'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(*args.worker, tuple(args.shape), args.repeats, args.threads, args.device)
+        worker(*args.worker, tuple(args.shape), args.repeats, args.threads, args.device,
+               args.dtype)
         return 0
 
     B, h, H, W, d, ws = args.shape
     print(f'sliding-window attention (logits -> softmax -> aggregate), device={args.device}, '
-          f'threads={args.threads}, B={B} heads={h} map={H}x{W} d={d} ws={ws}, '
+          f'dtype={args.dtype}, threads={args.threads}, B={B} heads={h} map={H}x{W} d={d} ws={ws}, '
           f'median of {args.repeats}')
     results = {(p, m): run_worker(p, m, args) for m in MODES for p in PATHS}
     header = (f'| {"mode":<16} | {"reference ms":>12} | {"compiled ms":>11} | {"speed-up":>8} '

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 namespace mmtransnext {
 namespace {
@@ -178,7 +179,9 @@ Geom make_geom(const at::Tensor& x, int64_t height, int64_t width, int64_t ws) {
 at::Tensor logits_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
                        const at::Tensor& bias_in, int64_t height, int64_t width,
                        int64_t window_size) {
-  auto [query, key, bias] =
+  // std::tie, not structured bindings: the dispatch lambdas capture these (C++17).
+  at::Tensor query, key, bias;
+  std::tie(query, key, bias) =
       check_logits_args(query_in, key_in, bias_in, height, width, window_size);
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t L = window_size * window_size;
@@ -200,7 +203,8 @@ at::Tensor logits_cuda(const at::Tensor& query_in, const at::Tensor& key_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& query_in, const at::Tensor& key_in,
     int64_t height, int64_t width, int64_t window_size) {
-  auto [grad, query, key] =
+  at::Tensor grad, query, key;
+  std::tie(grad, query, key) =
       check_logits_backward_args(grad_in, query_in, key_in, height, width, window_size);
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t L = window_size * window_size, N = height * width;
@@ -241,7 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward_cuda(
 
 at::Tensor aggregate_cuda(const at::Tensor& weights_in, const at::Tensor& value_in,
                           int64_t height, int64_t width, int64_t window_size) {
-  auto [weights, value] = check_aggregate_args(weights_in, value_in, height, width, window_size);
+  at::Tensor weights, value;
+  std::tie(weights, value) =
+      check_aggregate_args(weights_in, value_in, height, width, window_size);
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty_like(value);
   const Geom g = make_geom(value, height, width, window_size);
@@ -259,7 +265,8 @@ at::Tensor aggregate_cuda(const at::Tensor& weights_in, const at::Tensor& value_
 std::tuple<at::Tensor, at::Tensor> aggregate_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& weights_in, const at::Tensor& value_in,
     int64_t height, int64_t width, int64_t window_size) {
-  auto [grad, weights, value] = check_aggregate_backward_args(
+  at::Tensor grad, weights, value;
+  std::tie(grad, weights, value) = check_aggregate_backward_args(
       grad_in, weights_in, value_in, height, width, window_size);
   const c10::cuda::CUDAGuard guard(value.device());
   const Geom g = make_geom(value, height, width, window_size);

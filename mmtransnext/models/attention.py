@@ -47,21 +47,60 @@ def _local_scale(height: int, width: int, window_size: int, pooled: int,
     return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
 
 
-def _one_dtype(items):
-    """``items`` with every floating tensor cast to one dtype, float32 or wider.
+def core_dtype(device_type: str, autocast_dtype: Optional[torch.dtype],
+               dtypes) -> torch.dtype:
+    """The dtype the attention core runs in: the one dtype policy of the model.
+
+    On CUDA under autocast, the autocast dtype (float16 or bfloat16): the window
+    kernels take it with float32 accumulation and the softmax statistics are kept in
+    float32. Anywhere else float32, or float64 for float64 models: the CPU band
+    kernels take float32 and float64 only, and the CPU window kernels run bfloat16
+    no faster than float32 (``tools/benchmark_op.py --dtype bfloat16``).
+
+    Args:
+        device_type (str): the input's device type, e.g. ``'cuda'`` or ``'cpu'``.
+        autocast_dtype (torch.dtype, optional): the active autocast dtype of that
+            device type, None when autocast is off.
+        dtypes (Iterable[torch.dtype]): the floating dtypes of the core's operands.
+
+    Returns:
+        torch.dtype: the dtype every floating operand is cast to, once.
+    """
+    if device_type == 'cuda' and autocast_dtype is not None:
+        return autocast_dtype
+    common = torch.float32
+    for dtype in dtypes:
+        common = torch.promote_types(common, dtype)
+    return common
+
+
+def _active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    try:  # torch >= 2.4 takes the device type
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError):  # older torch: the CUDA autocast state alone
+        enabled = device_type == 'cuda' and torch.is_autocast_enabled()
+        dtype = torch.get_autocast_gpu_dtype() if enabled else None
+    return dtype
+
+
+def _one_dtype(items, device_type: str):
+    """``items`` with every floating tensor cast to :func:`core_dtype`'s dtype.
 
     Under autocast the projections come out in the low-precision dtype while some
-    normalisations, the softmax and the parameters stay float32, and the window ops
-    take one dtype for all operands. The attention core then runs in float32 (float64
-    for float64 models) with autocast off, as the released model's softmax would
-    under autocast, and the output projection autocasts again.
+    normalisations and the parameters stay float32, and the window ops take one
+    dtype for all operands. Each operand is cast once, straight to the core's dtype
+    (a no-op where it already has it); the core then runs with autocast off.
     """
-    common = torch.float32
-    for t in items:
-        if torch.is_tensor(t) and t.is_floating_point():
-            common = torch.promote_types(common, t.dtype)
-    return tuple(t.to(common) if torch.is_tensor(t) and t.is_floating_point() else t
+    dtype = core_dtype(device_type, _active_autocast_dtype(device_type),
+                       [t.dtype for t in items if torch.is_tensor(t) and t.is_floating_point()])
+    return tuple(t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
                  for t in items)
+
+
+def _stats_dtype(tensor: Tensor) -> torch.dtype:
+    """Softmax statistics (maxima, sums, log-sum-exps) run in float32 or wider."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 class _PositionBiasAttention(nn.Module):
@@ -117,14 +156,17 @@ class _PositionBiasAttention(nn.Module):
 
     def _bias_table(self, layout: BiasLayout, dtype) -> Tensor:
         """The MLP on the layout's offsets: ``(heads, Uh, Uw)``, the released way."""
-        coords = layout.coords.to(dtype)
-        return self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords))).permute(2, 0, 1)
+        coords = layout.coords.to(self.cpb_fc1.weight.dtype)
+        table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords))).permute(2, 0, 1)
+        return table.to(dtype)
 
     def _chunked_bias_table(self, layout: BiasLayout, dtype) -> Tensor:
         """The same table through :class:`OffsetMLP`, which keeps no hidden layer."""
-        return OffsetMLP.apply(layout.offsets_h.to(dtype), layout.offsets_w.to(dtype),
-                               self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight,
-                               self.cpb_fc2.bias)
+        weight_dtype = self.cpb_fc1.weight.dtype
+        return OffsetMLP.apply(layout.offsets_h.to(weight_dtype),
+                               layout.offsets_w.to(weight_dtype), self.cpb_fc1.weight,
+                               self.cpb_fc1.bias, self.cpb_fc2.weight,
+                               self.cpb_fc2.bias).to(dtype)
 
     def _full_bias(self, query_size, key_size, like: Tensor) -> Tensor:
         """The whole ``(heads, N, P)`` bias, as the released model builds it."""
@@ -227,8 +269,9 @@ class AggregatedAttention(_PositionBiasAttention):
         batch, tokens, channels = x.shape
         projected = self._project(x, height, width)
         core = self._merged_softmax if use_compiled_op(x) else self._joint_softmax
+        operands = _one_dtype(projected, x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            out = core(*_one_dtype(projected))
+            out = core(*operands)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
     @torch.no_grad()
@@ -259,11 +302,12 @@ class AggregatedAttention(_PositionBiasAttention):
                        height, width, pool_size):
         """The released algorithm: one softmax over concatenated logits."""
         ws = self.window_size
-        local = sliding_window_logits_reference(query, key, self.relative_pos_bias_local,
-                                                height, width, ws)
+        local = sliding_window_logits_reference(
+            query, key, self.relative_pos_bias_local.to(query.dtype), height, width, ws)
         bias = self._full_bias((height, width), pool_size, query)
         pooled = query @ pool_key.transpose(-2, -1) + bias
-        attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1)
+        attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1, dtype=_stats_dtype(query))
+        attn = attn.to(query.dtype)
         attn_local, attn_pooled = attn.split([self.local_len, pooled.shape[-1]], dim=-1)
         out = sliding_window_aggregate_reference(attn_local + token_weights, value, height,
                                                  width, ws)
@@ -273,13 +317,16 @@ class AggregatedAttention(_PositionBiasAttention):
                         height, width, pool_size):
         """The same softmax as two parts merged by their log-sum-exp."""
         ws = self.window_size
-        local = sliding_window_logits(query, key, self.relative_pos_bias_local, height, width, ws)
+        local = sliding_window_logits(query, key, self.relative_pos_bias_local.to(query.dtype),
+                                      height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
         out_pooled, lse_pooled = banded_bias_attention(query, pool_key, pool_value, bias)
-        lse = torch.logaddexp(torch.logsumexp(local, dim=-1), lse_pooled)
-        attn_local = torch.exp(local - lse.unsqueeze(-1))
+        stats = _stats_dtype(query)
+        local_stats, lse_pooled = local.to(stats), lse_pooled.to(stats)
+        lse = torch.logaddexp(torch.logsumexp(local_stats, dim=-1), lse_pooled)
+        attn_local = torch.exp(local_stats - lse.unsqueeze(-1)).to(query.dtype)
         out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
-        return out + torch.exp(lse_pooled - lse).unsqueeze(-1) * out_pooled
+        return out + torch.exp(lse_pooled - lse).unsqueeze(-1).to(query.dtype) * out_pooled
 
 
 class FullAttention(_PositionBiasAttention):
@@ -310,13 +357,13 @@ class FullAttention(_PositionBiasAttention):
         query = self._scaled_query(F.normalize(query, dim=-1), math.log(tokens))
         key = F.normalize(key, dim=-1)
         size = (height, width)
-        query, key, value = _one_dtype((query, key, value))
+        query, key, value = _one_dtype((query, key, value), x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             if use_compiled_op(x):
                 out, _ = banded_bias_attention(query, key, value,
                                                self._factored_bias(size, size, query))
             else:
                 attn = (query @ key.transpose(-2, -1) +
-                        self._full_bias(size, size, query)).softmax(-1)
-                out = attn @ value
+                        self._full_bias(size, size, query)).softmax(-1, dtype=_stats_dtype(query))
+                out = attn.to(value.dtype) @ value
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))

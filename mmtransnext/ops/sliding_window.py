@@ -137,10 +137,16 @@ def use_compiled_op(tensor: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------- validation
+# The kernels' dtypes (csrc/sliding_window.cpp, supported_dtype).
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _check_window(height: int, width: int, window_size: int) -> None:
     if not isinstance(window_size, int) or window_size <= 0 or window_size % 2 == 0:
         raise ValueError(
             f'window_size must be an odd positive int, got {window_size!r}')
+    if not (isinstance(height, int) and isinstance(width, int)):
+        raise ValueError(f'height and width must be ints, got {height!r} and {width!r}')
     if height <= 0 or width <= 0:
         raise ValueError(f'height and width must be positive, got {height}x{width}')
 
@@ -158,6 +164,9 @@ def _check_tensors(named: dict, first: str) -> None:
                              'all inputs must be on one device')
     if not ref.is_floating_point():
         raise ValueError(f'{first} must be a floating-point tensor, got {ref.dtype}')
+    if ref.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f'unsupported dtype {ref.dtype} for {first} (supported: float32, '
+                         'float64, float16, bfloat16)')
 
 
 def _check_tokens(x: torch.Tensor, name: str, height: int, width: int) -> None:

@@ -1,0 +1,305 @@
+"""The CUDA path: kernels in every training dtype, the model's dtype policy, golden
+cases on the GPU, and a Mask R-CNN training step in mixed precision.
+
+Tolerances against a float32 (or float64) reference, as neighbourhood-attention
+libraries use them: forward 1e-2 (float16) and 5e-2 (bfloat16), gradients 1e-2; the
+float32 golden cases within the golden README's limits (outputs 1e-4, gradients
+``1e-3 * max|g_ref|`` per tensor) with TF32 off.
+
+The dtype-policy tests at the top run anywhere; the rest need a GPU and are skipped
+with the reason "no CUDA device" elsewhere (``tools/device_check.sh`` runs them).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mmtransnext.ops as ops
+from conftest import golden_arch
+from mmtransnext.models import TransNeXt
+from mmtransnext.models.attention import AggregatedAttention, FullAttention, core_dtype
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
+
+FORWARD_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
+GRAD_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+LOW = [torch.float16, torch.bfloat16]
+
+
+# ------------------------------------------------------------------- dtype policy
+@pytest.mark.parametrize('autocast_dtype', LOW, ids=str)
+def test_policy_cuda_autocast_runs_in_the_autocast_dtype(autocast_dtype):
+    # Operands as autocast leaves them: projections low, normalised ones float32.
+    dtypes = [autocast_dtype, torch.float32, torch.float32]
+    assert core_dtype('cuda', autocast_dtype, dtypes) == autocast_dtype
+
+
+@pytest.mark.parametrize('device_type', ['cpu', 'cuda'])
+def test_policy_without_autocast_or_on_cpu(device_type):
+    assert core_dtype(device_type, None, [torch.float32]) == torch.float32
+    assert core_dtype(device_type, None, [torch.float64, torch.float32]) == torch.float64
+    assert core_dtype(device_type, None, [torch.bfloat16]) == torch.float32
+    # CPU autocast keeps float32: the band kernels take float32/float64 only.
+    assert core_dtype('cpu', torch.bfloat16, [torch.bfloat16, torch.float32]) == torch.float32
+
+
+def _core_operands(module, x, size, autocast_dtype):
+    """The dtypes the core's operands arrive in, and the module's output."""
+    seen = {}
+    core = '_merged_softmax' if ops.use_compiled_op(x) else '_joint_softmax'
+    original = getattr(module, core)
+
+    def spy(*args):
+        seen['dtypes'] = [a.dtype for a in args if torch.is_tensor(a)]
+        return original(*args)
+
+    setattr(module, core, spy)
+    try:
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            out = module(x, *size)
+    finally:
+        delattr(module, core)
+    return seen['dtypes'], out
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_cpu_core_runs_in_float32(attention_path, autocast):
+    torch.manual_seed(0)
+    attn = AggregatedAttention(32, 2, 3, 2, None, None, 16)
+    attn.reset_attention_parameters()
+    dtypes, out = _core_operands(attn, torch.randn(2, 6 * 10, 32), (6, 10),
+                                 torch.bfloat16 if autocast else None)
+    assert set(dtypes) == {torch.float32}
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)  # proj autocasts
+
+
+def test_each_operand_is_cast_once(monkeypatch):
+    # Under CPU autocast the bfloat16 projections reach float32 by one cast each.
+    from mmtransnext.models import attention
+    calls = []
+    original = attention._one_dtype
+
+    def counting(items, device_type):
+        out = original(items, device_type)
+        calls.append([(a.dtype, b.dtype) for a, b in zip(items, out)
+                      if torch.is_tensor(a) and a.is_floating_point()])
+        return out
+
+    monkeypatch.setattr(attention, '_one_dtype', counting)
+    torch.manual_seed(0)
+    attn = AggregatedAttention(32, 2, 3, 2, None, None, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        attn(torch.randn(1, 36, 32), 6, 6)
+    assert len(calls) == 1  # one cast site for the whole core
+    assert {dst for _, dst in calls[0]} == {torch.float32}
+    assert torch.bfloat16 in {src for src, _ in calls[0]}  # the projections did need it
+
+
+@pytest.mark.parametrize('dtype', LOW, ids=str)
+def test_low_precision_core_matches_float32(monkeypatch, dtype):
+    """The core as CUDA autocast runs it (every operand in the low dtype, the pooled
+    band in plain PyTorch), here on the CPU kernels: against the float32 core on the
+    same rounded operands, forward and backward."""
+    from mmtransnext.ops import banded_attention
+    monkeypatch.setattr(banded_attention, '_fused_kernels', lambda tensor: False)
+    monkeypatch.delenv(ops.DISABLE_ENV, raising=False)
+    torch.manual_seed(0)
+    attn = AggregatedAttention(32, 2, 3, 2, None, None, 16)
+    attn.reset_attention_parameters()
+    with torch.no_grad():
+        projected = attn._project(torch.randn(2, 6 * 10, 32), 6, 10)
+
+    def run(cast):
+        leaves = [t.to(cast).requires_grad_() if torch.is_tensor(t) else t for t in projected]
+        out = attn._merged_softmax(*leaves)
+        grads = torch.autograd.grad(out.float().square().sum(),
+                                    [t for t in leaves if torch.is_tensor(t)])
+        return out, grads
+
+    projected = [t.to(dtype).float() if torch.is_tensor(t) else t for t in projected]
+    ref, ref_grads = run(torch.float32)
+    out, grads = run(dtype)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = FORWARD_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    for got, want in zip(grads, ref_grads):
+        err = ((got.float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+        assert err <= tol, f'relative gradient error {err:.3g} > {tol}'
+
+
+# ------------------------------------------------------------------ CUDA kernels
+def _op_inputs(shape, dtype, seed=0):
+    B, h, H, W, d, ws = shape
+    gen = torch.Generator().manual_seed(seed)
+    N, L = H * W, ws * ws
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to('cuda', dtype)
+    return dict(q=rnd(B, h, N, d), k=rnd(B, h, N, d), bias=rnd(h, L), w=rnd(B, h, N, L).softmax(-1),
+                v=rnd(B, h, N, d), gl=rnd(B, h, N, L), go=rnd(B, h, N, d))
+
+
+def _run(x, H, W, ws, fn_logits, fn_aggregate):
+    q, k, b, w, v = (x[n].detach().clone().requires_grad_() for n in ('q', 'k', 'bias', 'w', 'v'))
+    logits = fn_logits(q, k, b, H, W, ws)
+    agg = fn_aggregate(w, v, H, W, ws)
+    grads = torch.autograd.grad(logits, (q, k, b), x['gl']) + torch.autograd.grad(
+        agg, (w, v), x['go'])
+    return [logits, agg], list(grads)
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('shape', [(2, 3, 5, 6, 8, 3), (1, 2, 9, 1, 24, 7),
+                                   (2, 3, 40, 67, 24, 3), (1, 4, 14, 14, 32, 5)], ids=str)
+def test_cuda_kernels_match_float32_reference(shape, dtype):
+    assert ops.extension_available('cuda'), 'mmtransnext._C was built without CUDA kernels'
+    B, h, H, W, d, ws = shape
+    x = _op_inputs(shape, dtype)
+    outs, grads = _run(x, H, W, ws, torch.ops.mmtransnext.sliding_window_logits,
+                       torch.ops.mmtransnext.sliding_window_aggregate)
+    # The reference in float32 on the same rounded inputs.
+    x32 = {k: v.float() for k, v in x.items()}
+    ref_outs, ref_grads = _run(x32, H, W, ws, ops.sliding_window_logits_reference,
+                               ops.sliding_window_aggregate_reference)
+    for got, want in zip(outs, ref_outs):
+        assert got.dtype == dtype
+        assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+        tol = FORWARD_TOL[dtype]
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    for got, want in zip(grads, ref_grads):
+        tol = GRAD_TOL[dtype]
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@cuda
+def test_cuda_low_precision_accumulates_in_float32():
+    # A 7x7 window of 256-channel products: summed in the input dtype, 12544 terms of
+    # ~1 would round off; a float32 accumulator keeps the sum within one final rounding.
+    H = W = 7
+    q = torch.ones(1, 1, H * W, 256, device='cuda', dtype=torch.bfloat16)
+    k = torch.full_like(q, 1 + 2 ** -7)  # exactly representable in bfloat16
+    bias = torch.zeros(1, 49, device='cuda', dtype=torch.bfloat16)
+    logits = torch.ops.mmtransnext.sliding_window_logits(q, k, bias, H, W, 7)
+    centre = logits[0, 0, 24, 24].float().item()
+    exact = 256 * (1 + 2 ** -7)
+    assert abs(centre - exact) <= exact * 2 ** -8  # one bfloat16 rounding
+
+
+@cuda
+@pytest.mark.parametrize('dtype', LOW, ids=str)
+@pytest.mark.parametrize('module', ['aggregated', 'full'])
+def test_cuda_attention_core_in_autocast_dtype(attention_path, dtype, module):
+    torch.manual_seed(0)
+    if module == 'aggregated':
+        attn = AggregatedAttention(64, 2, 3, 2, None, None, 16)
+        attn.reset_attention_parameters()
+    else:
+        attn = FullAttention(64, 2, None, 16)
+    attn = attn.cuda()
+    x = torch.randn(2, 12 * 14, 64, device='cuda')
+    ref = attn(x, 12, 14)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(attn.parameters()))
+    if module == 'aggregated':
+        dtypes, out = _core_operands(attn, x, (12, 14), dtype)
+        assert set(dtypes) == {dtype}, 'the core did not run in the autocast dtype'
+    else:
+        with torch.autocast('cuda', dtype=dtype):
+            out = attn(x, 12, 14)
+    grads = torch.autograd.grad(out.float().square().sum(), list(attn.parameters()))
+    assert out.dtype == dtype
+    # The whole module (projections included) runs in the low dtype here, so its
+    # outputs and gradients get the forward tolerance, normwise for the gradients.
+    tol = FORWARD_TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    for got, want in zip(grads, ref_grads):
+        err = ((got.float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+        assert err <= tol, f'relative gradient error {err:.3g} > {tol}'
+
+
+# ----------------------------------------------------------------- golden on CUDA
+@pytest.fixture
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def _golden_model(golden, mode):
+    model = TransNeXt(**golden_arch(golden), is_extrapolation=mode == 'extrapolation')
+    model.load_state_dict(golden['state_dict'], strict=True)
+    return model.cuda()
+
+
+@cuda
+@pytest.mark.parametrize('case', ['interpolation_at_img_size', 'interpolation_other_size',
+                                  'extrapolation_other_size'])
+def test_cuda_golden_outputs(dense_golden, attention_path, no_tf32, case):
+    data = dense_golden['cases'][case]
+    model = _golden_model(dense_golden, data['mode']).eval()
+    with torch.no_grad():
+        outs = model(data['input'].cuda())
+    for i, (out, ref) in enumerate(zip(outs, data['outputs'])):
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f'stage {i}: {m}')
+
+
+@cuda
+def test_cuda_golden_gradients(dense_golden, attention_path, no_tf32):
+    data = dense_golden['cases']['interpolation_grad']
+    model = _golden_model(dense_golden, data['mode']).train()
+    x = data['input'].cuda().requires_grad_()
+    outs = model(x)
+    loss = sum((out * w.cuda()).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss.cpu(), data['loss'], atol=1e-4, rtol=1e-4)
+    loss.backward()
+    grads = dict(input=(x.grad, data['input_grad']))
+    params = dict(model.named_parameters())
+    grads.update({n: (params[n].grad, ref) for n, ref in data['param_grads'].items()})
+    for name, (grad, ref) in grads.items():
+        limit = 1e-3 * max(ref.abs().max().item(), 1e-3)
+        err = (grad.cpu() - ref).abs().max().item()
+        assert err <= limit, f'{name}: max |g - g_ref| = {err:.3g} > {limit:.3g}'
+
+
+# ------------------------------------------------------ Mask R-CNN mixed precision
+def _mmcv_cuda_ops():
+    try:
+        from mmcv.ops import RoIAlign  # noqa: F401  (absent from mmcv built without ops)
+    except ImportError:
+        return False
+    return True
+
+
+@cuda
+@pytest.mark.skipif(not _mmcv_cuda_ops(), reason='mmcv has no compiled ops (mmcv-lite)')
+@pytest.mark.parametrize('amp', ['float16', 'bfloat16'])
+def test_cuda_mask_rcnn_training_step_mixed_precision(amp):
+    """One Mask R-CNN step (TransNeXt-T widths, one block per stage) under mmengine's
+    AmpOptimWrapper: float16 with dynamic loss scaling, bfloat16 without."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+    from test_configs import REPO, build, det_batch, small_cfg
+
+    cfg = small_cfg(REPO / 'configs/detection/mask-rcnn_transnext-tiny_fpn_1x_coco.py', 128)
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.dtype = amp
+    cfg.optim_wrapper.loss_scale = 'dynamic' if amp == 'float16' else 1.0
+    torch.manual_seed(0)
+    model = build(cfg).cuda()
+    model.init_weights()
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    model.train()
+    data = det_batch(128, True, np.random.default_rng(0))
+    watched = model.backbone.patch_embed1.proj.weight
+    before = watched.detach().clone()
+    for _ in range(2):  # the second step runs with the loss scale the first one set
+        log_vars = model.train_step(data, wrapper)
+        assert all(math.isfinite(float(v)) for v in log_vars.values()), log_vars
+    for key in ('loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'):
+        assert key in log_vars
+    assert not torch.equal(before, watched.detach()), 'the optimizer never stepped'

@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# The CUDA path of mmtransnext, checked on a bare GPU machine in one call.
+#
+# Usage: tools/device_check.sh OUT_DIR        (or: make device-check OUT=OUT_DIR)
+#
+# For a machine whose Python has torch (with CUDA), numpy, opencv, pytest and hypothesis
+# but no OpenMMLab package and no network: the OpenMMLab wheels travel in .whl/ (made by
+# `make device-wheels` on a machine with network). Every step is time-boxed, the whole
+# run within DEVICE_CHECK_BUDGET_S seconds (default 470, under 8 minutes), and its
+# outcome lands in OUT_DIR/device_check.md (device, torch, CUDA, compiler, pass/fail and
+# seconds per step, every figure) with the full output in OUT_DIR/device_check.log.
+#
+#  1 environment     GPU, driver, Python, torch, CUDA, gcc, nvcc, torch's build config
+#  2 install         .whl/*.whl into /tmp/site (skipped when the caller did it already)
+#  3 build-op        mmtransnext._C in place, CUDA kernels for this GPU's architecture
+#  4 mmcv-ops        mmcv's CUDA ops compiled from .whl/mmcv-*.tar.gz, in the background
+#                    of steps 5-8 (MMCV_BUILD=0 skips it)
+#  5 bad-input-*     every op with bad arguments in a child process (CPU, then CUDA);
+#                    after a crash, what tells its cause (faulthandler stack, whether a
+#                    plain ATen error raises, which library unwinds, the .so's ldd)
+#  6 tests           tests/test_ops*.py on CUDA: kernels in float32/float16/bfloat16,
+#                    dtype policy, golden cases, bad input (Mask R-CNN steps: step 9)
+#  7 benchmark-op    tools/benchmark_op.py --device cuda, float32, float16 and bfloat16
+#  8 backbone-*      tools/benchmark_backbone.py --device cuda, float32 and bf16 autocast
+#  9 mask-rcnn-amp   Mask R-CNN training steps, float16 (AmpOptimWrapper, dynamic loss
+#                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
+#
+# The device call: run(carry=[".whl"], timeout_s=600, command=
+#   'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 bash tools/device_check.sh $OUT')
+# The exit status is 0 when every step passed.
+set -uo pipefail
+
+OUT=${1:?usage: tools/device_check.sh OUT_DIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-470}
+START=$(date +%s)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+REPORT=$OUT/device_check.md
+LOG=$OUT/device_check.log
+WORK=$(mktemp -d /tmp/device_check.XXXXXX)
+: > "$LOG"
+cd "$REPO" || exit 2
+export PYTHONPATH=$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+ROWS=()      # "| step | result | seconds |" lines of the summary table
+SECTIONS=()  # step names whose output goes into the report
+FAILED=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+remaining() { echo $(( BUDGET - $(elapsed) )); }
+
+# run_step NAME LIMIT_S COMMAND: run COMMAND in bash within min(LIMIT_S, budget left).
+run_step() {
+    local name=$1 limit=$2 cmd=$3 left rc t0 result
+    left=$(( $(remaining) - 10 ))
+    (( limit > left )) && limit=$left
+    if (( limit < 5 )); then
+        ROWS+=("| $name | skipped: time budget spent | 0 |")
+        FAILED=1
+        return 99
+    fi
+    t0=$(date +%s)
+    { echo; echo "===== $name (limit ${limit}s, at $(elapsed)s) ====="; echo "\$ $cmd"; } >> "$LOG"
+    timeout -k 5 "$limit" bash -c "$cmd" > "$WORK/$name.out" 2>&1
+    rc=$?
+    cat "$WORK/$name.out" >> "$LOG"
+    case $rc in
+        0) result=pass ;;
+        124|137) result="TIMEOUT after ${limit}s" ;;
+        *) if (( rc > 128 )); then
+               result="CRASHED: signal $(kill -l $(( rc - 128 )) 2>/dev/null || echo $(( rc - 128 )))"
+           else
+               result="FAIL (exit $rc)"
+           fi ;;
+    esac
+    [[ $result == pass ]] || FAILED=1
+    ROWS+=("| $name | $result | $(( $(date +%s) - t0 )) |")
+    SECTIONS+=("$name")
+    return $rc
+}
+
+skip_step() { ROWS+=("| $1 | skipped: $2 | 0 |"); }
+
+HAS_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)}
+if command -v nvcc > /dev/null || [[ -n ${CUDA_HOME:-} ]]; then FORCE_CUDA=1; else FORCE_CUDA=0; fi
+
+# 1 ------------------------------------------------------------------------ environment
+run_step environment 30 "
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo 'nvidia-smi: none'
+$PY --version
+$PY -c 'import sys, torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"GPU\", torch.cuda.is_available() and torch.cuda.get_device_name(0), \"ABI\", torch._C._GLIBCXX_USE_CXX11_ABI)'
+gcc --version | head -n 1
+nvcc --version | tail -n 2 || echo 'nvcc: none'
+echo TORCH_CUDA_ARCH_LIST=$ARCH FORCE_CUDA=$FORCE_CUDA
+$PY -c 'import torch; print(torch.__config__.show())'
+"
+
+# 2 ---------------------------------------------------------------------------- install
+run_step install 60 "
+if $PY -c 'import mmengine, mmdet, mmseg, mmcv' 2>/dev/null; then
+    echo 'already importable:'; $PY -c 'import mmengine, mmdet, mmseg, mmcv; print(mmengine.__version__, mmdet.__version__, mmseg.__version__, mmcv.__version__)'
+else
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    $PY -c 'import mmengine, mmdet, mmseg, mmcv; print(mmengine.__version__, mmdet.__version__, mmseg.__version__, mmcv.__version__)'
+fi"
+
+# 3 --------------------------------------------------------------------------- build-op
+run_step build-op 240 "
+rm -rf build mmtransnext/_C*.so
+FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=4 $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
+ls mmtransnext/_C*.so
+$PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extension_available(\"cpu\"), \"cuda\", o.extension_available(\"cuda\"))'
+"
+
+# 4 ------------------------------------------------ mmcv's ops, in the background
+MMCV_SDIST=$(ls .whl/mmcv-*.tar.gz 2>/dev/null | head -n 1)
+MMCV_PID=
+if [[ ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
+    MMCV_LIMIT=$(( $(remaining) - 75 ))  # what the Mask R-CNN steps need after it
+    MMCV_T0=$(date +%s)
+    (
+        rm -rf /tmp/mmcv-src /tmp/mmcv-wheel /tmp/site-mmcv && mkdir -p /tmp/mmcv-src &&
+        tar -xzf "$MMCV_SDIST" -C /tmp/mmcv-src &&
+        cd /tmp/mmcv-src/mmcv-* &&
+        MMCV_WITH_OPS=1 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MMCV_JOBS:-12} \
+            timeout -k 5 "$MMCV_LIMIT" $PY -m pip wheel -q --no-deps --no-index \
+            --no-build-isolation -w /tmp/mmcv-wheel . &&
+        $PY -m pip install -q --no-deps --no-index --no-compile --target /tmp/site-mmcv \
+            /tmp/mmcv-wheel/mmcv-*.whl
+    ) > "$WORK/mmcv-ops.out" 2>&1 &
+    MMCV_PID=$!
+fi
+
+# 5 ------------------------------------------------------------------------- bad input
+crash_diagnostics() {  # $1: cpu or cuda; each probe reports its own exit status
+    local bad="torch.ops.mmtransnext.sliding_window_aggregate(torch.ones(1, 1, 4, 1, device='$1'), torch.ones(1, 1, 4, 1, device='$1'), 2, 2, 2)"
+    run_step "crash-diagnostics-$1" 60 "
+echo '--- 1. the same calls without C++ stack symbolisation'
+TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1 $PY tests/bad_op_calls.py --device $1 > /dev/null 2>&1; echo exit \$?
+echo '--- 2. one bad call, the library loaded by torch.ops.load_library alone (no mmtransnext, mmcv, mmengine, cv2 imports)'
+$PY -X faulthandler -c \"import glob, torch
+torch.ops.load_library(glob.glob('mmtransnext/_C*.so')[0])
+try:
+    $bad
+except RuntimeError as exc:
+    print('raised:', str(exc).splitlines()[0])\"; echo exit \$?
+echo '--- 3. which libraries serve the C++ throw and unwind symbols (plain ATen error, then ours)'
+LD_DEBUG=bindings $PY -c \"import torch, mmtransnext.ops
+try:
+    torch.ones(2, 3) @ torch.ones(2, 3)
+except RuntimeError:
+    print('plain ATen error raised')
+$bad\" 2>&1 | grep -E '_Unwind_RaiseException|_Unwind_Resume|__cxa_throw|raised' | sed -E 's/^ *[0-9]+: *//' | sort -u
+echo '--- 4. ldd of the op library'; ldd mmtransnext/_C*.so
+echo '--- 5. environment'; env | grep -E '^(LD_PRELOAD|LD_LIBRARY_PATH|TORCH_SHOW_CPP_STACKTRACES|TORCH_DISABLE_ADDR2LINE)=' || true
+echo '--- 6. unwinders, C++ runtimes and OpenMP runtimes loaded with mmtransnext'
+$PY -c \"import torch, mmtransnext.ops
+print(''.join(sorted({l.split()[-1] + chr(10) for l in open('/proc/self/maps') if any(k in l for k in ('unwind', 'gcc_s', 'stdc++', 'gomp', 'omp'))})))\"
+"
+}
+# After a crash (or always, with DEVICE_CHECK_DIAGNOSE=1).
+bad_input() {
+    run_step "bad-input-$1" 60 "$PY tests/bad_op_calls.py --device $1 --kind raw"
+    local rc=$?
+    if (( rc > 128 && rc != 137 )) || [[ ${DEVICE_CHECK_DIAGNOSE:-0} == 1 ]]; then
+        crash_diagnostics "$1"
+    fi
+}
+bad_input cpu
+if [[ $HAS_GPU == 1 ]]; then
+    bad_input cuda
+else
+    skip_step bad-input-cuda 'no CUDA device'
+fi
+
+# 6 ------------------------------------------------------------------------------ tests
+# The CPU-only tests of tests/test_ops.py are CI's; its CUDA ones run here.
+run_step tests 200 "$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k 'not mask_rcnn' 2>&1 | tail -n 40; first=\$?
+$PY -m pytest tests/test_ops.py -q -rs -p no:cacheprovider -k cuda 2>&1 | tail -n 20; exit \$(( first | \$? ))"
+
+# 7-8 ------------------------------------------------------------------------ benchmarks
+if [[ $HAS_GPU == 1 ]]; then
+    run_step benchmark-op 90 "for dt in float32 float16 bfloat16; do $PY tools/benchmark_op.py --device cuda --repeats 10 --dtype \$dt || exit 1; done"
+    run_step backbone-fp32 110 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --repeats 3"
+    run_step backbone-bf16 110 "$PY tools/benchmark_backbone.py --device cuda --amp bfloat16 --arch tiny --size 800 1333 --batch 2 --repeats 3"
+else
+    skip_step benchmark-op 'no CUDA device'
+    skip_step backbone-fp32 'no CUDA device'
+    skip_step backbone-bf16 'no CUDA device'
+fi
+
+# 9 ---------------------------------------------------------------- Mask R-CNN under AMP
+if [[ -n $MMCV_PID ]]; then
+    wait "$MMCV_PID"
+    MMCV_RC=$?
+    MMCV_S=$(( $(date +%s) - MMCV_T0 ))
+    cat "$WORK/mmcv-ops.out" | tail -n 40 > "$WORK/mmcv-ops.tail"
+    { echo; echo "===== mmcv-ops (background, ${MMCV_S}s, exit $MMCV_RC) ====="; cat "$WORK/mmcv-ops.out"; } >> "$LOG"
+    if [[ $MMCV_RC == 0 ]]; then
+        ROWS+=("| mmcv-ops (background) | pass | $MMCV_S |")
+    else
+        ROWS+=("| mmcv-ops (background) | FAIL or TIMEOUT (exit $MMCV_RC) | $MMCV_S |")
+        FAILED=1
+    fi
+else
+    MMCV_RC=1
+    skip_step 'mmcv-ops (background)' 'MMCV_BUILD=0, no nvcc, or no .whl/mmcv-*.tar.gz'
+fi
+if [[ $HAS_GPU != 1 ]]; then
+    skip_step mask-rcnn-amp 'no CUDA device'
+elif [[ $MMCV_RC != 0 ]]; then
+    skip_step mask-rcnn-amp 'mmcv with CUDA ops was not built in time (see mmcv-ops)'
+    FAILED=1
+else
+    run_step mask-rcnn-amp 120 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k mask_rcnn 2>&1 | tail -n 40"
+fi
+
+# ----------------------------------------------------------------------------- report
+{
+    echo "# mmtransnext device check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo '```'
+    head -n 7 "$WORK/environment.out" 2>/dev/null
+    echo '```'
+    echo
+    echo "Total $(elapsed) s of a ${BUDGET} s budget; overall: $([[ $FAILED == 0 ]] && echo PASS || echo FAIL)."
+    echo
+    echo '| step | result | seconds |'
+    echo '|---|---|---|'
+    printf '%s\n' "${ROWS[@]}"
+    for name in "${SECTIONS[@]}"; do
+        [[ $name == environment ]] && continue
+        echo
+        echo "## $name"
+        echo
+        echo '```'
+        tail -n 60 "$WORK/$name.out"
+        echo '```'
+    done
+    if [[ -f $WORK/mmcv-ops.tail ]]; then
+        echo
+        echo '## mmcv-ops (background build of mmcv with CUDA ops)'
+        echo
+        echo '```'
+        cat "$WORK/mmcv-ops.tail"
+        echo '```'
+    fi
+} > "$REPORT"
+rm -rf "$WORK"
+echo "report: $REPORT"
+cat "$REPORT"
+exit $FAILED

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Fill .whl/ with what tools/device_check.sh installs on a GPU machine that has torch but
+# no OpenMMLab packages and no network: Python 3.12 wheels of mmengine, mmdet, mmseg and
+# the pure-Python or manylinux packages they import that such a machine lacks, mmcv as a
+# pure-Python wheel without ops (enough for the backbone and the op tests), and mmcv's
+# source archive (its CUDA ops are compiled there, against that machine's torch and nvcc).
+#
+# Usage: tools/device_wheels.sh [DIR]   (default .whl; run from anywhere, needs pip and
+# network here). Prints the folder's size: everything that travels must stay < 64 MiB.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DEST=${1:-$ROOT/.whl}
+PY=${PYTHON:-python3}
+MMCV=2.1.0
+"$PY" -c 'import pkg_resources' 2>/dev/null || {
+    echo "device_wheels: $PY lacks pkg_resources (setuptools<70), which mmcv's setup.py" \
+        'imports; set PYTHON to one that has it' >&2
+    exit 2
+}
+mkdir -p "$DEST"
+rm -f "$DEST"/*.whl "$DEST"/*.tar.gz
+
+# Wheels for CPython 3.12 on x86-64 Linux, whatever Python runs this script.
+fetch() {
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DEST" "$@"
+}
+# The stack itself (versions of requirements/runtime.txt).
+fetch mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2
+# What they import that the GPU image lacks (it has numpy, scipy, matplotlib, opencv,
+# pyyaml, rich, packaging, pillow, regex, six, tqdm, pytest, hypothesis).
+fetch addict termcolor yapf platformdirs pycocotools shapely terminaltables \
+    prettytable wcwidth ftfy
+# mmcv's setup.py imports pkg_resources, which newer setuptools no longer ship.
+fetch 'setuptools<70'
+
+# mmcv: its sdist, and a pure-Python wheel built from it without ops.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$PY" -m pip download -q --no-deps --no-binary=:all: --no-build-isolation \
+    -d "$DEST" "mmcv==$MMCV"
+tar -xzf "$DEST/mmcv-$MMCV.tar.gz" -C "$work"
+(cd "$work/mmcv-$MMCV" && MMCV_WITH_OPS=0 "$PY" -m pip wheel -q --no-deps \
+    --no-build-isolation -w "$DEST" .)
+
+ls -la "$DEST"
+du -sh "$DEST"
