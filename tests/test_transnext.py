@@ -15,9 +15,19 @@ SMALL_ARCH = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[
                   mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1], window_size=[3, 3, 3, None])
 
 
+# Gradients that are zero in theory: the last stage's position-bias MLP output bias
+# is one shift of every logit of a softmax. The golden value of such a gradient is the
+# reference's own float32 rounding noise (up to 6e-7 here, against a limit of 1e-6), so
+# comparing two noise draws can exceed the limit on one CPU and not on another. They
+# are held to the same limit around their true value, zero.
+ZERO_IN_THEORY = ('block4.0.attn.cpb_fc2.bias', )
+
+
 def assert_grad_close(grad, ref, name):
     """The golden README's per-tensor gradient tolerance."""
     limit = 1e-3 * max(ref.abs().max().item(), 1e-3)
+    if name in ZERO_IN_THEORY:
+        ref = torch.zeros_like(ref)
     err = (grad - ref).abs().max().item()
     assert err <= limit, f'{name}: max |g - g_ref| = {err:.3g} > {limit:.3g}'
 
