@@ -1,8 +1,8 @@
 """Tests of the compiled sliding-window attention op (``torch.ops.mmtransnext``).
 
 The compiled kernels are compared with the pure-PyTorch references (forward and every
-gradient), checked with ``gradcheck``, traced with ``torch.compile(fullgraph=True)``,
-and fed invalid arguments. The extension must be built (``pip install
+gradient), checked with ``gradcheck`` and traced with ``torch.compile(fullgraph=True)``
+(invalid arguments: ``test_ops_bad_input.py``). The extension must be built (``pip install
 --no-build-isolation -e .``): without it these tests fail, except on a machine with no
 C++ compiler at all, where the module is skipped with that reason.
 
