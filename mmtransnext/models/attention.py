@@ -7,9 +7,11 @@ Each module has two ways to compute the same numbers:
   concatenated into one ``(B, heads, N, L + P)`` softmax;
 * the *default* path, taken when the compiled sliding-window op serves the
   input's device (see :func:`mmtransnext.ops.use_compiled_op`): the local window
-  through the compiled op, the pooled keys through
-  :func:`~mmtransnext.ops.banded_attention.banded_bias_attention`, and the two
-  softmaxes merged by their log-sum-exp, so no ``N x P`` tensor is ever whole.
+  through the compiled op, the pooled keys through biased attention that never
+  builds the ``N x P`` bias, and the two softmaxes merged by their log-sum-exp.
+  The biased attention is, by :func:`mmtransnext.ops.use_fused_attention`, the
+  fused Triton kernels on CUDA and
+  :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` elsewhere.
 """
 import math
 from functools import lru_cache
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from ..ops import (sliding_window_aggregate, sliding_window_aggregate_reference,
                    sliding_window_logits, sliding_window_logits_reference, use_compiled_op)
-from ..ops.banded_attention import banded_bias_attention
+from ..ops.fused_attention import bias_attention
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
                             expand_bias)
 
@@ -275,11 +277,13 @@ class AggregatedAttention(_PositionBiasAttention):
         ws = self.window_size
         local = sliding_window_logits(query, key, self.relative_pos_bias_local, height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
-        out_pooled, lse_pooled = banded_bias_attention(query, pool_key, pool_value, bias)
+        out_pooled, lse_pooled = bias_attention(query)(query, pool_key, pool_value, bias)
+        # The fused kernels return a float32 log-sum-exp for any input dtype; the
+        # merged weights go back to the values' dtype for the window op.
         lse = torch.logaddexp(torch.logsumexp(local, dim=-1), lse_pooled)
-        attn_local = torch.exp(local - lse.unsqueeze(-1))
+        attn_local = torch.exp(local - lse.unsqueeze(-1)).to(value.dtype)
         out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
-        return out + torch.exp(lse_pooled - lse).unsqueeze(-1) * out_pooled
+        return out + (torch.exp(lse_pooled - lse).unsqueeze(-1) * out_pooled).to(out.dtype)
 
 
 class FullAttention(_PositionBiasAttention):
@@ -313,7 +317,7 @@ class FullAttention(_PositionBiasAttention):
         query, key, value = _one_dtype((query, key, value))
         with torch.autocast(x.device.type, enabled=False):
             if use_compiled_op(x):
-                out, _ = banded_bias_attention(query, key, value,
+                out, _ = bias_attention(query)(query, key, value,
                                                self._factored_bias(size, size, query))
             else:
                 attn = (query @ key.transpose(-2, -1) +
