@@ -105,20 +105,27 @@ def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
 
 
 @triton.jit
-def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, BY_ROWS, COL_INDEX, COL_WEIGHT,
-                              GRAD_Q, GRAD_K, GRAD_V, GRAD_BY_ROWS,
+def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, COL_INDEX,
+                              COL_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_BY_ROWS,
                               heads, tokens, keys, head_dim, value_dim, width, pool_w,
                               s_head, s_row, s_pool_row,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr):
+                              DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                              ROW_RESIDUAL: tl.constexpr):
     """Gradients from ``BLOCK_M`` queries; same grid as the forward.
 
     The probabilities are recomputed from the log-sum-exp. With ``dP = dO V^T``,
-    the logits' gradient is ``P * (dP - SHIFT)``, ``SHIFT = rowsum(dO * O) - grad_lse``
-    (precomputed, float32). ``GRAD_Q`` is written once; ``GRAD_K``, ``GRAD_V`` and
-    ``GRAD_BY_ROWS`` (float32, zeroed) collect every query block's share by
-    ``tl.atomic_add``, the bias table's through the same taps as the forward.
+    the logits' gradient is ``P * (dP - SHIFT - residual + GRAD_LSE)``, where
+    ``SHIFT = rowsum(dO * O)`` (precomputed, float32) and ``residual`` is zero in
+    exact arithmetic. With ``ROW_RESIDUAL`` a first walk over the keys computes it,
+    ``rowsum(P * (dP - SHIFT))``, so that each row of the gradient sums to zero up
+    to the rounding of small numbers: a bias shared by all keys shifts no softmax,
+    and its gradient then stays as near zero as the reference has it (otherwise the
+    rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
+    in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_K``,
+    ``GRAD_V`` and ``GRAD_BY_ROWS`` (float32, zeroed) collect every query block's
+    share by ``tl.atomic_add``, the bias table's through the same taps as the forward.
     """
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
@@ -135,8 +142,29 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, BY_ROWS, COL_INDEX,
                        other=0.0)
     lse = tl.load(LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
     shift = tl.load(SHIFT + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+    grad_lse = tl.load(GRAD_LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
     key_offset = image_head * keys * head_dim
     value_offset = image_head * keys * value_dim
+
+    if ROW_RESIDUAL:
+        residual = tl.zeros((BLOCK_M, ), dtype=tl.float32)
+        for start in range(0, keys, BLOCK_N):
+            cols_n = start + tl.arange(0, BLOCK_N)
+            col_ok = cols_n < keys
+            k = tl.load(K + key_offset + cols_n[:, None] * head_dim + dims[None, :],
+                        mask=col_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
+            v = tl.load(V + value_offset + cols_n[:, None] * value_dim + vdims[None, :],
+                        mask=col_ok[:, None] & (vdims[None, :] < value_dim), other=0.0)
+            valid = row_ok[:, None] & col_ok[None, :]
+            taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
+                                       s_pool_row)
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+            probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+            grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+            residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
+        shift += residual
+    shift -= grad_lse
 
     grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):

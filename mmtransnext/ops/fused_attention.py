@@ -124,11 +124,11 @@ class _FusedBiasAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grad_out = grad_out.to(out.dtype).contiguous()
-        # d out / d logits contracts to probs * (g - rowsum(grad_out * out)) and
-        # d lse / d logits = probs: both fold into one per-query shift.
+        # d out / d logits contracts to probs * (g - rowsum(grad_out * out)), and
+        # d lse / d logits = probs.
         shift = (grad_out.float() * out.float()).sum(-1)
-        if grad_lse is not None:
-            shift = shift - grad_lse.float()
+        grad_lse = (torch.zeros_like(lse) if grad_lse is None else
+                    grad_lse.float().contiguous())
         index, weight = _col_taps(bias)
         want_bias = ctx.needs_input_grad[3]
         grad_query = torch.empty_like(query)
@@ -138,9 +138,9 @@ class _FusedBiasAttention(torch.autograd.Function):
                                    device=by_rows.device)
         grid, shapes, meta = _launch_args(query, key, value, by_rows, bias)
         _kernels().pooled_attention_backward[grid](
-            query, key, value, grad_out, lse, shift.contiguous(), by_rows, index, weight,
+            query, key, value, grad_out, lse, shift, grad_lse, by_rows, index, weight,
             grad_query, grad_key, grad_value, grad_by_rows, *shapes, BIAS_GRAD=want_bias,
-            **meta)
+            ROW_RESIDUAL=query.dtype == torch.float32, **meta)
         return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype),
                 grad_by_rows.to(by_rows.dtype) if want_bias else None, None)
 

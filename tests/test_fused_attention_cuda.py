@@ -1,0 +1,32 @@
+"""The fused kernels compiled for a GPU, against the whole-matrix reference.
+
+Skipped without CUDA; every run of the suite checks the same kernels under
+Triton's interpreter (``test_fused_attention.py``). bfloat16 is checked here only,
+to 5e-2 of the reference's largest magnitude (8 mantissa bits on the operands of
+both matmuls and on the probabilities).
+"""
+import pytest
+import torch
+
+from mmtransnext.models.position_bias import bias_layout
+from fused_attention_cases import assert_near, fused, gradients, make_inputs, whole_matrix
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_compiled_kernels_on_cuda(dtype):
+    """On a GPU: the compiled kernels against the whole-matrix reference."""
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    spec, batch, heads, head_dim = ((20, 20), (5, 5), (20, 20), (37, 45), (9, 11)), 2, 3, 24
+    leaves, layout = make_inputs(spec, batch, heads, head_dim)
+    leaves = [t.cuda() for t in leaves]
+    layout = bias_layout(*spec, torch.device('cuda'))
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    grad_out = torch.randn_like(ref_out)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, None, torch.float64)
+    (out, lse), grads = gradients(fused, leaves, layout, grad_out, None, dtype)
+    assert_near(out, ref_out, tol, 'out')
+    assert_near(lse, ref_lse, tol, 'lse')
+    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
+        assert_near(got, ref, tol, name)
