@@ -180,9 +180,6 @@ def _check_args(query, key, value, bias):
     if query.dtype not in _DTYPES:
         raise ValueError(f'fused_bias_attention: dtype {query.dtype} is not supported '
                          '(float32, float16 or bfloat16; float64 takes the banded path)')
-    if query.device.type != 'cuda' and not _kernels().INTERPRETED:
-        raise ValueError(f'fused_bias_attention: tensors on {query.device}; the kernels '
-                         'run on CUDA, or on the CPU under TRITON_INTERPRET=1')
     (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
     batch, heads = query.shape[:2]
     if (key.shape[:2] != (batch, heads) or value.shape[:3] != key.shape[:3]
@@ -200,3 +197,6 @@ def _check_args(query, key, value, bias):
     if bias.by_rows.device != query.device:
         raise ValueError(f'fused_bias_attention: bias on {bias.by_rows.device}, query on '
                          f'{query.device}')
+    if query.device.type != 'cuda' and not _kernels().INTERPRETED:
+        raise ValueError(f'fused_bias_attention: tensors on {query.device}; the kernels '
+                         'run on CUDA, or on the CPU under TRITON_INTERPRET=1')
