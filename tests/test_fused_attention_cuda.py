@@ -30,3 +30,30 @@ def test_compiled_kernels_on_cuda(dtype):
     assert_near(lse, ref_lse, tol, 'lse')
     for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
         assert_near(got, ref, tol, name)
+
+
+def test_golden_gradients_on_cuda(dense_golden, monkeypatch):
+    """The default path on CUDA (compiled window op + fused kernels) against the golden file."""
+    from conftest import golden_arch
+    from mmtransnext.models import TransNeXt
+    from mmtransnext.ops import DISABLE_ENV, extension_available, use_fused_attention
+    from test_transnext import assert_grad_close
+
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    # float32 all through: cuDNN's convolutions would otherwise use TF32
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    if not extension_available('cuda'):
+        pytest.fail('mmtransnext._C has no CUDA kernels: rebuild with FORCE_CUDA=1 `make ext`')
+    data = dense_golden['cases']['interpolation_grad']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).cuda().train()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    x = data['input'].cuda().requires_grad_()
+    assert use_fused_attention(x)
+    outs = model(x)
+    loss = sum((out * w.cuda()).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss.cpu(), data['loss'], atol=1e-4, rtol=1e-4)
+    loss.backward()
+    assert_grad_close(x.grad.cpu(), data['input_grad'], 'input')
+    for name, param in model.named_parameters():
+        assert_grad_close(param.grad.cpu(), data['param_grads'][name], name)
