@@ -1,4 +1,4 @@
-"""tools/benchmark_backbone.py and tools/benchmark_detector.py on the CPU at tiny sizes.
+"""The benchmark tools (backbone, detector, pooled attention) on the CPU at tiny sizes.
 
 Their CUDA runs need a GPU; what is checked here is everything around the timing:
 arguments, the child processes per path, which path really ran, the table and its
@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / 'tools'))
 
 import benchmark_backbone as bb  # noqa: E402
 import benchmark_detector as bd  # noqa: E402
+import benchmark_pooled_attention as bp  # noqa: E402
 
 
 def _row(path, time_ms, peak_mb, mode='train', dtype='fp32'):
@@ -110,3 +111,27 @@ def test_detector_iteration_on_cpu(tmp_path):
     for row in rows.values():
         assert 'error' not in row, row
         assert row['loss'] > 0 and row['time_ms'] > 0
+
+
+def test_pooled_attention_table():
+    rows = [dict(path='whole', dtype='fp32', forward_ms=40.0, train_ms=90.0, forward_mb=800.0,
+                 train_mb=2000.0),
+            dict(path='fused', dtype='fp32', forward_ms=4.0, train_ms=10.0, forward_mb=20.0,
+                 train_mb=50.0),
+            dict(path='banded', dtype='fp16', error='RuntimeError: unsupported dtype')]
+    lines = bp.format_table(rows).splitlines()
+    assert lines[3].split() == ['fp32', 'fused', '4.00', '10.00x', '10.00', '9.00x', '20', '50']
+    assert lines[4].endswith('failed: RuntimeError: unsupported dtype')
+
+
+def test_pooled_attention_shapes_and_cpu_run(capsys):
+    args = bp.parse_args(['--stage', '1', '--scale', '20'])
+    assert bp.shapes(args) == dict(query=(10, 16), key=(1, 2), heads=3, build_query=(10, 10),
+                                   build_key=(1, 1))
+    # the fused kernels refuse CPU tensors outside the interpreter: a failed row, exit 1
+    with pytest.raises(SystemExit):
+        bp.main(['--stage', '3', '--scale', '10', '--repeats', '1', '--warmup', '0'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('stage 3: 2 x 12 heads, queries 5x8, keys 2x4')
+    assert lines[3].split()[:2] == ['fp32', 'whole'] and lines[4].split()[:2] == ['fp32', 'banded']
+    assert 'run on CUDA, or on the CPU under TRITON_INTERPRET=1' in lines[5]
