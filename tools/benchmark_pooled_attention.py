@@ -1,9 +1,8 @@
 """Biased attention alone: the whole-matrix, banded and fused kernels, side by side.
 
 The pooled half of aggregated attention (and the last stage's full attention) at
-the shapes of one TransNeXt-T stage at 800x1333 (``--stage``; see
-``docs/benchmarks.md``), with the position bias resized as in detection
-(built on the 800 px grid). Per path and dtype: median time of the forward and of
+the shapes of one TransNeXt-T stage at 800x1333 (``--stage``, the table ``STAGES``
+below), with the position bias resized as in detection (built on the 800 px grid). Per path and dtype: median time of the forward and of
 forward+backward (gradients of queries, keys, values and the bias table), and on
 CUDA the peak ``torch.cuda.max_memory_allocated`` above the inputs.
 
