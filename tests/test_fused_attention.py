@@ -1,9 +1,12 @@
-"""The fused attention kernels: their checks under Triton's interpreter, dispatch, errors.
+"""The fused attention kernels: checks under Triton's interpreter, GPU builds, dispatch, errors.
 
-The kernels themselves are checked in ``interpreted_fused_attention.py``, run here
+The kernels' numbers are checked in ``interpreted_fused_attention.py``, run here
 in a child process with ``TRITON_INTERPRET=1`` (Triton must see the variable
-before it is first imported, and only those tests may run interpreted).
+before it is first imported, and only those tests may run interpreted). Whether
+they compile for the GPU is checked here without one: Triton compiles them ahead
+of time to sm_80 and sm_90 machine code with the ``ptxas`` it ships.
 """
+import inspect
 import os
 import subprocess
 import sys
@@ -27,6 +30,43 @@ def test_kernels_under_triton_interpreter():
         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert ' passed' in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+# Pointer arguments and their element types; the others are int32 sizes and strides.
+_FORWARD_POINTERS = dict(Q='io', K='io', V='io', BY_ROWS='io', COL_INDEX='i32',
+                         COL_WEIGHT='fp32', OUT='io', LSE='fp32')
+_BACKWARD_POINTERS = dict(Q='io', K='io', V='io', GRAD_OUT='io', LSE='fp32', SHIFT='fp32',
+                          GRAD_LSE='fp32', BY_ROWS='io', COL_INDEX='i32', COL_WEIGHT='fp32',
+                          GRAD_Q='io', GRAD_K='fp32', GRAD_V='fp32', GRAD_BY_ROWS='fp32')
+
+
+# Each arch and each kind of matmul once (float32 FMA, bfloat16 tensor cores);
+# uncached, the float32 backward alone takes tens of seconds to build.
+@pytest.mark.parametrize('arch, dtype', [(90, 'fp32'), (80, 'bf16')])
+def test_kernels_compile_for_gpus(arch, dtype):
+    """Both kernels as launched for head dim 24, built to cubins."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from mmtransnext.ops import _fused_attention_kernels as kernels
+    meta = dict(BLOCK_M=64, BLOCK_N=64, D_PAD=32, DV_PAD=32,
+                DOT_PRECISION='ieee' if dtype == 'fp32' else 'tf32')
+    for kernel, pointers, extra in (
+            (kernels.pooled_attention_forward, _FORWARD_POINTERS, {}),
+            (kernels.pooled_attention_backward, _BACKWARD_POINTERS,
+             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == 'fp32'))):
+        constants = dict(meta, **extra)
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constants:
+                signature[name] = 'constexpr'
+            elif name in pointers:
+                signature[name] = '*' + (dtype if pointers[name] == 'io' else pointers[name])
+            else:
+                signature[name] = 'i32'
+        built = compile(ASTSource(kernel, signature, constants),
+                        target=GPUTarget('cuda', arch, 32))
+        assert len(built.asm['cubin']) > 0
 
 
 def test_dispatch_rule(monkeypatch):
