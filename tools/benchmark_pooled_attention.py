@@ -2,9 +2,10 @@
 
 The pooled half of aggregated attention (and the last stage's full attention) at
 the shapes of one TransNeXt-T stage at 800x1333 (``--stage``, the table ``STAGES``
-below), with the position bias resized as in detection (built on the 800 px grid). Per path and dtype: median time of the forward and of
-forward+backward (gradients of queries, keys, values and the bias table), and on
-CUDA the peak ``torch.cuda.max_memory_allocated`` above the inputs.
+below), with the position bias resized as in detection (built on the 800 px grid).
+Per path and dtype: median time of the forward and of forward+backward (gradients
+of queries, keys, values and the bias table), and on CUDA the peak
+``torch.cuda.max_memory_allocated`` above the inputs.
 
 * whole: the released way, the whole ``(heads, N, P)`` bias and one softmax;
 * banded: :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` (the CPU path);

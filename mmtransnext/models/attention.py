@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..ops import (sliding_window_aggregate, sliding_window_aggregate_reference,
                    sliding_window_logits, sliding_window_logits_reference, use_compiled_op)
-from ..ops.fused_attention import bias_attention
+from ..ops.banded_attention import banded_bias_attention
+from ..ops.fused_attention import fused_bias_attention, use_fused_attention
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
                             expand_bias)
 
@@ -47,6 +48,14 @@ def _local_scale(height: int, width: int, window_size: int, pooled: int,
 
     valid = inside(height)[:, None] * inside(width)[None, :]
     return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
+
+
+def _bias_attention(query: Tensor):
+    """Fused kernels or bands for ``query``, by :func:`~mmtransnext.ops.use_fused_attention`.
+
+    Both names are looked up at each call, so tools may swap them (get_flops does).
+    """
+    return fused_bias_attention if use_fused_attention(query) else banded_bias_attention
 
 
 def _one_dtype(items):
@@ -277,7 +286,7 @@ class AggregatedAttention(_PositionBiasAttention):
         ws = self.window_size
         local = sliding_window_logits(query, key, self.relative_pos_bias_local, height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
-        out_pooled, lse_pooled = bias_attention(query)(query, pool_key, pool_value, bias)
+        out_pooled, lse_pooled = _bias_attention(query)(query, pool_key, pool_value, bias)
         # The fused kernels return a float32 log-sum-exp for any input dtype; the
         # merged weights go back to the values' dtype for the window op.
         lse = torch.logaddexp(torch.logsumexp(local, dim=-1), lse_pooled)
@@ -317,8 +326,8 @@ class FullAttention(_PositionBiasAttention):
         query, key, value = _one_dtype((query, key, value))
         with torch.autocast(x.device.type, enabled=False):
             if use_compiled_op(x):
-                out, _ = bias_attention(query)(query, key, value,
-                                               self._factored_bias(size, size, query))
+                out, _ = _bias_attention(query)(query, key, value,
+                                                self._factored_bias(size, size, query))
             else:
                 attn = (query @ key.transpose(-2, -1) +
                         self._full_bias(size, size, query)).softmax(-1)

@@ -22,21 +22,20 @@ are zero in theory (a bias shared by all keys) stay as small as the reference's 
 the golden tolerances hold; for float16/bfloat16 the operands' rounding dominates and
 one walk is done.
 
-Dispatch follows one rule, :func:`use_fused_attention`; :func:`bias_attention`
-applies it. The CPU keeps the banded path, whose bands are sized for its caches.
+Dispatch follows one rule, :func:`use_fused_attention` (applied by
+``mmtransnext.models.attention``). The CPU keeps the banded path, whose bands are
+sized for its caches.
 """
 import contextlib
 import importlib.util
-from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .banded_attention import banded_bias_attention
 from .sliding_window import reference_requested
 
-__all__ = ['fused_bias_attention', 'use_fused_attention', 'bias_attention']
+__all__ = ['fused_bias_attention', 'use_fused_attention']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Queries per program and keys per step. 64 x 64 float32 logits are 16 KB of
@@ -63,11 +62,6 @@ def use_fused_attention(tensor: Tensor) -> bool:
     """
     return (tensor.device.type == 'cuda' and tensor.dtype in _DTYPES and _TRITON
             and not reference_requested())
-
-
-def bias_attention(query: Tensor) -> Callable:
-    """:func:`fused_bias_attention` or ``banded_bias_attention`` for ``query``, by the rule."""
-    return fused_bias_attention if use_fused_attention(query) else banded_bias_attention
 
 
 def _kernels():
