@@ -32,6 +32,9 @@ $(STAMP): requirements/runtime.txt requirements/build.txt requirements/tests.txt
 	$(PY) -c "import mmcv.ops" 2>/dev/null || \
 		MMCV_WITH_OPS=1 $(PIP) install --no-build-isolation mmcv==2.1.0
 	$(PIP) install -q -r requirements/runtime.txt -r requirements/tests.txt
+	# Triton runs the fused GPU kernels under its CPU interpreter in the tests; a CUDA torch
+	# ships the triton it was built with, which must stay.
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q triton==3.9.0
 	touch $@
 
 # Our package, editable, with its compiled op (rebuilt when a kernel source changes).

@@ -1,29 +1,78 @@
-"""Whole-backbone speed and memory: the default path against the reference path.
+"""Whole-backbone speed and memory: reference path, default path and Swin-T, side by side.
 
-Each (path, mode) pair runs in its own process, so that one's peak memory does not
-hide in another's, and the table is printed side by side with ratios in one run
-(these machines are noisy; compare numbers from the same run only).
+Each (dtype, mode, path) runs in its own process, so that one's peak memory does not
+hide in another's, and one table with ratios is printed at the end (these machines
+are noisy; compare numbers from the same run only).
 
 * reference: ``MMTRANSNEXT_DISABLE_EXT=1``, the released algorithm (unfold, whole
   bias, one concatenated softmax);
-* default: the compiled sliding-window op, banded pooled attention, merged softmax.
+* default: the compiled sliding-window op and biased attention that never builds
+  the ``N x P`` bias (the fused Triton kernels on CUDA, the banded path on the CPU),
+  softmaxes merged by their log-sum-exp;
+* swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
+  ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
+  timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
+  the next multiple of 32, as mmdet's data preprocessor pads every detector input.
 
-Example (the figures in docs/benchmarks.md)::
+Modes: ``forward`` (no grad, eval) and ``train`` (forward, a mean of every stage's
+output, backward). dtypes: ``fp32``, or ``bf16`` autocast. Time: median over
+``--repeats`` after ``--warmup`` (CUDA: synchronised, CUDA events). Memory: on CUDA
+``torch.cuda.max_memory_allocated`` and, above the model, the same less what the
+model and input held before the first step; on the CPU the peak RSS.
+
+Examples (the figures in docs/benchmarks.md)::
 
     python tools/benchmark_backbone.py --arch tiny --size 800 1333 --batch 1
-
-On a GPU, ``--device cuda`` (peak memory is then ``torch.cuda.max_memory_allocated``
-in the RSS columns) and ``--amp bfloat16`` or ``--amp float16`` for autocast.
+    python tools/benchmark_backbone.py --device cuda --size 800 1333 --batch 2 \\
+        --dtypes fp32 bf16 --paths reference default swin --repeats 5 --warmup 2
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
-PATHS = {'reference': '1', 'default': '0'}
+# The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
+PATHS = {'reference': '1', 'default': '0', 'swin': '0'}
+MODES = ('forward', 'train')
+DTYPES = ('fp32', 'bf16')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='tiny')
+    parser.add_argument('--size', type=int, nargs=2, default=[800, 1333], metavar=('H', 'W'))
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--img-size', type=int, default=800,
+                        help='the backbone\'s img_size (800 for detection, 512 for segmentation)')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=DTYPES,
+                        help='fp32, and/or bf16 autocast')
+    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
+    parser.add_argument('--paths', nargs='+', default=['reference', 'default'],
+                        choices=list(PATHS))
+    parser.add_argument('--with-cp', action='store_true', help='activation checkpointing')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads')
+    parser.add_argument('--repeats', type=int, default=1)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--json', help='also write the results to this file')
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--path', default='default', choices=list(PATHS), help=argparse.SUPPRESS)
+    parser.add_argument('--mode', default='forward', choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument('--dtype', default='fp32', choices=DTYPES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ('batch', 'repeats', 'threads'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be at least 1')
+    if args.warmup < 0:
+        parser.error('--warmup must not be negative')
+    if min(args.size) < 1:
+        parser.error(f'--size must be positive, got {args.size}')
+    return args
 
 
 def _rss_mb() -> float:
@@ -34,117 +83,187 @@ def _rss_mb() -> float:
     return float('nan')
 
 
+def swin_tiny(size):
+    """Swin-T and the input size it runs at: mmdet's if importable, else timm's.
+
+    Returns:
+        tuple[nn.Module, tuple[int, int], str]: the backbone, its input ``(H, W)``
+        and where it comes from.
+    """
+    try:
+        from mmdet.models.backbones import SwinTransformer
+    except ImportError:
+        pass
+    else:   # its defaults are Swin-T; it pads any input to its patches and windows
+        return SwinTransformer(), tuple(size), 'mmdet SwinTransformer'
+    try:
+        import timm
+    except ImportError:
+        raise RuntimeError('Swin-T needs mmdet or timm installed') from None
+    padded = tuple(-(-side // 32) * 32 for side in size)
+    model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
+                              features_only=True, img_size=padded, strict_img_size=False)
+    return model, padded, f'timm {timm.__version__}'
+
+
 def _worker(args) -> dict:
-    """Time one mode of one path in this process; peak RSS from the kernel's high-water mark."""
+    """Time one (path, mode, dtype) in this process."""
     import torch
     from mmtransnext.models import TransNeXt
-    from mmtransnext.ops import use_compiled_op
+    from mmtransnext.ops import use_compiled_op, use_fused_attention
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=224,
-                      with_cp=args.with_cp).to(args.device)
-    x = torch.randn(args.batch, 3, *args.size, device=args.device)
-    compiled = use_compiled_op(x)
-    cuda = x.device.type == 'cuda'
-    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
-    amp = torch.autocast(x.device.type, dtype=getattr(torch, args.amp or 'float32'),
-                         enabled=args.amp is not None)
+    device = torch.device(args.device)
+    size = tuple(args.size)
+    if args.path == 'swin':
+        model, size, source = swin_tiny(size)
+    else:
+        model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=224,
+                          with_cp=args.with_cp)
+        source = f'TransNeXt-{args.arch}'
+    model = model.to(device)
+    x = torch.randn(args.batch, 3, *size, device=device)
+    probe = x.new_zeros(1)
+    info = dict(model=source, input=list(size), compiled=use_compiled_op(probe),
+                fused=use_fused_attention(probe))
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        info['device_name'] = torch.cuda.get_device_name()
+    else:
+        baseline = _rss_mb()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bf16')
 
     if args.mode == 'forward':
         model.eval()
 
         def step():
-            with torch.no_grad(), amp:
+            with torch.no_grad(), autocast:
                 model(x)
     else:
         model.train()
 
         def step():
             model.zero_grad(set_to_none=True)
-            with amp:
+            with autocast:
                 loss = sum(out.float().mean() for out in model(x))
             loss.backward()
 
     times = []
     for _ in range(args.warmup + args.repeats):
-        start = time.perf_counter()
-        step()
         if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times = sorted(times[args.warmup:])
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(time_s=times[len(times) // 2], peak_mb=peak, baseline_mb=baseline,
-                compiled=compiled)
+    return dict(info, time_ms=statistics.median(times[args.warmup:]), peak_mb=peak,
+                baseline_mb=baseline)
 
 
-def _run(args, path: str, mode: str) -> dict:
-    # Freed tensors go back to the OS at once, so the high-water mark follows live
-    # tensors rather than heap fragmentation (as tools/benchmark_op.py does).
+def _worker_command(args, path, mode, dtype):
+    return [sys.executable, os.path.abspath(__file__), '--worker', '--path', path, '--mode',
+            mode, '--dtype', dtype, '--device', args.device, '--arch', args.arch, '--size',
+            *map(str, args.size), '--batch', str(args.batch), '--img-size', str(args.img_size),
+            '--threads', str(args.threads), '--repeats', str(args.repeats), '--warmup',
+            str(args.warmup)] + (['--with-cp'] if args.with_cp else [])
+
+
+def run_one(args, path: str, mode: str, dtype: str) -> dict:
+    """One (path, mode, dtype) in a child process; failures come back as ``error``."""
+    # Freed host memory goes back to the OS at once, so the CPU's high-water mark
+    # follows live tensors rather than heap fragmentation.
     env = dict(os.environ, MMTRANSNEXT_DISABLE_EXT=PATHS[path], MALLOC_MMAP_THRESHOLD_='131072')
-    cmd = [sys.executable, __file__, '--worker', '--mode', mode, '--arch', args.arch,
-           '--size', *map(str, args.size), '--batch', str(args.batch), '--img-size',
-           str(args.img_size), '--threads', str(args.threads), '--repeats', str(args.repeats),
-           '--warmup', str(args.warmup), '--device', args.device] + (
-               ['--with-cp'] if args.with_cp else []) + (['--amp', args.amp] if args.amp else [])
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(_worker_command(args, path, mode, dtype), env=env,
+                          capture_output=True, text=True)
+    row = dict(path=path, mode=mode, dtype=dtype)
     if done.returncode != 0:
-        raise SystemExit(f'{path}/{mode} failed:\n{done.stderr[-3000:]}')
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if result['compiled'] != (path == 'default'):
-        raise SystemExit(f'{path} path did not run as asked (compiled op used: '
-                         f'{result["compiled"]}); build the extension with `make ext`')
-    return result
+        lines = done.stderr.strip().splitlines() or ['(no output)']
+        return dict(row, error=lines[-1][:200])
+    row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    if path != 'swin' and row['compiled'] != (path == 'default'):
+        return dict(row, error=f'{path} path did not run as asked (compiled op used: '
+                               f'{row["compiled"]}); build the extension with `make ext`')
+    return row
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='tiny')
-    parser.add_argument('--size', type=int, nargs=2, default=[800, 1333], metavar=('H', 'W'))
-    parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--img-size', type=int, default=800,
-                        help='the backbone\'s img_size (800 for detection, 512 for segmentation)')
-    parser.add_argument('--modes', nargs='+', default=['forward', 'train'],
-                        choices=['forward', 'train'])
-    parser.add_argument('--paths', nargs='+', default=['reference', 'default'],
-                        choices=list(PATHS))
-    parser.add_argument('--with-cp', action='store_true', help='activation checkpointing')
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=1)
-    parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--amp', choices=['bfloat16', 'float16'], default=None,
-                        help='run under autocast in this dtype')
-    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
-    parser.add_argument('--mode', default='forward', help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def _ratio(numerator, denominator) -> str:
+    return f'{numerator / denominator:.2f}x' if denominator > 0 else '-'
+
+
+def format_table(rows) -> str:
+    """The results as a table, with each path's ratios to the reference and to Swin-T.
+
+    Args:
+        rows (list[dict]): one per run, with ``path``, ``mode``, ``dtype`` and either
+            ``time_ms``, ``peak_mb``, ``baseline_mb`` or ``error``.
+
+    Returns:
+        str: one line per row; ``speed-up`` and ``memory`` are the reference's time
+        and peak over this row's (higher is better), ``vs Swin-T`` this row's time
+        over Swin-T's (lower is better).
+    """
+    header = (f'{"dtype":5} {"mode":8} {"path":10} {"time ms":>9} {"peak MB":>9} '
+              f'{"above model MB":>14} {"speed-up":>9} {"memory":>8} {"vs Swin-T":>9}')
+    lines = [header, '-' * len(header)]
+    groups = {}
+    for row in rows:
+        groups.setdefault((row['dtype'], row['mode']), {})[row['path']] = row
+    for (dtype, mode), by_path in groups.items():
+        ref, swin = by_path.get('reference'), by_path.get('swin')
+        for path, row in by_path.items():
+            lead = f'{dtype:5} {mode:8} {path:10}'
+            if 'error' in row:
+                lines.append(f'{lead} failed: {row["error"]}')
+                continue
+            ok_ref = ref is not None and 'error' not in ref
+            ok_swin = swin is not None and 'error' not in swin
+            lines.append(
+                f'{lead} {row["time_ms"]:9.1f} {row["peak_mb"]:9.0f} '
+                f'{row["peak_mb"] - row["baseline_mb"]:14.0f} '
+                f'{_ratio(ref["time_ms"], row["time_ms"]) if ok_ref else "-":>9} '
+                f'{_ratio(ref["peak_mb"], row["peak_mb"]) if ok_ref else "-":>8} '
+                f'{_ratio(row["time_ms"], swin["time_ms"]) if ok_swin else "-":>9}')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-
-    print(f'TransNeXt-{args.arch}, input {args.batch}x3x{args.size[0]}x{args.size[1]}, '
-          f'img_size {args.img_size}, {args.device}, amp={args.amp}, {args.threads} threads, '
-          f'with_cp={args.with_cp}, '
-          f'median of {args.repeats} after {args.warmup} warm-up')
-    header = f'{"mode":8} {"path":10} {"time s":>8} {"peak RSS MB":>12} {"above model MB":>15}'
-    print(header)
-    print('-' * len(header))
-    for mode in args.modes:
-        rows = {path: _run(args, path, mode) for path in args.paths}
-        for path, r in rows.items():
-            print(f'{mode:8} {path:10} {r["time_s"]:8.2f} {r["peak_mb"]:12.0f} '
-                  f'{r["peak_mb"] - r["baseline_mb"]:15.0f}')
-        if {'reference', 'default'} <= set(rows):
-            ref, new = rows['reference'], rows['default']
-            print(f'{mode:8} {"ratio":10} {ref["time_s"] / new["time_s"]:7.2f}x '
-                  f'{ref["peak_mb"] / new["peak_mb"]:11.2f}x '
-                  f'{(ref["peak_mb"] - ref["baseline_mb"]) / (new["peak_mb"] - new["baseline_mb"]):14.2f}x'
-                  '   (reference / default: higher is better)')
+    rows = [run_one(args, path, mode, dtype) for dtype in args.dtypes for mode in args.modes
+            for path in args.paths]
+    done = next((r for r in rows if 'error' not in r), {})
+    where = done.get('device_name', args.device)
+    print(f'{args.batch}x3x{args.size[0]}x{args.size[1]} on {where}, TransNeXt-{args.arch} '
+          f'img_size {args.img_size}, with_cp={args.with_cp}, median of {args.repeats} after '
+          f'{args.warmup} warm-up' + (f', {args.threads} threads' if args.device == 'cpu' else ''))
+    fused = {r['fused'] for r in rows if r.get('path') == 'default' and 'fused' in r}
+    if fused:
+        print('default path pooled attention: ' +
+              ('fused Triton kernels' if fused == {True} else 'banded'))
+    swin = next((r for r in rows if r['path'] == 'swin' and 'model' in r), None)
+    if swin is not None:
+        print(f'Swin-T: {swin["model"]}, input {swin["input"][0]}x{swin["input"][1]}')
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+    if any('error' in r for r in rows):
+        sys.exit(1)
 
 
 if __name__ == '__main__':

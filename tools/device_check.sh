@@ -18,12 +18,18 @@
 #  5 bad-input-*     every op with bad arguments in a child process (CPU, then CUDA);
 #                    after a crash, what tells its cause (faulthandler stack, whether a
 #                    plain ATen error raises, which library unwinds, the .so's ldd)
-#  6 tests           tests/test_ops*.py on CUDA: kernels in float32/float16/bfloat16,
+#  6 tests           tests/test_ops*.py and tests/test_fused_attention_cuda.py on CUDA:
+#                    window kernels and fused Triton kernels in float32/float16/bfloat16,
 #                    dtype policy, golden cases, bad input (Mask R-CNN steps: step 9)
 #  7 benchmark-op    tools/benchmark_op.py --device cuda, float32, float16 and bfloat16
-#  8 backbone-*      tools/benchmark_backbone.py --device cuda, float32 and bf16 autocast
+#    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
+#                    whole-matrix / banded / fused, fp32 and bf16
+#  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default and Swin-T
+#                    side by side, fp32 and bf16 autocast, forward and training step
 #  9 mask-rcnn-amp   Mask R-CNN training steps, float16 (AmpOptimWrapper, dynamic loss
 #                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
+#    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
+#                    TransNeXt-T against Swin-T, fp32 and bf16
 #
 # The device call: run(carry=[".whl"], timeout_s=600, command=
 #   'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 bash tools/device_check.sh $OUT')
@@ -180,18 +186,16 @@ fi
 
 # 6 ------------------------------------------------------------------------------ tests
 # The CPU-only tests of tests/test_ops.py are CI's; its CUDA ones run here.
-run_step tests 200 "$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k 'not mask_rcnn' 2>&1 | tail -n 40; first=\$?
+run_step tests 200 "$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py -q -rs -p no:cacheprovider -k 'not mask_rcnn' 2>&1 | tail -n 40; first=\$?
 $PY -m pytest tests/test_ops.py -q -rs -p no:cacheprovider -k cuda 2>&1 | tail -n 20; exit \$(( first | \$? ))"
 
 # 7-8 ------------------------------------------------------------------------ benchmarks
 if [[ $HAS_GPU == 1 ]]; then
     run_step benchmark-op 90 "for dt in float32 float16 bfloat16; do $PY tools/benchmark_op.py --device cuda --repeats 10 --dtype \$dt || exit 1; done"
-    run_step backbone-fp32 110 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --repeats 3"
-    run_step backbone-bf16 110 "$PY tools/benchmark_backbone.py --device cuda --amp bfloat16 --arch tiny --size 800 1333 --batch 2 --repeats 3"
+    run_step pooled 60 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2"
+    run_step backbone 180 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin --repeats 3 --warmup 1"
 else
-    skip_step benchmark-op 'no CUDA device'
-    skip_step backbone-fp32 'no CUDA device'
-    skip_step backbone-bf16 'no CUDA device'
+    for name in benchmark-op pooled backbone; do skip_step $name 'no CUDA device'; done
 fi
 
 # 9 ---------------------------------------------------------------- Mask R-CNN under AMP
@@ -221,6 +225,7 @@ elif [[ $MMCV_RC != 0 ]]; then
     FAILED=1
 else
     run_step mask-rcnn-amp 120 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k mask_rcnn 2>&1 | tail -n 40"
+    run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 bf16"
 fi
 
 # ----------------------------------------------------------------------------- report

@@ -7,9 +7,11 @@ Each module has two ways to compute the same numbers:
   concatenated into one ``(B, heads, N, L + P)`` softmax;
 * the *default* path, taken when the compiled sliding-window op serves the
   input's device (see :func:`mmtransnext.ops.use_compiled_op`): the local window
-  through the compiled op, the pooled keys through
-  :func:`~mmtransnext.ops.banded_attention.banded_bias_attention`, and the two
-  softmaxes merged by their log-sum-exp, so no ``N x P`` tensor is ever whole.
+  through the compiled op, the pooled keys through biased attention that never
+  builds the ``N x P`` bias, and the two softmaxes merged by their log-sum-exp.
+  The biased attention is, by :func:`mmtransnext.ops.use_fused_attention`, the
+  fused Triton kernels on CUDA and
+  :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` elsewhere.
 """
 import math
 from functools import lru_cache
@@ -24,6 +26,7 @@ from torch import Tensor
 from ..ops import (sliding_window_aggregate, sliding_window_aggregate_reference,
                    sliding_window_logits, sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
+from ..ops.fused_attention import fused_bias_attention, use_fused_attention
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
                             expand_bias)
 
@@ -45,6 +48,14 @@ def _local_scale(height: int, width: int, window_size: int, pooled: int,
 
     valid = inside(height)[:, None] * inside(width)[None, :]
     return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
+
+
+def _bias_attention(query: Tensor):
+    """Fused kernels or bands for ``query``, by :func:`~mmtransnext.ops.use_fused_attention`.
+
+    Both names are looked up at each call, so tools may swap them (get_flops does).
+    """
+    return fused_bias_attention if use_fused_attention(query) else banded_bias_attention
 
 
 def core_dtype(device_type: str, autocast_dtype: Optional[torch.dtype],
@@ -320,7 +331,7 @@ class AggregatedAttention(_PositionBiasAttention):
         local = sliding_window_logits(query, key, self.relative_pos_bias_local.to(query.dtype),
                                       height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
-        out_pooled, lse_pooled = banded_bias_attention(query, pool_key, pool_value, bias)
+        out_pooled, lse_pooled = _bias_attention(query)(query, pool_key, pool_value, bias)
         stats = _stats_dtype(query)
         local_stats, lse_pooled = local.to(stats), lse_pooled.to(stats)
         lse = torch.logaddexp(torch.logsumexp(local_stats, dim=-1), lse_pooled)
@@ -360,8 +371,8 @@ class FullAttention(_PositionBiasAttention):
         query, key, value = _one_dtype((query, key, value), x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             if use_compiled_op(x):
-                out, _ = banded_bias_attention(query, key, value,
-                                               self._factored_bias(size, size, query))
+                out, _ = _bias_attention(query)(query, key, value,
+                                                self._factored_bias(size, size, query))
             else:
                 attn = (query @ key.transpose(-2, -1) +
                         self._full_bias(size, size, query)).softmax(-1, dtype=_stats_dtype(query))

@@ -1,0 +1,201 @@
+"""Triton kernels of :func:`mmtransnext.ops.fused_attention.fused_bias_attention`.
+
+Imported only on first use, never by ``import mmtransnext``: ``triton.jit`` decides
+at decoration time whether a kernel is compiled for the GPU or run by Triton's
+interpreter (``TRITON_INTERPRET=1``, CPU tensors), so the tests choose the
+interpreter simply by setting that variable before this module is first imported.
+
+Layouts (all contiguous): ``Q (B*heads, N, D)``, ``K (B*heads, P, D)``,
+``V (B*heads, P, Dv)``, ``OUT (B*heads, N, Dv)``, ``LSE (B*heads, N)`` float32;
+the bias table ``BY_ROWS (heads, H, Hp, Uw)`` and its column taps
+``COL_INDEX``/``COL_WEIGHT (W, Wp, 4)`` of
+:class:`~mmtransnext.models.position_bias.RowFactoredBias`. Query ``m = r * W + c``,
+key ``p = a * Wp + b``, and
+
+    bias(t, m, p) = sum_k COL_WEIGHT[c, b, k] * BY_ROWS[t, r, a, COL_INDEX[c, b, k]].
+
+Each program owns ``BLOCK_M`` queries of one (image, head) and walks the keys
+``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers. Head dims
+are padded to the ``D_PAD``/``DV_PAD`` powers of two (at least 16, as ``tl.dot``
+needs) with masked loads. Logits, probabilities and statistics are float32; the
+matmul operands keep the input dtype (tensor cores for float16/bfloat16; float32
+operands use ``DOT_PRECISION``).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+#: Whether the kernels below were defined for Triton's CPU interpreter.
+INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
+
+
+@triton.jit
+def _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row):
+    """Tap offsets ``(BLOCK_M, BLOCK_N)`` into COL_* (times 4) and row offsets into BY_ROWS."""
+    row, col = rows_m // width, rows_m % width
+    pool_row, pool_col = cols_n // pool_w, cols_n % pool_w
+    taps = (col[:, None] * pool_w + pool_col[None, :]) * 4
+    table = head * s_head + row[:, None] * s_row + pool_row[None, :] * s_pool_row
+    return taps, table
+
+
+@triton.jit
+def _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid):
+    """The bias of a tile, float32; taps of weight zero (no resize) are not read."""
+    bias = tl.zeros(taps.shape, dtype=tl.float32)
+    for k in tl.static_range(4):
+        weight = tl.load(COL_WEIGHT + taps + k, mask=valid, other=0.0)
+        index = tl.load(COL_INDEX + taps + k, mask=valid, other=0)
+        value = tl.load(BY_ROWS + table + index, mask=valid & (weight != 0.0), other=0.0)
+        bias += weight * value.to(tl.float32)
+    return bias
+
+
+@triton.jit
+def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
+                             heads, tokens, keys, head_dim, value_dim, width, pool_w,
+                             s_head, s_row, s_pool_row,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+    """Output and log-sum-exp of ``BLOCK_M`` queries; grid ``(cdiv(N, BLOCK_M), B*heads)``."""
+    block = tl.program_id(0)
+    image_head = tl.program_id(1).to(tl.int64)
+    head = image_head % heads
+    rows_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows_m < tokens
+    dims = tl.arange(0, D_PAD)
+    vdims = tl.arange(0, DV_PAD)
+    q = tl.load(Q + image_head * tokens * head_dim + rows_m[:, None] * head_dim + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
+    key_base = K + image_head * keys * head_dim
+    value_base = V + image_head * keys * value_dim
+
+    row_max = tl.full((BLOCK_M, ), float('-inf'), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M, ), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
+    for start in range(0, keys, BLOCK_N):
+        cols_n = start + tl.arange(0, BLOCK_N)
+        col_ok = cols_n < keys
+        k = tl.load(key_base + cols_n[:, None] * head_dim + dims[None, :],
+                    mask=col_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
+        v = tl.load(value_base + cols_n[:, None] * value_dim + vdims[None, :],
+                    mask=col_ok[:, None] & (vdims[None, :] < value_dim), other=0.0)
+        valid = row_ok[:, None] & col_ok[None, :]
+        taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
+                                   s_pool_row)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+        logits = tl.where(col_ok[None, :], logits, float('-inf'))
+        # Every tile holds at least one key, so the new maximum is finite.
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        probs = tl.exp(logits - new_max[:, None])
+        rescale = tl.exp(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v,
+                                              input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    tl.store(OUT + image_head * tokens * value_dim + rows_m[:, None] * value_dim + vdims[None, :],
+             out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (vdims[None, :] < value_dim))
+    tl.store(LSE + image_head * tokens + rows_m, row_max + tl.log(row_sum), mask=row_ok)
+
+
+@triton.jit
+def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, COL_INDEX,
+                              COL_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_BY_ROWS,
+                              heads, tokens, keys, head_dim, value_dim, width, pool_w,
+                              s_head, s_row, s_pool_row,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                              ROW_RESIDUAL: tl.constexpr):
+    """Gradients from ``BLOCK_M`` queries; same grid as the forward.
+
+    The probabilities are recomputed from the log-sum-exp. With ``dP = dO V^T``,
+    the logits' gradient is ``P * (dP - SHIFT - residual + GRAD_LSE)``, where
+    ``SHIFT = rowsum(dO * O)`` (precomputed, float32) and ``residual`` is zero in
+    exact arithmetic. With ``ROW_RESIDUAL`` a first walk over the keys computes it,
+    ``rowsum(P * (dP - SHIFT))``, so that each row of the gradient sums to zero up
+    to the rounding of small numbers: a bias shared by all keys shifts no softmax,
+    and its gradient then stays as near zero as the reference has it (otherwise the
+    rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
+    in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_K``,
+    ``GRAD_V`` and ``GRAD_BY_ROWS`` (float32, zeroed) collect every query block's
+    share by ``tl.atomic_add``, the bias table's through the same taps as the forward.
+    """
+    block = tl.program_id(0)
+    image_head = tl.program_id(1).to(tl.int64)
+    head = image_head % heads
+    rows_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows_m < tokens
+    dims = tl.arange(0, D_PAD)
+    vdims = tl.arange(0, DV_PAD)
+    q_mask = row_ok[:, None] & (dims[None, :] < head_dim)
+    q_offsets = image_head * tokens * head_dim + rows_m[:, None] * head_dim + dims[None, :]
+    q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
+    grad_out = tl.load(GRAD_OUT + image_head * tokens * value_dim + rows_m[:, None] * value_dim
+                       + vdims[None, :], mask=row_ok[:, None] & (vdims[None, :] < value_dim),
+                       other=0.0)
+    lse = tl.load(LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+    shift = tl.load(SHIFT + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+    grad_lse = tl.load(GRAD_LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+    key_offset = image_head * keys * head_dim
+    value_offset = image_head * keys * value_dim
+
+    if ROW_RESIDUAL:
+        residual = tl.zeros((BLOCK_M, ), dtype=tl.float32)
+        for start in range(0, keys, BLOCK_N):
+            cols_n = start + tl.arange(0, BLOCK_N)
+            col_ok = cols_n < keys
+            k = tl.load(K + key_offset + cols_n[:, None] * head_dim + dims[None, :],
+                        mask=col_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
+            v = tl.load(V + value_offset + cols_n[:, None] * value_dim + vdims[None, :],
+                        mask=col_ok[:, None] & (vdims[None, :] < value_dim), other=0.0)
+            valid = row_ok[:, None] & col_ok[None, :]
+            taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
+                                       s_pool_row)
+            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+            probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+            grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+            residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
+        shift += residual
+    shift -= grad_lse
+
+    grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for start in range(0, keys, BLOCK_N):
+        cols_n = start + tl.arange(0, BLOCK_N)
+        col_ok = cols_n < keys
+        k_mask = col_ok[:, None] & (dims[None, :] < head_dim)
+        v_mask = col_ok[:, None] & (vdims[None, :] < value_dim)
+        k_offsets = key_offset + cols_n[:, None] * head_dim + dims[None, :]
+        v_offsets = value_offset + cols_n[:, None] * value_dim + vdims[None, :]
+        k = tl.load(K + k_offsets, mask=k_mask, other=0.0)
+        v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
+        valid = row_ok[:, None] & col_ok[None, :]
+        taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
+                                   s_pool_row)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+        probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+        grad_logits = probs * (grad_probs - shift[:, None])
+        grad_q += tl.dot(grad_logits.to(k.dtype), k, input_precision=DOT_PRECISION)
+        tl.atomic_add(GRAD_K + k_offsets,
+                      tl.dot(tl.trans(grad_logits.to(q.dtype)), q,
+                             input_precision=DOT_PRECISION), mask=k_mask)
+        tl.atomic_add(GRAD_V + v_offsets,
+                      tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
+                             input_precision=DOT_PRECISION), mask=v_mask)
+        if BIAS_GRAD:
+            for k_tap in tl.static_range(4):
+                weight = tl.load(COL_WEIGHT + taps + k_tap, mask=valid, other=0.0)
+                index = tl.load(COL_INDEX + taps + k_tap, mask=valid, other=0)
+                tl.atomic_add(GRAD_BY_ROWS + table + index, weight * grad_logits,
+                              mask=valid & (weight != 0.0))
+
+    tl.store(GRAD_Q + q_offsets, grad_q.to(GRAD_Q.dtype.element_ty), mask=q_mask)

@@ -1,0 +1,202 @@
+"""Attention with a position bias in fused Triton kernels, for CUDA tensors.
+
+:func:`fused_bias_attention` computes what
+:func:`~mmtransnext.ops.banded_attention.banded_bias_attention` computes,
+``softmax(query @ key^T + bias) @ value`` and each query's log-sum-exp, in the
+way of flash attention: tiles of queries walk the keys with an online softmax,
+and the bias is read inside the kernel from the row-factored table
+(:class:`~mmtransnext.models.position_bias.RowFactoredBias`) instead of being
+built. Nothing of size ``N x P`` ever reaches global memory, forward or backward
+(which recomputes the probabilities from the log-sum-exp).
+
+Precision: logits, softmax statistics and all accumulators are float32. The
+matmul operands keep the input dtype: float16 and bfloat16 run on tensor cores;
+float32 operands are multiplied in full float32 (``input_precision='ieee'``),
+because TF32's 10-bit mantissa on logits of magnitude ~30 (scaled cosine
+similarity) would err by about 0.03, far outside the float32 tolerances of the
+golden tests. The log-sum-exp is returned in float32 whatever the input dtype.
+The backward adds the key, value and bias-table gradients with atomics, so those
+are not bitwise deterministic from run to run. For float32 inputs it walks the keys
+twice, the first time for each query row's rounding residual, so that gradients that
+are zero in theory (a bias shared by all keys) stay as small as the reference's and
+the golden tolerances hold; for float16/bfloat16 the operands' rounding dominates and
+one walk is done.
+
+Dispatch follows one rule, :func:`use_fused_attention` (applied by
+``mmtransnext.models.attention``). The CPU keeps the banded path, whose bands are
+sized for its caches.
+"""
+import contextlib
+import importlib.util
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .sliding_window import reference_requested
+
+__all__ = ['fused_bias_attention', 'use_fused_attention']
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Queries per program and keys per step. 64 x 64 float32 logits are 16 KB of
+# registers per tile, which keeps several programs resident per SM; the pooled
+# map has about 1,000 keys, so a program takes ~16 steps.
+_BLOCK_M = 64
+_BLOCK_N = 64
+# Whether Triton is importable; a plain bool keeps the dispatch traceable.
+_TRITON = importlib.util.find_spec('triton') is not None
+
+
+def use_fused_attention(tensor: Tensor) -> bool:
+    """The one rule that picks the fused kernels for biased attention.
+
+    True when ``tensor`` is on a CUDA device, its dtype is float32, float16 or
+    bfloat16, Triton is installed and ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``.
+    Otherwise (CPU, float64, no Triton, reference requested) the banded path runs.
+
+    Args:
+        tensor (Tensor): the queries; only device and dtype matter.
+
+    Returns:
+        bool: True for :func:`fused_bias_attention`.
+    """
+    return (tensor.device.type == 'cuda' and tensor.dtype in _DTYPES and _TRITON
+            and not reference_requested())
+
+
+def _kernels():
+    # Deferred: triton.jit reads TRITON_INTERPRET when the kernels are defined.
+    from . import _fused_attention_kernels
+    return _fused_attention_kernels
+
+
+def _pad(size: int) -> int:
+    """A head dim padded to a power of two of at least 16 (tl.dot's smallest K)."""
+    return max(16, 1 << (size - 1).bit_length())
+
+
+def _launch_args(query, key, value, by_rows, bias):
+    """The shape arguments and meta-parameters shared by both kernels."""
+    batch, heads, tokens, head_dim = query.shape
+    keys, value_dim = key.shape[2], value.shape[3]
+    width, pool_w = bias.layout.query_size[1], bias.layout.key_size[1]
+    grid = (-(-tokens // _BLOCK_M), batch * heads)
+    shapes = (heads, tokens, keys, head_dim, value_dim, width, pool_w, *by_rows.stride()[:3])
+    meta = dict(BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim),
+                DOT_PRECISION='ieee' if query.dtype == torch.float32 else 'tf32')
+    return grid, shapes, meta
+
+
+def _on_device(tensor: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _col_taps(bias):
+    """The column taps as the kernels read them: int32 indices, float32 weights."""
+    index, weight = bias.col_taps(torch.float32)
+    return index.to(torch.int32).contiguous(), weight.contiguous()
+
+
+class _FusedBiasAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, query, key, value, by_rows, bias):
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        by_rows = by_rows.contiguous()
+        index, weight = _col_taps(bias)
+        out = query.new_empty(query.shape[:3] + value.shape[3:])
+        lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+        grid, shapes, meta = _launch_args(query, key, value, by_rows, bias)
+        with _on_device(query):
+            _kernels().pooled_attention_forward[grid](query, key, value, by_rows, index, weight,
+                                                      out, lse, *shapes, **meta)
+        ctx.save_for_backward(query, key, value, by_rows, out, lse)
+        ctx.bias = bias
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, by_rows, out, lse = ctx.saved_tensors
+        bias = ctx.bias
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grad_out = grad_out.to(out.dtype).contiguous()
+        # d out / d logits contracts to probs * (g - rowsum(grad_out * out)), and
+        # d lse / d logits = probs.
+        shift = (grad_out.float() * out.float()).sum(-1)
+        grad_lse = (torch.zeros_like(lse) if grad_lse is None else
+                    grad_lse.float().contiguous())
+        index, weight = _col_taps(bias)
+        want_bias = ctx.needs_input_grad[3]
+        grad_query = torch.empty_like(query)
+        grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        grad_by_rows = torch.zeros(by_rows.shape if want_bias else (1, ), dtype=torch.float32,
+                                   device=by_rows.device)
+        grid, shapes, meta = _launch_args(query, key, value, by_rows, bias)
+        with _on_device(query):
+            _kernels().pooled_attention_backward[grid](
+                query, key, value, grad_out, lse, shift, grad_lse, by_rows, index, weight,
+                grad_query, grad_key, grad_value, grad_by_rows, *shapes, BIAS_GRAD=want_bias,
+                ROW_RESIDUAL=query.dtype == torch.float32, **meta)
+        return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype),
+                grad_by_rows.to(by_rows.dtype) if want_bias else None, None)
+
+
+def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tuple:
+    """``softmax(query @ key^T + bias) @ value`` and its log-sum-exp, in fused kernels.
+
+    Runs on CUDA tensors; on CPU tensors only under Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before the kernels are first used), which the
+    tests use.
+
+    Args:
+        query (Tensor): ``(B, heads, N, d)``, already scaled; ``N = H * W``.
+        key (Tensor): ``(B, heads, P, d)`` with ``P = Hp * Wp``.
+        value (Tensor): ``(B, heads, P, dv)``.
+        bias (RowFactoredBias): the ``(heads, N, P)`` bias, shared by the batch;
+            its layout gives ``(H, W)`` and ``(Hp, Wp)``. Gradients reach the
+            tensors it was built from.
+
+    Returns:
+        tuple[Tensor, Tensor]: the output ``(B, heads, N, dv)`` in the input dtype
+        and the log-sum-exp of each query's logits ``(B, heads, N)`` in float32.
+    """
+    _check_args(query, key, value, bias)
+    return _FusedBiasAttention.apply(query, key, value, bias.by_rows, bias)
+
+
+def _check_args(query, key, value, bias):
+    named = dict(query=query, key=key, value=value)
+    for name, tensor in named.items():
+        if not isinstance(tensor, Tensor) or tensor.dim() != 4:
+            raise ValueError(f'fused_bias_attention: {name} must be a 4-D tensor '
+                             f'(B, heads, tokens, dim), got {getattr(tensor, "shape", tensor)}')
+        if tensor.dtype != query.dtype or tensor.device != query.device:
+            raise ValueError(f'fused_bias_attention: {name} is {tensor.dtype} on '
+                             f'{tensor.device}, query is {query.dtype} on {query.device}')
+    if query.dtype not in _DTYPES:
+        raise ValueError(f'fused_bias_attention: dtype {query.dtype} is not supported '
+                         '(float32, float16 or bfloat16; float64 takes the banded path)')
+    (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
+    batch, heads = query.shape[:2]
+    if (key.shape[:2] != (batch, heads) or value.shape[:3] != key.shape[:3]
+            or key.shape[3] != query.shape[3]):
+        raise ValueError(f'fused_bias_attention: shapes do not match: query '
+                         f'{tuple(query.shape)}, key {tuple(key.shape)}, value '
+                         f'{tuple(value.shape)}')
+    if query.shape[2] != height * width or key.shape[2] != pool_h * pool_w:
+        raise ValueError(
+            f'fused_bias_attention: query has {query.shape[2]} tokens and key {key.shape[2]}, '
+            f'but the bias is laid out for {height}x{width} queries and {pool_h}x{pool_w} keys')
+    if tuple(bias.by_rows.shape[:3]) != (heads, height, pool_h):
+        raise ValueError(f'fused_bias_attention: bias table {tuple(bias.by_rows.shape)} is not '
+                         f'(heads={heads}, H={height}, Hp={pool_h}, Uw)')
+    if bias.by_rows.device != query.device:
+        raise ValueError(f'fused_bias_attention: bias on {bias.by_rows.device}, query on '
+                         f'{query.device}')
+    if query.device.type != 'cuda' and not _kernels().INTERPRETED:
+        raise ValueError(f'fused_bias_attention: tensors on {query.device}; the kernels '
+                         'run on CUDA, or on the CPU under TRITON_INTERPRET=1')

@@ -1,0 +1,66 @@
+"""Cases and references shared by the fused-attention tests (not collected itself)."""
+import torch
+
+from mmtransnext.models.position_bias import RowFactoredBias, bias_layout, expand_bias
+from mmtransnext.ops.fused_attention import fused_bias_attention
+
+# (build_query, build_key, pretrain, query_size, key_size): the bias is resized
+# when the build grids differ from the run-time grids (interpolation mode).
+CASES = {
+    # name: (layout, batch, heads, head_dim)
+    'map5x7_pool2x3_d24': (((5, 7), (2, 3), (5, 7), (5, 7), (2, 3)), 2, 3, 24),
+    'pool1x1': (((5, 7), (1, 1), (5, 7), (5, 7), (1, 1)), 2, 2, 24),
+    'interpolated_d13': (((9, 9), (3, 3), (9, 9), (5, 13), (1, 4)), 1, 2, 13),
+    'interpolated_many_key_tiles': (((20, 20), (5, 5), (20, 20), (17, 23), (9, 10)), 1, 1, 24),
+    # the last stage: keys on the queries' own map, P = N
+    'full_attention_6x7': (((6, 7), (6, 7), (6, 7), (6, 7), (6, 7)), 1, 2, 24),
+    'map2x2_below_window': (((2, 2), (1, 1), (2, 2), (2, 2), (1, 1)), 3, 1, 8),
+}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def make_inputs(spec, batch, heads, head_dim, seed=0):
+    """float64 leaves: scaled queries, keys, values and the MLP table of the bias."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = bias_layout(*spec, torch.device('cpu'))
+    (height, width), (pool_h, pool_w) = spec[3], spec[4]
+    tokens, keys = height * width, pool_h * pool_w
+    # Logits of the model's magnitude: unit vectors times ~ softplus(t) * ln(9 + P).
+    query = torch.nn.functional.normalize(
+        torch.randn(batch, heads, tokens, head_dim, generator=gen, dtype=torch.float64), dim=-1)
+    key = torch.nn.functional.normalize(
+        torch.randn(batch, heads, keys, head_dim, generator=gen, dtype=torch.float64), dim=-1)
+    value = torch.randn(batch, heads, keys, head_dim, generator=gen, dtype=torch.float64)
+    table = torch.randn(heads, *layout.coords.shape[:2], generator=gen, dtype=torch.float64)
+    return [query * 12.0, key, value, table], layout
+
+
+def whole_matrix(query, key, value, table, layout):
+    """The reference: the whole bias built, one softmax."""
+    logits = query @ key.transpose(-2, -1) + expand_bias(table, layout)
+    return logits.softmax(-1) @ value, logits.logsumexp(-1)
+
+
+def gradients(fn, leaves, layout, grad_out, grad_lse, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    out, lse = fn(*leaves, layout)
+    loss = 0
+    if grad_out is not None:
+        loss = loss + (out.double() * grad_out).sum()
+    if grad_lse is not None:
+        loss = loss + (lse.double() * grad_lse).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    # the values do not reach the log-sum-exp: no gradient is a zero gradient
+    return (out, lse), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+def fused(query, key, value, table, layout):
+    return fused_bias_attention(query, key, value, RowFactoredBias(table, layout))
+
+
+def assert_near(got, ref, tol, name):
+    err = (got.double() - ref).abs().max().item()
+    limit = tol * max(ref.abs().max().item(), 1e-6)
+    assert err <= limit, f'{name}: max error {err:.3g} > {limit:.3g}'
+
+

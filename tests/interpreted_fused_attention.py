@@ -1,0 +1,143 @@
+"""The fused Triton kernels of biased attention, run by Triton's CPU interpreter.
+
+Collected only by ``test_fused_attention.py``, which runs this file in a child
+process with ``TRITON_INTERPRET=1``: Triton reads that variable when it is
+imported (its own library functions are defined then) and again when a kernel is
+defined or calls another, so it must be set before ``import triton``. The same
+kernels that serve CUDA tensors then run on CPU tensors, and every run of the
+suite checks the GPU algorithm (tiles, online softmax, in-kernel bias, atomics of
+the backward) against the whole-matrix reference in float64, forward and every
+gradient, and inside the model against the golden outputs of the released model.
+
+Tolerances, as a fraction of the reference's largest magnitude: float32 1e-5
+(observed <= 2e-6: another summation order than float64); float16 operands
+1e-2 (observed <= 3e-3; the logits' operands and the probabilities fed to the
+second matmul are rounded to float16, as on tensor cores). bfloat16 is checked
+only on CUDA (``test_fused_attention_cuda.py``): the interpreter's ``tl.dot``
+does not multiply bfloat16 operands correctly (triton 3.9).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import golden_arch
+from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, make_inputs,
+                                   whole_matrix)
+from mmtransnext.models import TransNeXt
+from mmtransnext.models import attention as attention_module
+from mmtransnext.models.position_bias import RowFactoredBias
+from mmtransnext.ops import DISABLE_ENV
+from mmtransnext.ops.banded_attention import banded_bias_attention
+from mmtransnext.ops.fused_attention import fused_bias_attention
+
+if os.environ.get('TRITON_INTERPRET') != '1':
+    raise RuntimeError('interpreted_fused_attention.py needs TRITON_INTERPRET=1 set before '
+                       'triton is imported; tests/test_fused_attention.py runs it so')
+
+
+def test_kernels_are_interpreted():
+    from mmtransnext.ops import _fused_attention_kernels
+    assert _fused_attention_kernels.INTERPRETED
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize('case', list(CASES))
+def test_forward_and_gradients_equal_whole_matrix(case, dtype):
+    spec, batch, heads, head_dim = CASES[case]
+    leaves, layout = make_inputs(spec, batch, heads, head_dim)
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
+    (out, lse), grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_near(out, ref_out, TOL[dtype], 'out')
+    assert_near(lse, ref_lse, TOL[dtype], 'lse')
+    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
+        assert got.dtype == dtype
+        assert_near(got, ref, TOL[dtype], name)
+
+
+@pytest.mark.parametrize('used', ['out', 'lse'])
+def test_one_output_used(used):
+    """The backward with one of the two incoming gradients absent (None)."""
+    spec, batch, heads, head_dim = CASES['map5x7_pool2x3_d24']
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=3)
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    grad = torch.randn((ref_out if used == 'out' else ref_lse).shape, dtype=torch.float64)
+    args = (grad, None) if used == 'out' else (None, grad)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, *args, torch.float64)
+    _, grads = gradients(fused, leaves, layout, *args, torch.float32)
+    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
+        assert_near(got, ref, 1e-5, name)
+
+
+def test_equals_banded_path():
+    """The CPU default path and the fused kernels agree in float32."""
+    spec, batch, heads, head_dim = CASES['interpolated_many_key_tiles']
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=5)
+    leaves = [t.float() for t in leaves]
+
+    def banded(query, key, value, table, layout):
+        return banded_bias_attention(query, key, value, RowFactoredBias(table, layout))
+
+    grad_out = torch.randn(batch, heads, leaves[0].shape[2], head_dim, dtype=torch.float64)
+    (b_out, b_lse), b_grads = gradients(banded, leaves, layout, grad_out, None, torch.float32)
+    (f_out, f_lse), f_grads = gradients(fused, leaves, layout, grad_out, None, torch.float32)
+    torch.testing.assert_close(f_out, b_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f_lse, b_lse, atol=1e-5, rtol=1e-5)
+    for got, ref in zip(f_grads, b_grads):
+        assert_near(got, ref.double(), 1e-5, 'gradient')
+
+
+@pytest.fixture
+def fused_in_the_model(monkeypatch):
+    """The model's biased attention through the fused kernels, as on CUDA.
+
+    On the CPU the rule picks the banded path; its name in the attention module is
+    pointed at the fused kernels. Yields the queries' shapes that took them.
+    """
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    calls = []
+
+    def take_fused(query, *args):
+        calls.append(tuple(query.shape))
+        return fused_bias_attention(query, *args)
+
+    monkeypatch.setattr(attention_module, 'banded_bias_attention', take_fused)
+    yield calls
+
+
+def test_golden_gradients_through_fused_kernels(dense_golden, fused_in_the_model):
+    """The released model's loss and gradients, with every biased attention fused.
+
+    Same data and tolerances as ``test_transnext.test_gradients_equal_reference``
+    (maps from 38x53 down to 5x7, 1 to 8 heads, interpolation mode).
+    """
+    from test_transnext import assert_grad_close
+    data = dense_golden['cases']['interpolation_grad']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    x = data['input'].clone().requires_grad_()
+    outs = model(x)
+    loss = sum((out * w).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss, data['loss'], atol=1e-4, rtol=1e-4)
+    loss.backward()
+    assert_grad_close(x.grad, data['input_grad'], 'input')
+    for name, param in model.named_parameters():
+        assert_grad_close(param.grad, data['param_grads'][name], name)
+    # every block: 1 + 1 + 2 aggregated attentions and 1 full attention
+    assert len(fused_in_the_model) == 5
+
+
+def test_golden_extrapolation_through_fused_kernels(dense_golden, fused_in_the_model):
+    data = dense_golden['cases']['extrapolation_other_size']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=True).eval()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    with torch.no_grad():
+        outs = model(data['input'])
+    for i, (out, ref) in enumerate(zip(outs, data['outputs'])):
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f'stage {i}: {m}')
+    assert len(fused_in_the_model) == 5

@@ -1,0 +1,59 @@
+"""The fused kernels compiled for a GPU, against the whole-matrix reference.
+
+Skipped without CUDA; every run of the suite checks the same kernels under
+Triton's interpreter (``test_fused_attention.py``). bfloat16 is checked here only,
+to 5e-2 of the reference's largest magnitude (8 mantissa bits on the operands of
+both matmuls and on the probabilities).
+"""
+import pytest
+import torch
+
+from mmtransnext.models.position_bias import bias_layout
+from fused_attention_cases import assert_near, fused, gradients, make_inputs, whole_matrix
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_compiled_kernels_on_cuda(dtype):
+    """On a GPU: the compiled kernels against the whole-matrix reference."""
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    spec, batch, heads, head_dim = ((20, 20), (5, 5), (20, 20), (37, 45), (9, 11)), 2, 3, 24
+    leaves, layout = make_inputs(spec, batch, heads, head_dim)
+    leaves = [t.cuda() for t in leaves]
+    layout = bias_layout(*spec, torch.device('cuda'))
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    grad_out = torch.randn_like(ref_out)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, None, torch.float64)
+    (out, lse), grads = gradients(fused, leaves, layout, grad_out, None, dtype)
+    assert_near(out, ref_out, tol, 'out')
+    assert_near(lse, ref_lse, tol, 'lse')
+    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
+        assert_near(got, ref, tol, name)
+
+
+def test_golden_gradients_on_cuda(dense_golden, monkeypatch):
+    """The default path on CUDA (compiled window op + fused kernels) against the golden file."""
+    from conftest import golden_arch
+    from mmtransnext.models import TransNeXt
+    from mmtransnext.ops import DISABLE_ENV, extension_available, use_fused_attention
+    from test_transnext import assert_grad_close
+
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    # float32 all through: cuDNN's convolutions would otherwise use TF32
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    if not extension_available('cuda'):
+        pytest.fail('mmtransnext._C has no CUDA kernels: rebuild with FORCE_CUDA=1 `make ext`')
+    data = dense_golden['cases']['interpolation_grad']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).cuda().train()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    x = data['input'].cuda().requires_grad_()
+    assert use_fused_attention(x)
+    outs = model(x)
+    loss = sum((out * w.cuda()).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss.cpu(), data['loss'], atol=1e-4, rtol=1e-4)
+    loss.backward()
+    assert_grad_close(x.grad.cpu(), data['input_grad'], 'input')
+    for name, param in model.named_parameters():
+        assert_grad_close(param.grad.cpu(), data['param_grads'][name], name)

@@ -1,0 +1,137 @@
+"""The benchmark tools (backbone, detector, pooled attention) on the CPU at tiny sizes.
+
+Their CUDA runs need a GPU; what is checked here is everything around the timing:
+arguments, the child processes per path, which path really ran, the table and its
+ratios, failures reported in the table, the synthetic detection batch. Timings are
+not asserted (they depend on the machine's load).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'tools'))
+
+import benchmark_backbone as bb  # noqa: E402
+import benchmark_detector as bd  # noqa: E402
+import benchmark_pooled_attention as bp  # noqa: E402
+
+
+def _row(path, time_ms, peak_mb, mode='train', dtype='fp32'):
+    return dict(path=path, mode=mode, dtype=dtype, time_ms=time_ms, peak_mb=peak_mb,
+                baseline_mb=100.0)
+
+
+def test_backbone_table_ratios():
+    rows = [_row('reference', 300.0, 4000.0), _row('default', 100.0, 1000.0),
+            _row('swin', 50.0, 800.0),
+            dict(path='default', mode='forward', dtype='bf16', error='RuntimeError: boom')]
+    lines = bb.format_table(rows).splitlines()
+    default = next(line for line in lines if line.startswith('fp32  train    default'))
+    # time, peak, above the model; 3x faster and 4x less memory than the reference,
+    # 2x Swin-T's time
+    assert default.split()[3:] == ['100.0', '1000', '900', '3.00x', '4.00x', '2.00x']
+    swin = next(line for line in lines if ' swin ' in line)
+    assert swin.split()[-1] == '1.00x'
+    assert any('bf16  forward  default    failed: RuntimeError: boom' in line for line in lines)
+
+
+def test_backbone_table_without_reference_or_swin():
+    line = bb.format_table([_row('default', 100.0, 1000.0)]).splitlines()[-1]
+    assert line.split()[-3:] == ['-', '-', '-']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch', '0'], '--batch must be at least 1'),
+    (['--warmup', '-1'], '--warmup must not be negative'),
+    (['--dtypes', 'fp16'], 'invalid choice'),
+    (['--paths', 'released'], 'invalid choice'),
+])
+def test_backbone_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bb.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_backbone_runs_three_paths_on_cpu(tmp_path, capsys):
+    out = tmp_path / 'rows.json'
+    bb.main(['--arch', 'micro', '--size', '64', '80', '--img-size', '64', '--modes', 'train',
+             '--paths', 'reference', 'default', 'swin', '--warmup', '0', '--repeats', '1',
+             '--threads', '1', '--json', str(out)])
+    rows = {r['path']: r for r in json.loads(out.read_text())['rows']}
+    assert not any('error' in r for r in rows.values()), rows
+    assert rows['reference']['compiled'] is False and rows['default']['compiled'] is True
+    assert rows['default']['fused'] is False            # the CPU keeps the banded path
+    assert rows['swin']['model'] == 'mmdet SwinTransformer'
+    assert all(r['time_ms'] > 0 and r['peak_mb'] > 0 for r in rows.values())
+    printed = capsys.readouterr().out
+    assert 'default path pooled attention: banded' in printed
+    assert printed.count('fp32  train') == 3
+
+
+def test_detector_batch_is_annotated():
+    data = bd.synthetic_batch(2, (48, 80), 3, num_classes=5)
+    assert [tuple(x.shape) for x in data['inputs']] == [(3, 48, 80)] * 2
+    for sample in data['data_samples']:
+        boxes = sample.gt_instances.bboxes
+        assert boxes.shape == (3, 4)
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes[:, 2] <= 80).all() and (boxes[:, 3] <= 48).all()
+        masks = sample.gt_instances.masks
+        assert masks.masks.shape == (3, 48, 80)
+        # each mask fills its box
+        areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
+        assert masks.masks.sum(axis=(1, 2)).tolist() == [int(a) for a in areas]
+        assert (sample.gt_instances.labels < 5).all()
+
+
+def test_detector_bf16_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        bd.parse_args(['--dtypes', 'bf16'])
+    assert 'needs CUDA' in capsys.readouterr().err
+
+
+def test_detector_table():
+    rows = [dict(detector='transnext', dtype='fp32', time_ms=150.0, peak_mb=2000.0, loss=5.0),
+            dict(detector='swin', dtype='fp32', time_ms=100.0, peak_mb=1500.0, loss=4.0),
+            dict(detector='transnext', dtype='bf16', error='OutOfMemoryError: CUDA')]
+    lines = bd.format_table(rows).splitlines()
+    assert lines[2].split() == ['fp32', 'transnext', '150.0', '2000', '1.50x', '5.000']
+    assert lines[4].endswith('failed: OutOfMemoryError: CUDA')
+
+
+def test_detector_iteration_on_cpu(tmp_path):
+    out = tmp_path / 'rows.json'
+    bd.main(['--size', '64', '96', '--batch', '1', '--objects', '2', '--img-size', '64',
+             '--warmup', '0', '--repeats', '1', '--threads', '1', '--json', str(out)])
+    rows = {r['detector']: r for r in json.loads(out.read_text())['rows']}
+    assert set(rows) == {'transnext', 'swin'}
+    for row in rows.values():
+        assert 'error' not in row, row
+        assert row['loss'] > 0 and row['time_ms'] > 0
+
+
+def test_pooled_attention_table():
+    rows = [dict(path='whole', dtype='fp32', forward_ms=40.0, train_ms=90.0, forward_mb=800.0,
+                 train_mb=2000.0),
+            dict(path='fused', dtype='fp32', forward_ms=4.0, train_ms=10.0, forward_mb=20.0,
+                 train_mb=50.0),
+            dict(path='banded', dtype='fp16', error='RuntimeError: unsupported dtype')]
+    lines = bp.format_table(rows).splitlines()
+    assert lines[3].split() == ['fp32', 'fused', '4.00', '10.00x', '10.00', '9.00x', '20', '50']
+    assert lines[4].endswith('failed: RuntimeError: unsupported dtype')
+
+
+def test_pooled_attention_shapes_and_cpu_run(capsys):
+    args = bp.parse_args(['--stage', '1', '--scale', '20'])
+    assert bp.shapes(args) == dict(query=(10, 16), key=(1, 2), heads=3, build_query=(10, 10),
+                                   build_key=(1, 1))
+    # the fused kernels refuse CPU tensors outside the interpreter: a failed row, exit 1
+    with pytest.raises(SystemExit):
+        bp.main(['--stage', '3', '--scale', '10', '--repeats', '1', '--warmup', '0'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('stage 3: 2 x 12 heads, queries 5x8, keys 2x4')
+    assert lines[3].split()[:2] == ['fp32', 'whole'] and lines[4].split()[:2] == ['fp32', 'banded']
+    assert 'run on CUDA, or on the CPU under TRITON_INTERPRET=1' in lines[5]

@@ -1,0 +1,199 @@
+"""Biased attention alone: the whole-matrix, banded and fused kernels, side by side.
+
+The pooled half of aggregated attention (and the last stage's full attention) at
+the shapes of one TransNeXt-T stage at 800x1333 (``--stage``, the table ``STAGES``
+below), with the position bias resized as in detection (built on the 800 px grid).
+Per path and dtype: median time of the forward and of forward+backward (gradients
+of queries, keys, values and the bias table), and on CUDA the peak
+``torch.cuda.max_memory_allocated`` above the inputs.
+
+* whole: the released way, the whole ``(heads, N, P)`` bias and one softmax;
+* banded: :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` (the CPU path);
+* fused: :func:`~mmtransnext.ops.fused_attention.fused_bias_attention` (CUDA; on
+  the CPU only under ``TRITON_INTERPRET=1``, for checking, not timing).
+
+Example::
+
+    python tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 \\
+        --dtypes fp32 bf16 --repeats 10
+"""
+import argparse
+import statistics
+import sys
+import time
+
+# TransNeXt-T at 800x1333: query map, pooled map, heads; the bias is built on the
+# square grids of img_size 800 and resized to these.
+STAGES = {
+    1: dict(query=(200, 334), key=(25, 41), heads=3, build=(200, 25)),
+    2: dict(query=(100, 167), key=(25, 41), heads=6, build=(100, 25)),
+    3: dict(query=(50, 84), key=(25, 42), heads=12, build=(50, 25)),
+    4: dict(query=(25, 42), key=(25, 42), heads=24, build=(25, 25)),
+}
+PATHS = ('whole', 'banded', 'fused')
+DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--stage', type=int, default=1, choices=sorted(STAGES))
+    parser.add_argument('--scale', type=int, default=1,
+                        help='divide both maps by this (small runs, e.g. on the CPU)')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--head-dim', type=int, default=24)
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES))
+    parser.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2)
+    args = parser.parse_args(argv)
+    for name in ('scale', 'batch', 'head_dim', 'repeats'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be at least 1')
+    if args.warmup < 0:
+        parser.error('--warmup must not be negative')
+    return args
+
+
+def shapes(args) -> dict:
+    """The stage's grids divided by ``--scale`` (at least one cell each)."""
+    stage = STAGES[args.stage]
+    query, key, build = ([max(1, side // args.scale) for side in stage[name]]
+                         for name in ('query', 'key', 'build'))
+    return dict(query=tuple(query), key=tuple(key), heads=stage['heads'],
+                build_query=(build[0], ) * 2, build_key=(build[1], ) * 2)
+
+
+def make_inputs(args, dtype, device):
+    """Leaves ``query, key, value, table`` (model-sized logits) and the bias layout."""
+    import torch
+    import torch.nn.functional as F
+    from mmtransnext.models.position_bias import bias_layout
+
+    shape = shapes(args)
+    layout = bias_layout(shape['build_query'], shape['build_key'], (56, 56), shape['query'],
+                         shape['key'], device)
+    gen = torch.Generator().manual_seed(0)
+    tokens = shape['query'][0] * shape['query'][1]
+    keys = shape['key'][0] * shape['key'][1]
+    heads, dim = shape['heads'], args.head_dim
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen)
+
+    query = F.normalize(randn(args.batch, heads, tokens, dim), dim=-1) * 12.0
+    key = F.normalize(randn(args.batch, heads, keys, dim), dim=-1)
+    value = randn(args.batch, heads, keys, dim)
+    table = randn(heads, *layout.coords.shape[:2])
+    leaves = [t.to(device, dtype).requires_grad_() for t in (query, key, value, table)]
+    return leaves, layout
+
+
+def attention(path):
+    """``f(query, key, value, table, layout) -> (out, lse)`` of one path."""
+    from mmtransnext.models.position_bias import RowFactoredBias, expand_bias
+    from mmtransnext.ops.banded_attention import banded_bias_attention
+    from mmtransnext.ops.fused_attention import fused_bias_attention
+
+    def whole(query, key, value, table, layout):
+        logits = query @ key.transpose(-2, -1) + expand_bias(table, layout)
+        return logits.softmax(-1) @ value, logits.logsumexp(-1)
+
+    def factored(kernel):
+        return lambda query, key, value, table, layout: kernel(
+            query, key, value, RowFactoredBias(table, layout))
+
+    return {'whole': whole, 'banded': factored(banded_bias_attention),
+            'fused': factored(fused_bias_attention)}[path]
+
+
+def measure(fn, device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` (synchronised on CUDA)."""
+    import torch
+    times = []
+    for _ in range(warmup + repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[warmup:])
+
+
+def run(args, path: str, dtype_name: str) -> dict:
+    """Forward and forward+backward of one path and dtype."""
+    import torch
+    device = torch.device(args.device)
+    dtype = getattr(torch, DTYPES[dtype_name])
+    leaves, layout = make_inputs(args, dtype, device)
+    fn = attention(path)
+    out, lse = fn(*leaves, layout)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+
+    def forward():
+        with torch.no_grad():
+            fn(*leaves, layout)
+
+    def train():
+        out, lse = fn(*leaves, layout)
+        torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
+
+    row = dict(path=path, dtype=dtype_name)
+    for mode, step in (('forward', forward), ('train', train)):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        row[f'{mode}_ms'] = measure(step, device, args.warmup, args.repeats)
+        if device.type == 'cuda':
+            row[f'{mode}_mb'] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def format_table(rows) -> str:
+    """Times (and CUDA memory) per path; ``x whole`` is the whole-matrix time over this one."""
+    header = (f'{"dtype":5} {"path":7} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
+              f'{"x whole":>8} {"fwd MB":>8} {"fwd+bwd MB":>10}')
+    lines = [header, '-' * len(header)]
+    whole = {r['dtype']: r for r in rows if r['path'] == 'whole' and 'error' not in r}
+    for row in rows:
+        lead = f'{row["dtype"]:5} {row["path"]:7}'
+        if 'error' in row:
+            lines.append(f'{lead} failed: {row["error"]}')
+            continue
+        ref = whole.get(row['dtype'])
+        cells = []
+        for mode in ('forward', 'train'):
+            cells.append(f'{row[f"{mode}_ms"]:10.2f}')
+            cells.append(f'{ref[f"{mode}_ms"] / row[f"{mode}_ms"]:7.2f}x' if ref else f'{"-":>8}')
+        memory = [f'{row[k]:8.0f}' if k in row else f'{"-":>8}' for k in ('forward_mb',)]
+        memory += [f'{row[k]:10.0f}' if k in row else f'{"-":>10}' for k in ('train_mb',)]
+        lines.append(' '.join([lead] + cells + memory))
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    shape = shapes(args)
+    rows = []
+    for dtype_name in args.dtypes:
+        for path in args.paths:
+            try:
+                rows.append(run(args, path, dtype_name))
+            except (RuntimeError, ValueError) as exc:   # out of memory, unsupported dtype
+                rows.append(dict(path=path, dtype=dtype_name,
+                                 error=f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'))
+    print(f'stage {args.stage}: {args.batch} x {shape["heads"]} heads, queries '
+          f'{shape["query"][0]}x{shape["query"][1]}, keys {shape["key"][0]}x{shape["key"][1]}, '
+          f'head dim {args.head_dim}, {args.device}, median of {args.repeats} after '
+          f'{args.warmup} warm-up')
+    print(format_table(rows))
+    if any('error' in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
