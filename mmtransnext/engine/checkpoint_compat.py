@@ -99,7 +99,8 @@ def mmengine_safe_globals() -> List[_SafeGlobal]:
 def torch_loads_weights_only() -> bool:
     """Whether this torch's ``torch.load`` defaults to ``weights_only=True``
     (torch >= 2.6), which is what MMEngine's plain ``torch.load`` calls meet."""
-    return torch_release(torch.__version__) >= (2, 6)
+    return (torch_release(torch.__version__) >= (2, 6)
+            and hasattr(torch.serialization, 'add_safe_globals'))
 
 
 def allow_mmengine_checkpoints() -> None:
