@@ -17,11 +17,18 @@ import torch
 
 from mmtransnext.models.position_bias import RowFactoredBias, bias_layout
 from mmtransnext.ops import DISABLE_ENV, use_fused_attention
+from mmtransnext.ops import fused_attention
 from mmtransnext.ops.fused_attention import fused_bias_attention
 
 TESTS = Path(__file__).resolve().parent
 
+# torch 2.1-2.3 CUDA wheels bring Triton 2, whose language the kernels do not use; there
+# the banded path serves CUDA too (tested in test_dispatch_needs_triton_3 below).
+needs_triton_3 = pytest.mark.skipif(not fused_attention._TRITON,
+                                    reason=f'needs triton >= {fused_attention.MIN_TRITON}')
 
+
+@needs_triton_3
 def test_kernels_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET='1')
     done = subprocess.run(
@@ -42,6 +49,7 @@ _BACKWARD_POINTERS = dict(Q='io', K='io', V='io', GRAD_OUT='io', LSE='fp32', SHI
 
 # Each arch and each kind of matmul once (float32 FMA, bfloat16 tensor cores);
 # uncached, the float32 backward alone takes tens of seconds to build.
+@needs_triton_3
 @pytest.mark.parametrize('arch, dtype', [(90, 'fp32'), (80, 'bf16')])
 def test_kernels_compile_for_gpus(arch, dtype):
     """Both kernels as launched for head dim 24, built to cubins."""
@@ -75,7 +83,7 @@ def test_dispatch_rule(monkeypatch):
     assert not use_fused_attention(cpu)           # the CPU keeps the banded path
     assert not use_fused_attention(cpu.to('meta'))
     if torch.cuda.is_available():
-        assert use_fused_attention(cpu.cuda())
+        assert use_fused_attention(cpu.cuda()) is fused_attention._TRITON
         assert not use_fused_attention(cpu.cuda().double())
         monkeypatch.setenv(DISABLE_ENV, '1')
         assert not use_fused_attention(cpu.cuda())
@@ -100,3 +108,13 @@ def test_bad_input_raises_named_error(bad, message):
     with pytest.raises(ValueError, match=message):
         fused_bias_attention(**args, bias=bias)
 
+
+
+def test_dispatch_needs_triton_3(monkeypatch):
+    """Triton 2 (torch < 2.4 wheels) or none keeps CUDA tensors on the banded path."""
+    for version, usable in (('2.1.0', False), ('3.0.0', True), ('3.9.0', True)):
+        monkeypatch.setattr(fused_attention.importlib.metadata, 'version', lambda name: version)
+        monkeypatch.setattr(fused_attention.importlib.util, 'find_spec', lambda name: object())
+        assert fused_attention._triton_usable() is usable, version
+    monkeypatch.setattr(fused_attention.importlib.util, 'find_spec', lambda name: None)
+    assert fused_attention._triton_usable() is False

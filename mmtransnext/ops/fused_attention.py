@@ -27,6 +27,7 @@ Dispatch follows one rule, :func:`use_fused_attention` (applied by
 sized for its caches.
 """
 import contextlib
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -43,16 +44,32 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # map has about 1,000 keys, so a program takes ~16 steps.
 _BLOCK_M = 64
 _BLOCK_N = 64
-# Whether Triton is importable; a plain bool keeps the dispatch traceable.
-_TRITON = importlib.util.find_spec('triton') is not None
+# The kernels use Triton 3's language (``tl.dot(..., input_precision=...)``); torch
+# 2.1-2.3 CUDA wheels ship Triton 2, which keeps the banded path.
+MIN_TRITON = (3, 0)
+
+
+def _triton_usable() -> bool:
+    if importlib.util.find_spec('triton') is None:
+        return False
+    try:
+        version = importlib.metadata.version('triton')
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on the path
+        return True
+    return tuple(int(part) for part in version.split('.')[:2]) >= MIN_TRITON
+
+
+# Read once: a plain bool keeps the dispatch traceable.
+_TRITON = _triton_usable()
 
 
 def use_fused_attention(tensor: Tensor) -> bool:
     """The one rule that picks the fused kernels for biased attention.
 
     True when ``tensor`` is on a CUDA device, its dtype is float32, float16 or
-    bfloat16, Triton is installed and ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``.
-    Otherwise (CPU, float64, no Triton, reference requested) the banded path runs.
+    bfloat16, Triton 3 or newer is installed and ``MMTRANSNEXT_DISABLE_EXT`` is not
+    ``1``. Otherwise (CPU, float64, no or older Triton, reference requested) the banded
+    path runs.
 
     Args:
         tensor (Tensor): the queries; only device and dtype matter.
