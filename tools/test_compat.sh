@@ -57,6 +57,8 @@ EOF
     $PY -c 'import mmcv.ops'
     $PIP install -q -c "$CONSTRAINTS" -r "$REPO/requirements/runtime.txt" \
         -r "$REPO/requirements/tests.txt"
+    # As the Makefile does: Triton for the interpreter tests, unless this torch brought its own.
+    $PY -c 'import triton' 2>/dev/null || $PIP install -q -c "$CONSTRAINTS" triton==3.9.0
     touch "$DEPS_STAMP"
 fi
 
