@@ -355,7 +355,11 @@ class FullAttention(_PositionBiasAttention):
         batch, tokens, channels = x.shape
         query, key, value = self.qkv(x).view(batch, tokens, 3, self.num_heads,
                                              self.head_dim).permute(2, 0, 3, 1, 4)
-        query = self._scaled_query(F.normalize(query, dim=-1), math.log(tokens))
+        if capturing_graph():     # keep a symbolic token count symbolic: log in the graph
+            scale = torch.full((), tokens, dtype=torch.float64, device=x.device).log()
+        else:
+            scale = math.log(tokens)
+        query = self._scaled_query(F.normalize(query, dim=-1), scale)
         key = F.normalize(key, dim=-1)
         size = (height, width)
         query, key, value = _one_dtype((query, key, value))
