@@ -237,19 +237,21 @@ std::tuple<BandGeometry, at::Tensor, at::Tensor, at::Tensor> check_bias_rows_bac
 
 }  // namespace mmtransnext
 
+// height and width are SymInt so that torch.compile / torch.export keep a map's size
+// symbolic (one graph for every input size); the kernels receive them as int64_t.
 TORCH_LIBRARY(mmtransnext, m) {
   m.def(
-      "sliding_window_logits(Tensor query, Tensor key, Tensor bias, int height, "
-      "int width, int window_size) -> Tensor");
+      "sliding_window_logits(Tensor query, Tensor key, Tensor bias, SymInt height, "
+      "SymInt width, int window_size) -> Tensor");
   m.def(
       "sliding_window_logits_backward(Tensor grad_out, Tensor query, Tensor key, "
-      "int height, int width, int window_size) -> (Tensor, Tensor, Tensor)");
+      "SymInt height, SymInt width, int window_size) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "sliding_window_aggregate(Tensor weights, Tensor value, int height, int width, "
-      "int window_size) -> Tensor");
+      "sliding_window_aggregate(Tensor weights, Tensor value, SymInt height, "
+      "SymInt width, int window_size) -> Tensor");
   m.def(
       "sliding_window_aggregate_backward(Tensor grad_out, Tensor weights, Tensor value, "
-      "int height, int width, int window_size) -> (Tensor, Tensor)");
+      "SymInt height, SymInt width, int window_size) -> (Tensor, Tensor)");
   // Band kernels of banded bias attention (csrc/cpu/band_softmax_cpu.cpp).
   m.def(
       "bias_softmax_(Tensor(a!) logits, Tensor by_rows, Tensor col_index, Tensor col_weight, "

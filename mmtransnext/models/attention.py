@@ -12,6 +12,10 @@ Each module has two ways to compute the same numbers:
   The biased attention is, by :func:`mmtransnext.ops.use_fused_attention`, the
   fused Triton kernels on CUDA and
   :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` elsewhere.
+
+While a graph is captured (torch.compile, torch.export, ONNX) both take the
+reference's structure; the default path keeps the compiled window op in it
+(see :mod:`mmtransnext.ops.graph_capture`).
 """
 import math
 from functools import lru_cache
@@ -23,10 +27,11 @@ import torch.nn.functional as F
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 
-from ..ops import (sliding_window_aggregate, sliding_window_aggregate_reference,
-                   sliding_window_logits, sliding_window_logits_reference, use_compiled_op)
+from ..ops import (sliding_window_aggregate, sliding_window_logits,
+                   sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
 from ..ops.fused_attention import fused_bias_attention, use_fused_attention
+from ..ops.graph_capture import capturing_graph
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
                             expand_bias)
 
@@ -36,10 +41,18 @@ _CPB_HIDDEN = 512
 _INITIAL_TEMPERATURE = math.log(math.exp(1 / 0.24) - 1)
 
 
-@lru_cache(maxsize=64)
 def _local_scale(height: int, width: int, window_size: int, pooled: int,
                  device: torch.device) -> Tensor:
-    """``ln(valid(n) + P)`` per token: ``(N, 1)``, valid(n) = window cells inside the map."""
+    """``ln(valid(n) + P)`` per token: ``(N, 1)``, valid(n) = window cells inside the map.
+
+    Cached in eager mode; a captured graph computes it from its (symbolic) sizes.
+    """
+    if capturing_graph():
+        return _window_scale(height, width, window_size, pooled, device)
+    return _cached_window_scale(height, width, window_size, pooled, device)
+
+
+def _window_scale(height, width, window_size, pooled, device) -> Tensor:
     half = window_size // 2
 
     def inside(length):
@@ -56,6 +69,33 @@ def _bias_attention(query: Tensor):
     Both names are looked up at each call, so tools may swap them (get_flops does).
     """
     return fused_bias_attention if use_fused_attention(query) else banded_bias_attention
+
+
+_cached_window_scale = lru_cache(maxsize=64)(_window_scale)
+
+
+def _adaptive_avg_pool(x: Tensor, size: Tuple[int, int]) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` of a ``(B, C, H, W)`` map.
+
+    In a captured graph the sizes may be symbolic, which Inductor's pooling and ONNX's
+    pooling operators do not take; the pool is then the same bin averages as two
+    matmuls with averaging matrices (equal up to float rounding).
+    """
+    if not capturing_graph():
+        return F.adaptive_avg_pool2d(x, size)
+    rows = _bin_average_matrix(x.shape[-2], size[0], x)
+    cols = _bin_average_matrix(x.shape[-1], size[1], x)
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+def _bin_average_matrix(length, bins, like: Tensor) -> Tensor:
+    """``(bins, length)``: row ``k`` averages cells ``floor(k*L/bins) .. ceil((k+1)*L/bins)-1``."""
+    k = torch.arange(bins, device=like.device)
+    start = torch.div(k * length, bins, rounding_mode='floor')
+    stop = -torch.div(-(k + 1) * length, bins, rounding_mode='floor')
+    cells = torch.arange(length, device=like.device)
+    member = (cells[None, :] >= start[:, None]) & (cells[None, :] < stop[:, None])
+    return member.to(like.dtype) / (stop - start).to(like.dtype)[:, None]
 
 
 def core_dtype(device_type: str, autocast_dtype: Optional[torch.dtype],
@@ -161,13 +201,16 @@ class _PositionBiasAttention(nn.Module):
             build_query = (self.build_size, self.build_size)
             build_key = ((self.build_pool_size, ) * 2 if self.build_pool_size is not None
                          else build_query)
-        return bias_layout(tuple(build_query), tuple(build_key),
-                           (self.pretrain_size, self.pretrain_size),
-                           tuple(query_size), tuple(key_size), device)
+        # Cached in eager mode; a captured graph's sizes may be symbolic (unhashable).
+        layout = bias_layout.__wrapped__ if capturing_graph() else bias_layout
+        return layout(tuple(build_query), tuple(build_key),
+                      (self.pretrain_size, self.pretrain_size),
+                      tuple(query_size), tuple(key_size), device)
 
     def _bias_table(self, layout: BiasLayout, dtype) -> Tensor:
         """The MLP on the layout's offsets: ``(heads, Uh, Uw)``, the released way."""
-        coords = layout.coords.to(self.cpb_fc1.weight.dtype)
+        coords = (layout.offset_grid() if capturing_graph() else layout.coords)
+        coords = coords.to(self.cpb_fc1.weight.dtype)
         table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords))).permute(2, 0, 1)
         return table.to(dtype)
 
@@ -246,7 +289,9 @@ class AggregatedAttention(_PositionBiasAttention):
         """The pooled grid ``(Hp, Wp)`` for a map; never smaller than 1x1."""
         if self.fixed_pool_size is not None:
             return self.fixed_pool_size, self.fixed_pool_size
-        return max(height // self.sr_ratio, 1), max(width // self.sr_ratio, 1)
+        # sym_max: a captured graph keeps symbolic sizes symbolic (max() would guard on them).
+        return (torch.sym_max(height // self.sr_ratio, 1),
+                torch.sym_max(width // self.sr_ratio, 1))
 
     def _project(self, x: Tensor, height: int, width: int) -> tuple:
         """Queries, keys and values of the window and of the periphery."""
@@ -263,7 +308,7 @@ class AggregatedAttention(_PositionBiasAttention):
 
         # The periphery: keys and values of the pooled map, through the same kv.
         periphery = self.act(self.sr(x.transpose(1, 2).reshape(batch, channels, height, width)))
-        periphery = F.adaptive_avg_pool2d(periphery, (pool_h, pool_w))
+        periphery = _adaptive_avg_pool(periphery, (pool_h, pool_w))
         periphery = self.norm(periphery.reshape(batch, channels, pooled).transpose(1, 2))
         pool_key, pool_value = self.kv(periphery).view(batch, pooled, 2, heads,
                                                        head_dim).permute(2, 0, 3, 1, 4)
@@ -279,7 +324,8 @@ class AggregatedAttention(_PositionBiasAttention):
         """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
         batch, tokens, channels = x.shape
         projected = self._project(x, height, width)
-        core = self._merged_softmax if use_compiled_op(x) else self._joint_softmax
+        merged = use_compiled_op(x) and not capturing_graph()
+        core = self._merged_softmax if merged else self._joint_softmax
         operands = _one_dtype(projected, x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             out = core(*operands)
@@ -311,17 +357,20 @@ class AggregatedAttention(_PositionBiasAttention):
 
     def _joint_softmax(self, query, key, value, pool_key, pool_value, token_weights,
                        height, width, pool_size):
-        """The released algorithm: one softmax over concatenated logits."""
+        """The released algorithm: one softmax over concatenated logits.
+
+        The window ops dispatch as everywhere: in a captured graph of the default path
+        they are the compiled op, on the reference path the released ``unfold``.
+        """
         ws = self.window_size
-        local = sliding_window_logits_reference(
-            query, key, self.relative_pos_bias_local.to(query.dtype), height, width, ws)
+        local = sliding_window_logits(query, key, self.relative_pos_bias_local.to(query.dtype),
+                                      height, width, ws)
         bias = self._full_bias((height, width), pool_size, query)
         pooled = query @ pool_key.transpose(-2, -1) + bias
         attn = torch.cat([local, pooled], dim=-1).softmax(dim=-1, dtype=_stats_dtype(query))
         attn = attn.to(query.dtype)
         attn_local, attn_pooled = attn.split([self.local_len, pooled.shape[-1]], dim=-1)
-        out = sliding_window_aggregate_reference(attn_local + token_weights, value, height,
-                                                 width, ws)
+        out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
         return out + attn_pooled @ pool_value
 
     def _merged_softmax(self, query, key, value, pool_key, pool_value, token_weights,
@@ -365,12 +414,16 @@ class FullAttention(_PositionBiasAttention):
         batch, tokens, channels = x.shape
         query, key, value = self.qkv(x).view(batch, tokens, 3, self.num_heads,
                                              self.head_dim).permute(2, 0, 3, 1, 4)
-        query = self._scaled_query(F.normalize(query, dim=-1), math.log(tokens))
+        if capturing_graph():     # keep a symbolic token count symbolic: log in the graph
+            scale = torch.full((), tokens, dtype=torch.float64, device=x.device).log()
+        else:
+            scale = math.log(tokens)
+        query = self._scaled_query(F.normalize(query, dim=-1), scale)
         key = F.normalize(key, dim=-1)
         size = (height, width)
         query, key, value = _one_dtype((query, key, value), x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            if use_compiled_op(x):
+            if use_compiled_op(x) and not capturing_graph():
                 out, _ = _bias_attention(query)(query, key, value,
                                                 self._factored_bias(size, size, query))
             else:

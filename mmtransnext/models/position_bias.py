@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.graph_capture import capturing_graph
+
 Size2d = Tuple[int, int]
 
 # Offsets are measured in units of the pretraining grid and scaled so that the
@@ -35,32 +37,38 @@ Size2d = Tuple[int, int]
 _OFFSET_RANGE = 8.0
 
 
-def _pooled_axis(length: int, bins: int) -> Tensor:
+def _pooled_axis(length: int, bins: int) -> list:
     """Coordinates ``0..length-1`` averaged over each bin of a 1-D adaptive pool.
 
     Returns:
-        Tensor: ``(bins,)`` float64, bin ``k`` covering
+        list[float]: ``bins`` centres, bin ``k`` covering
         ``floor(k*length/bins) .. ceil((k+1)*length/bins)-1``.
     """
     starts = [(k * length) // bins for k in range(bins)]
     ends = [-((-(k + 1) * length) // bins) for k in range(bins)]
-    return torch.tensor([(s + e - 1) / 2.0 for s, e in zip(starts, ends)],
-                        dtype=torch.float64)
+    return [(s + e - 1) / 2.0 for s, e in zip(starts, ends)]
 
 
 def _axis_offsets(query_len: int, key_len: int,
                   pretrain_len: int) -> Tuple[Tensor, Tensor]:
     """Log-spaced offsets along one axis and where each query/key pair finds its own.
 
+    The offsets are found in Python floats (float64, the same operations in the
+    same order as on float64 tensors), so that a captured graph gets them as
+    constants rather than as a data-dependent ``unique``.
+
     Returns:
         tuple[Tensor, Tensor]: the distinct transformed offsets ``(U,)`` (float64)
         and the index ``(query_len, key_len)`` of each pair into them.
     """
-    queries = torch.arange(query_len, dtype=torch.float64)
     keys = _pooled_axis(query_len, key_len)
     # A one-cell pretraining grid would divide by zero; the offsets are then 0-based.
-    rel = (queries[:, None] - keys[None, :]) / max(pretrain_len - 1, 1) * _OFFSET_RANGE
-    values, index = torch.unique(rel, return_inverse=True)
+    step = max(pretrain_len - 1, 1)
+    rel = [(query - key) / step * _OFFSET_RANGE for query in range(query_len) for key in keys]
+    distinct = sorted(set(rel))
+    position = {value: i for i, value in enumerate(distinct)}
+    index = torch.tensor([position[value] for value in rel]).reshape(query_len, key_len)
+    values = torch.tensor(distinct, dtype=torch.float64)
     values = torch.sign(values) * torch.log2(values.abs() + 1.0) / math.log2(_OFFSET_RANGE)
     return values, index
 
@@ -88,6 +96,10 @@ class BiasLayout:
     @cached_property
     def coords(self) -> Tensor:
         """``(Uh, Uw, 2)`` MLP inputs, the product of the row and column offsets."""
+        return self.offset_grid()
+
+    def offset_grid(self) -> Tensor:
+        """:attr:`coords` built anew (a captured graph cannot enter the cache's lock)."""
         return torch.stack(torch.meshgrid(self.offsets_h, self.offsets_w, indexing='ij'),
                            dim=-1)
 
@@ -196,9 +208,11 @@ class OffsetMLP(torch.autograd.Function):
 def _resize(x: Tensor, size: Size2d) -> Tensor:
     """Bilinear resize of a 4-D tensor's last two dims (``align_corners=False``).
 
-    Equal sizes return the input unchanged, which is what the resize computes then.
+    Equal sizes return the input unchanged, which is what the resize computes then;
+    a captured graph resizes anyway, so that it does not depend on whether a symbolic
+    size happens to equal the built one.
     """
-    if tuple(x.shape[-2:]) == tuple(size):
+    if not capturing_graph() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 

@@ -25,6 +25,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .graph_capture import (sliding_window_aggregate_decomposed,
+                            sliding_window_logits_decomposed)
+
 __all__ = [
     'sliding_window_logits', 'sliding_window_aggregate',
     'sliding_window_logits_reference', 'sliding_window_aggregate_reference',
@@ -279,7 +282,8 @@ def sliding_window_logits(query: torch.Tensor, key: torch.Tensor, bias: torch.Te
     where neighbour ``j`` is inside the map, ``-inf`` where it is outside. Gradients
     flow to query, key and bias (none from the ``-inf`` entries). Uses the compiled op
     when :func:`use_compiled_op` says so, else
-    :func:`sliding_window_logits_reference`.
+    :func:`sliding_window_logits_reference`; during an ONNX export, its form in
+    standard operators (:mod:`mmtransnext.ops.graph_capture`).
 
     Args:
         query (torch.Tensor): ``(B, heads, N, d)``, ``N = height * width``, row-major.
@@ -297,6 +301,8 @@ def sliding_window_logits(query: torch.Tensor, key: torch.Tensor, bias: torch.Te
             mismatches, or mixed dtypes/devices.
     """
     _check_logits_args(query, key, bias, height, width, window_size)
+    if torch.onnx.is_in_onnx_export():    # ONNX has no node for the compiled op
+        return sliding_window_logits_decomposed(query, key, bias, height, width, window_size)
     if use_compiled_op(query):
         return torch.ops.mmtransnext.sliding_window_logits(query, key, bias, height, width,
                                                            window_size)
@@ -310,7 +316,8 @@ def sliding_window_aggregate(weights: torch.Tensor, value: torch.Tensor, height:
     ``out[b, t, n, :] = sum_j weights[b, t, n, j] * value[b, t, nbr_j(n), :]`` over the
     neighbours inside the map; weights of outside neighbours are ignored and get zero
     gradient. Gradients flow to weights and value. Uses the compiled op when
-    :func:`use_compiled_op` says so, else :func:`sliding_window_aggregate_reference`.
+    :func:`use_compiled_op` says so, else :func:`sliding_window_aggregate_reference`;
+    during an ONNX export, its form in standard operators.
 
     Args:
         weights (torch.Tensor): ``(B, heads, N, window_size**2)``, e.g. softmax output.
@@ -327,6 +334,8 @@ def sliding_window_aggregate(weights: torch.Tensor, value: torch.Tensor, height:
             mismatches, or mixed dtypes/devices.
     """
     _check_aggregate_args(weights, value, height, width, window_size)
+    if torch.onnx.is_in_onnx_export():
+        return sliding_window_aggregate_decomposed(weights, value, height, width, window_size)
     if use_compiled_op(value):
         return torch.ops.mmtransnext.sliding_window_aggregate(weights, value, height, width,
                                                               window_size)

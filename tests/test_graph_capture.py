@@ -1,0 +1,167 @@
+"""Graph capture: torch.compile and torch.export trace the backbone, ONNX export of the
+backbone and a segmentor matches PyTorch, bad input to the exporter is refused."""
+import importlib.util
+
+import pytest
+import torch
+
+import tool_configs as tc
+from conftest import REPO
+from mmtransnext.deploy import (compare_with_onnxruntime, example_input, export_onnx,
+                                export_wrapper, load_weights)
+from mmtransnext.models import TransNeXt
+from mmtransnext.tools.common import build_model, load_config
+
+ARCH = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1],
+            mlp_ratios=[4, 4, 4, 4], sr_ratios=[8, 4, 2, 1], window_size=[3, 3, 3, None])
+SIZES = [(64, 64), (72, 96), (80, 56)]
+ONNX_TOL = 1e-4
+
+
+def small_backbone(**kwargs):
+    torch.manual_seed(0)
+    return TransNeXt(arch=ARCH, img_size=64, **kwargs)
+
+
+def loss_and_grads(model, fn, x, weights):
+    x = x.clone().requires_grad_()
+    outs = fn(x)
+    loss = sum((out * w).sum() for out, w in zip(outs, weights))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return [o.detach() for o in outs], x.grad, grads
+
+
+def assert_grad_close(grad, ref, name):
+    """The golden README's per-tensor gradient tolerance."""
+    limit = 1e-3 * max(ref.abs().max().item(), 1e-3)
+    err = (grad - ref).abs().max().item()
+    assert err <= limit, f'{name}: max |g - g_ref| = {err:.3g} > {limit:.3g}'
+
+
+def test_compile_trains_like_eager_at_three_sizes_with_one_dynamic_graph(attention_path):
+    """Forward and gradients equal eager; a third size reuses the dynamic graph."""
+    torch._dynamo.reset()
+    model = small_backbone().train()
+    # aot_eager traces what inductor would compile (Dynamo + AOTAutograd, forward and
+    # backward graphs) at a fraction of the compile time on a CPU.
+    compiled = torch.compile(model, backend='aot_eager')
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for i, size in enumerate(SIZES):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            shapes = [o.shape for o in model(x)]
+        weights = [torch.randn(s, generator=torch.Generator().manual_seed(10 + j))
+                   for j, s in enumerate(shapes)]
+        out_e, gx_e, g_e = loss_and_grads(model, model, x, weights)
+        out_c, gx_c, g_c = loss_and_grads(model, compiled, x, weights)
+        for a, b in zip(out_c, out_e):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert_grad_close(gx_c, gx_e, 'input')
+        for name in g_e:
+            assert_grad_close(g_c[name], g_e[name], name)
+    assert counters['graph_break'] == {}, dict(counters['graph_break'])
+    # The first size compiles static, the second dynamic; the third reuses that.
+    assert counters['frames']['ok'] == 2, dict(counters['frames'])
+
+
+def test_export_keeps_the_compiled_op_and_equals_eager():
+    model = small_backbone().eval()
+    dim = torch.export.Dim.DYNAMIC
+    program = torch.export.export(model, (torch.randn(1, 3, 64, 64), ),
+                                  dynamic_shapes=({2: dim, 3: dim}, ))
+    # The attention core runs with autocast off: a submodule of the exported graph.
+    targets = {str(node.target) for module in program.graph_module.modules()
+               if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes}
+    assert 'mmtransnext.sliding_window_logits.default' in targets
+    assert 'mmtransnext.sliding_window_aggregate.default' in targets
+    for size in SIZES[:2]:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = model(x)
+        for got, ref in zip(program.module()(x), expected):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mode', ['interpolation', 'extrapolation'])
+def test_onnx_backbone_matches_pytorch(tmp_path, mode):
+    """Default path, no setting: the window op exports in standard operators.
+
+    Interpolation: one dynamic file at two sizes. Extrapolation builds the bias on
+    each input's own grid, so its file has a fixed size: two sizes, two files.
+    """
+    model = small_backbone(is_extrapolation=mode == 'extrapolation').eval()
+    dynamic = mode == 'interpolation'
+    files = {}
+    for size in SIZES[:2]:
+        if dynamic and files:
+            files[size] = files[SIZES[0]]
+            continue
+        files[size] = tmp_path / f'backbone_{size[0]}x{size[1]}.onnx'
+        export_onnx(model, example_input(*size), str(files[size]), dynamic=dynamic)
+    for i, size in enumerate(SIZES[:2]):
+        result, = compare_with_onnxruntime(model, str(files[size]), [example_input(*size,
+                                                                                   seed=i)])
+        assert result['max_abs'] <= ONNX_TOL, result
+    import onnx
+    graph = onnx.load(str(files[SIZES[0]]))
+    domains = {node.domain for node in graph.graph.node}
+    domains |= {node.domain for function in graph.functions for node in function.node}
+    assert domains <= {'', 'ai.onnx'}, domains      # standard operators only
+
+
+def test_onnx_segmentor_logits_match_pytorch(tmp_path):
+    cfg = load_config(str(tc.write_config(tmp_path, 'upernet')))
+    segmentor = build_model(cfg).eval()
+    module = export_wrapper(segmentor, 'segmentor')
+    out = tmp_path / 'upernet.onnx'
+    export_onnx(module, example_input(64, 64), str(out), dynamic=True)
+    results = compare_with_onnxruntime(module, str(out), [example_input(64, 64),
+                                                          example_input(72, 96, seed=1)])
+    for result in results:
+        assert result['max_abs'] <= ONNX_TOL, result
+    assert [r['size'] for r in results] == [(64, 64), (72, 96)]
+
+
+def test_too_old_opset_is_refused_and_leaves_no_file(tmp_path):
+    out = tmp_path / 'backbone.onnx'
+    with pytest.raises(ValueError, match='opset 17 is too old'):
+        export_onnx(small_backbone(), example_input(64, 64), str(out), opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg = load_config(str(tc.write_config(tmp_path, 'upernet')))
+    segmentor = build_model(cfg)
+    other = TransNeXt(arch='micro')
+    path = tmp_path / 'micro.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in other.state_dict().items()}},
+               path)
+    with pytest.raises(ValueError, match='does not match .* shape mismatch: backbone'):
+        load_weights(segmentor, str(path), 'segmentor')
+
+
+def test_models_without_a_transnext_backbone_are_refused():
+    with pytest.raises(ValueError, match='Linear is not a TransNeXt model'):
+        export_wrapper(torch.nn.Linear(2, 2), 'backbone')
+
+
+def test_export_tool_writes_and_checks_a_detector(tmp_path, capsys):
+    """Config + checkpoint in, .onnx out, ORT checked (random weights: shapes and numbers)."""
+    spec = importlib.util.spec_from_file_location('export_onnx', REPO / 'tools' / 'export_onnx.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = tc.write_config(tmp_path, 'mask-rcnn')
+    detector = build_model(load_config(str(config)))
+    checkpoint = tmp_path / 'detector.pth'
+    torch.save({'state_dict': detector.state_dict()}, checkpoint)
+    out = tmp_path / 'detector.onnx'
+    assert tool.main([str(config), str(checkpoint), str(out), '--size', '96,128',
+                      '--check']) == 0
+    printed = capsys.readouterr().out
+    assert 'detector' in printed and 'ok' in printed and out.exists()
+    with pytest.raises(SystemExit, match='opset 11 is too old'):
+        tool.main([str(config), str(checkpoint), str(tmp_path / 'old.onnx'), '--opset', '11'])
+    assert not (tmp_path / 'old.onnx').exists()
