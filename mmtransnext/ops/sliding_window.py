@@ -142,13 +142,15 @@ def use_compiled_op(tensor: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------- validation
 # The kernels' dtypes (csrc/sliding_window.cpp, supported_dtype).
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SIZE_TYPES = (int, torch.SymInt)
 
 
 def _check_window(height: int, width: int, window_size: int) -> None:
     if not isinstance(window_size, int) or window_size <= 0 or window_size % 2 == 0:
         raise ValueError(
             f'window_size must be an odd positive int, got {window_size!r}')
-    if not (isinstance(height, int) and isinstance(width, int)):
+    # Symbolic sizes (torch.SymInt) arrive while torch.compile / torch.export trace.
+    if not (isinstance(height, _SIZE_TYPES) and isinstance(width, _SIZE_TYPES)):
         raise ValueError(f'height and width must be ints, got {height!r} and {width!r}')
     if height <= 0 or width <= 0:
         raise ValueError(f'height and width must be positive, got {height}x{width}')
