@@ -8,7 +8,8 @@ The target defaults to the config's task (segmentor for mmseg, detector for mmde
 a segmentor exports up to its logits at the input size, a detector its tensors before
 post-processing (neck maps, RPN scores and deltas; see DetectorTensors). The input is
 the normalised image, as the config's data preprocessor makes it. --dynamic keeps
-height and width symbolic (one file for every size); without it the size is fixed
+height and width symbolic for a backbone (one file for every size; segmentors and
+detectors are refused: their heads fix sizes while traced); without it the size is fixed
 and the position bias folds to constants. --check runs ONNX Runtime (CPU) against
 PyTorch at --size and at --check-size and fails above 1e-4 (relative to the largest
 output). The file is written under a temporary name and renamed when complete.
@@ -28,7 +29,8 @@ def parse_args(argv=None):
     parser.add_argument('--target', choices=['backbone', 'segmentor', 'detector'],
                         help="what to export (default: the config's task)")
     parser.add_argument('--size', default='512,512', help='input H,W (default 512,512)')
-    parser.add_argument('--dynamic', action='store_true', help='symbolic height and width')
+    parser.add_argument('--dynamic', action='store_true',
+                        help='symbolic height and width (backbones in interpolation mode)')
     parser.add_argument('--opset', type=int, default=18, help='ONNX opset (>= 18)')
     parser.add_argument('--fixed-pool-size', type=int,
                         help='pool the periphery to SxS (linear-cost inference mode)')

@@ -171,8 +171,17 @@ def export_onnx(module: nn.Module, example: Tensor, out_file: str, opset: int = 
         list[str]: the names of the graph's outputs.
 
     Raises:
-        ValueError: an opset older than :data:`MIN_OPSET`.
+        ValueError: an opset older than :data:`MIN_OPSET`, or ``dynamic`` for a
+            segmentor or detector.
     """
+    if dynamic and not isinstance(module, TransNeXt):
+        # mmseg's and mmdet's heads take some sizes as Python ints while traced: a
+        # dynamic file of a UperNet gave logits 2.3 off at a second size. Refused rather
+        # than silently wrong.
+        raise ValueError(
+            'dynamic height and width are exported for the TransNeXt backbone only; the '
+            f'heads of {type(module).__name__} fix sizes in the traced graph. Export one '
+            'file per input size (a fixed --size) instead.')
     if opset < MIN_OPSET:
         raise ValueError(f'opset {opset} is too old: the exporter writes opset {MIN_OPSET} '
                          'or newer (LayerNormalization is an opset-17 operator, and '
