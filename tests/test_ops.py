@@ -268,7 +268,8 @@ def test_module_imports_without_extension(monkeypatch):
     # deleted): importing works, nothing is registered, the reference is used.
     monkeypatch.setitem(sys.modules, 'mmtransnext._C', None)
     monkeypatch.delattr(sys.modules['mmtransnext'], '_C', raising=False)
-    spec = importlib.util.spec_from_file_location('_sw_without_ext', sw.__file__)
+    # Named inside the package, so its relative imports resolve.
+    spec = importlib.util.spec_from_file_location('mmtransnext.ops._sw_without_ext', sw.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert not module.extension_available('cpu')

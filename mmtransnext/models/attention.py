@@ -289,9 +289,12 @@ class AggregatedAttention(_PositionBiasAttention):
         """The pooled grid ``(Hp, Wp)`` for a map; never smaller than 1x1."""
         if self.fixed_pool_size is not None:
             return self.fixed_pool_size, self.fixed_pool_size
-        # sym_max: a captured graph keeps symbolic sizes symbolic (max() would guard on them).
-        return (torch.sym_max(height // self.sr_ratio, 1),
-                torch.sym_max(width // self.sr_ratio, 1))
+        if capturing_graph():
+            # sym_max keeps symbolic sizes symbolic (max() would guard on them); it takes
+            # no tensors, which is what torch.jit.trace (the FLOP counter) passes.
+            return (torch.sym_max(height // self.sr_ratio, 1),
+                    torch.sym_max(width // self.sr_ratio, 1))
+        return max(height // self.sr_ratio, 1), max(width // self.sr_ratio, 1)
 
     def _project(self, x: Tensor, height: int, width: int) -> tuple:
         """Queries, keys and values of the window and of the periphery."""

@@ -149,8 +149,10 @@ def _check_window(height: int, width: int, window_size: int) -> None:
     if not isinstance(window_size, int) or window_size <= 0 or window_size % 2 == 0:
         raise ValueError(
             f'window_size must be an odd positive int, got {window_size!r}')
-    # Symbolic sizes (torch.SymInt) arrive while torch.compile / torch.export trace.
-    if not (isinstance(height, _SIZE_TYPES) and isinstance(width, _SIZE_TYPES)):
+    # Symbolic sizes (torch.SymInt) arrive while torch.compile / torch.export trace, and
+    # 0-dim tensors under torch.jit.trace (the FLOP counter).
+    if not torch.jit.is_tracing() and not (isinstance(height, _SIZE_TYPES)
+                                           and isinstance(width, _SIZE_TYPES)):
         raise ValueError(f'height and width must be ints, got {height!r} and {width!r}')
     if height <= 0 or width <= 0:
         raise ValueError(f'height and width must be positive, got {height}x{width}')
