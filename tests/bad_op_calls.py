@@ -26,11 +26,11 @@ from typing import Callable, List, NamedTuple
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import mmtransnext.ops as ops  # noqa: E402  (after the path fix, for the script form)
+try:  # the installed package (editable or a wheel) that the tests run against
+    import mmtransnext.ops as ops
+except ImportError:  # the script run from a checkout where nothing is installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import mmtransnext.ops as ops
 
 # Geometry of the valid sliding-window inputs.
 B, HEADS, H, W, D, WS = 2, 3, 4, 5, 6, 3

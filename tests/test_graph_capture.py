@@ -19,6 +19,15 @@ ARCH = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 
 SIZES = [(64, 64), (72, 96), (96, 80)]
 ONNX_TOL = 1e-4
 
+# Where the installed torch or the test requirements lack them (torch 2.1-2.4 have no
+# torch.export.Dim.DYNAMIC; onnxruntime has no wheels for Python 3.9), with the reason.
+needs_export = pytest.mark.skipif(
+    not hasattr(getattr(torch.export, 'Dim', None), 'DYNAMIC'),
+    reason=f'torch.export.Dim.DYNAMIC is missing from torch {torch.__version__}')
+needs_onnx = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ('onnx', 'onnxruntime', 'onnxscript')),
+    reason='onnx, onnxruntime and onnxscript are not installed (requirements/tests.txt)')
+
 
 def small_backbone(**kwargs):
     torch.manual_seed(0)
@@ -69,6 +78,7 @@ def test_compile_trains_like_eager_at_three_sizes_with_one_dynamic_graph(attenti
     assert counters['frames']['ok'] == 2, dict(counters['frames'])
 
 
+@needs_export
 def test_export_keeps_the_compiled_op_and_equals_eager():
     model = small_backbone().eval()
     dim = torch.export.Dim.DYNAMIC
@@ -87,6 +97,8 @@ def test_export_keeps_the_compiled_op_and_equals_eager():
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@needs_export
+@needs_onnx
 @pytest.mark.parametrize('mode', ['interpolation', 'extrapolation'])
 def test_onnx_backbone_matches_pytorch(tmp_path, mode):
     """Default path, no setting: the window op exports in standard operators.
@@ -114,6 +126,8 @@ def test_onnx_backbone_matches_pytorch(tmp_path, mode):
     assert domains <= {'', 'ai.onnx'}, domains      # standard operators only
 
 
+@needs_export
+@needs_onnx
 def test_onnx_segmentor_logits_match_pytorch(tmp_path):
     cfg = load_config(str(tc.write_config(tmp_path, 'upernet')))
     segmentor = build_model(cfg).eval()
@@ -131,6 +145,8 @@ def test_onnx_segmentor_logits_match_pytorch(tmp_path):
         assert result['max_abs'] <= ONNX_TOL, result
 
 
+@needs_export
+@needs_onnx
 def test_too_old_opset_is_refused_and_leaves_no_file(tmp_path):
     out = tmp_path / 'backbone.onnx'
     with pytest.raises(ValueError, match='opset 17 is too old'):
@@ -138,6 +154,8 @@ def test_too_old_opset_is_refused_and_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_export
+@needs_onnx
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     cfg = load_config(str(tc.write_config(tmp_path, 'upernet')))
     segmentor = build_model(cfg)
@@ -154,6 +172,8 @@ def test_models_without_a_transnext_backbone_are_refused():
         export_wrapper(torch.nn.Linear(2, 2), 'backbone')
 
 
+@needs_export
+@needs_onnx
 def test_export_tool_writes_and_checks_a_detector(tmp_path, capsys):
     """Config + checkpoint in, .onnx out, ORT checked (random weights: shapes and numbers)."""
     spec = importlib.util.spec_from_file_location('export_onnx', REPO / 'tools' / 'export_onnx.py')
