@@ -125,14 +125,21 @@ def core_dtype(device_type: str, autocast_dtype: Optional[torch.dtype],
     return common
 
 
+# torch >= 2.4 asks autocast by device type. Chosen once here, not by catching the
+# TypeError of older torch: under torch.compile on torch 2.1 that error surfaces as
+# Dynamo's own.
+_AUTOCAST_BY_DEVICE = hasattr(torch, 'get_autocast_dtype')
+
+
 def _active_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    try:  # torch >= 2.4 takes the device type
+    if _AUTOCAST_BY_DEVICE:
         enabled = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if enabled else None
-    except (TypeError, AttributeError):  # older torch: the CUDA autocast state alone
-        enabled = device_type == 'cuda' and torch.is_autocast_enabled()
-        dtype = torch.get_autocast_gpu_dtype() if enabled else None
-    return dtype
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    if device_type == 'cuda':
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == 'cpu':
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
 
 
 def _one_dtype(items, device_type: str):
