@@ -62,9 +62,10 @@ wheel: $(STAMP)
 	$(PIP) wheel --no-build-isolation --no-deps -w dist .
 
 # .whl/: the OpenMMLab wheels (Python 3.12) and mmcv's source that tools/device_check.sh
-# installs on a GPU machine without network.
+# installs on a GPU machine without network; CUDA_TORCH_PYTHON=<python3.12 with the GPU
+# machine's torch> also prebuilds mmcv's CUDA ops there (tools/device_wheels.sh).
 device-wheels:
-	PYTHON=$(PYTHON) tools/device_wheels.sh
+	PYTHON=$(PYTHON) CUDA_TORCH_PYTHON=$(CUDA_TORCH_PYTHON) tools/device_wheels.sh
 
 # The CUDA check on a GPU machine, report in $(OUT)/device_check.md (tools/device_check.sh).
 OUT ?= device_check_out

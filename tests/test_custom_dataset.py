@@ -61,8 +61,14 @@ def _run(cmd, cwd, timeout=900):
     return proc.stdout + proc.stderr
 
 
+def _load_runner_checkpoint(path):
+    # torch.load's own default, as mmengine calls it: weights only from torch 2.6 on
+    # (where mmtransnext allows mmengine's logged types), full unpickling before.
+    return torch.load(path, map_location='cpu')
+
+
 def _initial_lrs(checkpoint):
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    state = _load_runner_checkpoint(checkpoint)
     return sorted({group['initial_lr'] for group in state['optimizer']['param_groups']})
 
 
@@ -85,7 +91,7 @@ def test_mask_rcnn_recipe_trains_and_tests(user_dir):
     assert re.search(r'coco/bbox_mAP: -?[\d.]+', log), log[-3000:]
     # lr scaled from the published 16 images per iteration to this run's 2.
     assert _initial_lrs(work / 'epoch_1.pth') == pytest.approx([1e-4 * 2 / 16])
-    trained = torch.load(work / 'epoch_1.pth', map_location='cpu', weights_only=True)
+    trained = _load_runner_checkpoint(work / 'epoch_1.pth')
     assert trained['meta']['dataset_meta']['classes'] == ('circle', 'square', 'triangle')
     assert trained['state_dict']['roi_head.bbox_head.fc_cls.weight'].shape[0] == 3 + 1
     assert trained['state_dict']['roi_head.mask_head.conv_logits.weight'].shape[0] == 3
@@ -116,7 +122,7 @@ def test_upernet_recipe_trains_and_tests(user_dir):
                 '--cfg-options', *shrink], root)
     assert 'Loaded 615 backbone tensors' in log
     assert re.search(r'mIoU: [\d.]+', log), log[-3000:]
-    trained = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
+    trained = _load_runner_checkpoint(work / 'iter_2.pth')
     assert trained['state_dict']['decode_head.conv_seg.weight'].shape[0] == 4
     assert trained['state_dict']['auxiliary_head.conv_seg.weight'].shape[0] == 4
     out = _run([sys.executable, REPO / 'tools/test.py', CONFIGS['seg'], work / 'iter_2.pth',

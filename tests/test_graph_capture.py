@@ -51,10 +51,6 @@ def assert_grad_close(grad, ref, name):
     assert err <= limit, f'{name}: max |g - g_ref| = {err:.3g} > {limit:.3g}'
 
 
-@pytest.mark.skipif(
-    not hasattr(torch, 'get_autocast_dtype'),
-    reason=f'torch.compile of the whole backbone is not supported on torch {torch.__version__} '
-    '(< 2.4): on torch 2.1 a compiled run left the dispatch rule unusable for later calls')
 def test_compile_trains_like_eager_at_three_sizes_with_one_dynamic_graph(attention_path):
     """Forward and gradients equal eager; a third size reuses the dynamic graph."""
     torch._dynamo.reset()

@@ -99,7 +99,12 @@ def test_cli_converts_imagenet_and_dense(tmp_path):
     cfg = load_config(str(cfg_path))
     seg = build_model(cfg)
     torch.save(tc.released_mmseg0(seg.state_dict()), tmp_path / 'upernet_old.pth')
-    torch.save(tc.released_imagenet(model.state_dict()), tmp_path / 'cls.pth')
+    if not tc.NAMESPACE_LOADS:
+        torch.save(tc.released_imagenet(model.state_dict()), tmp_path / 'cls_args.pth')
+        with pytest.raises(RuntimeError, match='argparse.Namespace'):
+            cv.load_released(str(tmp_path / 'cls_args.pth'))
+    torch.save(tc.released_imagenet(model.state_dict(), with_args=tc.NAMESPACE_LOADS),
+               tmp_path / 'cls.pth')
     run = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'convert_checkpoint.py'),
          str(tmp_path / 'upernet_old.pth'), str(tmp_path / 'upernet_new.pth'),
@@ -137,8 +142,8 @@ def _cli():
 
 def test_cli_writes_nothing_when_the_strict_check_fails(tmp_path, capsys):
     cli = _cli()
-    torch.save(tc.released_imagenet(TransNeXt(arch=tc.SMALL_ARCH).state_dict()),
-               tmp_path / 'cls.pth')
+    torch.save(tc.released_imagenet(TransNeXt(arch=tc.SMALL_ARCH).state_dict(),
+                                    with_args=tc.NAMESPACE_LOADS), tmp_path / 'cls.pth')
     dst = tmp_path / 'out' / 'cls_new.pth'
     # The released layout of the small arch against the micro variant: does not fit.
     assert cli.main([str(tmp_path / 'cls.pth'), str(dst), '--arch', 'micro']) == 1

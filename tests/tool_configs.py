@@ -97,14 +97,23 @@ def _optimizer_state(state_dict):
             'param_groups': [{'lr': 1e-4, 'weight_decay': 0.05, 'params': [0]}]}
 
 
-def released_imagenet(backbone_state):
-    """The classification release's layout: 'model' with head.*, trainer state beside."""
+#: Whether this torch reads an ``argparse.Namespace`` weights-only (scoped
+#: ``torch.serialization.safe_globals``, torch >= 2.5); before, the converter refuses
+#: such files with a message naming the class.
+NAMESPACE_LOADS = hasattr(torch.serialization, 'safe_globals')
+
+
+def released_imagenet(backbone_state, with_args=True):
+    """The classification release's layout: 'model' with head.*, trainer state beside
+    (with its ``argparse.Namespace`` of arguments unless ``with_args`` is False)."""
     weights = dict(backbone_state)
     weights['head.weight'] = torch.randn(1000, DIMS[-1])
     weights['head.bias'] = torch.randn(1000)
-    return {'model': weights, 'optimizer': _optimizer_state(weights), 'epoch': 299,
-            'lr_scheduler': {'last_epoch': 299}, 'max_accuracy': 84.0,
-            'args': argparse.Namespace(model='transnext_tiny', input_size=224)}
+    checkpoint = {'model': weights, 'optimizer': _optimizer_state(weights), 'epoch': 299,
+                  'lr_scheduler': {'last_epoch': 299}, 'max_accuracy': 84.0}
+    if with_args:
+        checkpoint['args'] = argparse.Namespace(model='transnext_tiny', input_size=224)
+    return checkpoint
 
 
 def released_mmdet2(state):

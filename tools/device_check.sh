@@ -13,8 +13,10 @@
 #  1 environment     GPU, driver, Python, torch, CUDA, gcc, nvcc, torch's build config
 #  2 install         .whl/*.whl into /tmp/site (skipped when the caller did it already)
 #  3 build-op        mmtransnext._C in place, CUDA kernels for this GPU's architecture
-#  4 mmcv-ops        mmcv's CUDA ops compiled from .whl/mmcv-*.tar.gz, in the background
-#                    of steps 5-8 (MMCV_BUILD=0 skips it)
+#  4 mmcv-ops        mmcv with CUDA ops: the wheel in .whl/mmcv-ops/ (built on a CPU
+#                    machine by `make device-wheels CUDA_TORCH_PYTHON=...`) when it imports and runs
+#                    there, else compiled from .whl/mmcv-*.tar.gz in the background of
+#                    steps 5-8 (MMCV_BUILD=0 skips the compile)
 #  5 bad-input-*     every op with bad arguments in a child process (CPU, then CUDA);
 #                    after a crash, what tells its cause (faulthandler stack, whether a
 #                    plain ATen error raises, which library unwinds, the .so's ldd)
@@ -30,6 +32,8 @@
 #                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and bf16
+# 10 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
+#                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
 # The device call: run(carry=[".whl"], timeout_s=600, command=
 #   'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 bash tools/device_check.sh $OUT')
@@ -117,15 +121,34 @@ fi"
 # 3 --------------------------------------------------------------------------- build-op
 run_step build-op 240 "
 rm -rf build mmtransnext/_C*.so
-FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=4 $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
+FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
 ls mmtransnext/_C*.so
 $PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extension_available(\"cpu\"), \"cuda\", o.extension_available(\"cuda\"))'
 "
 
-# 4 ------------------------------------------------ mmcv's ops, in the background
+# 4 -------------------------------------------- mmcv's ops: prebuilt, or in the background
 MMCV_SDIST=$(ls .whl/mmcv-*.tar.gz 2>/dev/null | head -n 1)
+MMCV_WHEEL=$(ls .whl/mmcv-ops/mmcv-*.whl 2>/dev/null | head -n 1)
 MMCV_PID=
-if [[ ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
+MMCV_RC=1
+if [[ -n $MMCV_WHEEL && $HAS_GPU == 1 ]]; then
+    # A wheel built elsewhere must load against this torch and run its kernels here.
+    run_step mmcv-ops-prebuilt 60 "
+rm -rf /tmp/site-mmcv
+$PY -m pip install -q --no-deps --no-index --no-compile --target /tmp/site-mmcv $MMCV_WHEEL || exit 1
+PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -c \"import torch, mmcv, mmcv.ops
+from mmcv.ops import nms, roi_align
+boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]], device='cuda')
+kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7], device='cuda'), 0.5)[1].tolist()
+assert kept == [0, 2], kept
+feats = torch.arange(16., device='cuda').view(1, 1, 4, 4)
+rois = torch.tensor([[0., 0., 0., 3., 3.]], device='cuda')
+print('mmcv', mmcv.__version__, 'from', mmcv.__file__, ': nms and roi_align ran on CUDA,',
+      roi_align(feats, rois, (2, 2), 1.0, 0, 'avg', True).flatten().tolist())\"
+"
+    MMCV_RC=$?
+fi
+if [[ $MMCV_RC != 0 && ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
     MMCV_LIMIT=$(( $(remaining) - 75 ))  # what the Mask R-CNN steps need after it
     MMCV_T0=$(date +%s)
     MMCV_JOBS=${MMCV_JOBS:-$(( $(nproc) > 6 ? $(nproc) - 4 : 2 ))}  # leaves cores to steps 5-8
@@ -167,6 +190,16 @@ echo '--- 5. environment'; env | grep -E '^(LD_PRELOAD|LD_LIBRARY_PATH|TORCH_SHO
 echo '--- 6. unwinders, C++ runtimes and OpenMP runtimes loaded with mmtransnext'
 $PY -c \"import torch, mmtransnext.ops
 print(''.join(sorted({l.split()[-1] + chr(10) for l in open('/proc/self/maps') if any(k in l for k in ('unwind', 'gcc_s', 'stdc++', 'gomp', 'omp'))})))\"
+echo '--- 7. the same bad call with the library built on a CPU machine (.whl/diag/: gcc 12, the index torch wheel): a pass here and a crash in 2 point at this machine s compiler'
+for lib in .whl/diag/_C*.so; do
+    [[ -f \$lib ]] || { echo 'no prebuilt library in .whl/diag'; break; }
+    $PY -X faulthandler -c \"import torch
+torch.ops.load_library('\$lib')
+try:
+    $bad
+except RuntimeError as exc:
+    print('raised:', str(exc).splitlines()[0])\"; echo exit \$?
+done
 "
 }
 # After a crash (or always, with DEVICE_CHECK_DIAGNOSE=1).
@@ -199,7 +232,9 @@ else
 fi
 
 # 9 ---------------------------------------------------------------- Mask R-CNN under AMP
-if [[ -n $MMCV_PID ]]; then
+if [[ $MMCV_RC == 0 ]]; then
+    :  # the prebuilt wheel ran (step 4)
+elif [[ -n $MMCV_PID ]]; then
     wait "$MMCV_PID"
     MMCV_RC=$?
     MMCV_S=$(( $(date +%s) - MMCV_T0 ))
@@ -215,7 +250,6 @@ if [[ -n $MMCV_PID ]]; then
         FAILED=1
     fi
 else
-    MMCV_RC=1
     skip_step 'mmcv-ops (background)' 'MMCV_BUILD=0, no nvcc, or no .whl/mmcv-*.tar.gz'
 fi
 if [[ $HAS_GPU != 1 ]]; then
@@ -226,6 +260,13 @@ elif [[ $MMCV_RC != 0 ]]; then
 else
     run_step mask-rcnn-amp 120 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest tests/test_ops_cuda.py -q -rs -p no:cacheprovider -k mask_rcnn 2>&1 | tail -n 40"
     run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 bf16"
+fi
+
+# 10 ------------------------------------------- torch.compile, with what budget is left
+if [[ $HAS_GPU == 1 ]] && (( $(remaining) > 100 )); then
+    run_step compile 150 "$PY tools/benchmark_export.py --arch tiny --size 800,1333 --runtime compile --train --device cuda --repeat 3"
+else
+    ROWS+=("| compile | not run: no CUDA device or under 100 s of budget left | 0 |")
 fi
 
 # ----------------------------------------------------------------------------- report

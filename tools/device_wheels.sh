@@ -5,6 +5,11 @@
 # pure-Python wheel without ops (enough for the backbone and the op tests), and mmcv's
 # source archive (its CUDA ops are compiled there, against that machine's torch and nvcc).
 #
+# With CUDA_TORCH_PYTHON set to a Python 3.12 whose torch is the GPU machine's (e.g. a venv
+# with the index's torch 2.11.0+cu130), it also builds mmcv with its CUDA ops for
+# TORCH_CUDA_ARCH_LIST (default 9.0) into DIR/mmcv-ops/, so that the device check need not
+# compile it there (about 25 minutes on 2 cores here; nvcc and the wheel's CUDA headers).
+#
 # Usage: tools/device_wheels.sh [DIR]   (default .whl; run from anywhere, needs pip and
 # network here). Prints the folder's size: everything that travels must stay < 64 MiB.
 set -euo pipefail
@@ -45,5 +50,18 @@ tar -xzf "$DEST/mmcv-$MMCV.tar.gz" -C "$work"
 (cd "$work/mmcv-$MMCV" && MMCV_WITH_OPS=0 "$PY" -m pip wheel -q --no-deps \
     --no-build-isolation -w "$DEST" .)
 
-ls -la "$DEST"
+if [[ -n ${CUDA_TORCH_PYTHON:-} ]]; then
+    # The CUDA wheels of torch carry the headers and runtime that nvcc's toolkit may lack
+    # (cusparse.h, a linkable libcudart.so).
+    cuda_dir=$("$CUDA_TORCH_PYTHON" -c 'import nvidia, os; p = os.path.dirname(nvidia.__path__[0] + "/"); print(next(os.path.join(p, d) for d in ("cu13", "cuda_runtime") if os.path.isdir(os.path.join(p, d))))')
+    ln -sf "$(ls "$cuda_dir"/lib/libcudart.so* | head -n 1)" "$work/libcudart.so"
+    rm -rf "$DEST/mmcv-ops"
+    (cd "$work/mmcv-$MMCV" && rm -rf build &&
+        CPATH=$cuda_dir/include LIBRARY_PATH=$work MMCV_WITH_OPS=1 FORCE_CUDA=1 \
+        TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+        "$CUDA_TORCH_PYTHON" -m pip wheel -q --no-deps --no-index --no-build-isolation \
+        -w "$DEST/mmcv-ops" .)
+fi
+
+ls -la "$DEST" "$DEST"/mmcv-ops 2>/dev/null
 du -sh "$DEST"

@@ -475,8 +475,23 @@ def _register_python_side() -> None:
 if _LOADED:
     _register_python_side()
 
-# torch.compile before torch 2.4 cannot trace os.environ.get (it refuses to inline
-# Mapping.get), which would break the graph at use_compiled_op. There the environment
-# variable is read when a graph is compiled; a change takes effect at the next one.
+def _constant_while_compiling(fn):
+    """``fn``, read once per compiled graph by ``torch.compile`` before torch 2.4.
+
+    Those releases cannot trace ``os.environ.get`` (they refuse to inline
+    ``Mapping.get``), which would break the graph at :func:`use_compiled_op`; there the
+    environment variable is read when a graph is compiled, and a change takes effect
+    at the next one. Their Dynamo stores the result as a global of the calling module
+    named after the function, so the wrapper gets a name no module defines: under its
+    own name it would replace ``reference_requested`` there with a bool.
+    """
+    def constant():
+        return fn()
+
+    constant.__name__ = constant.__qualname__ = f'_mmtransnext_{fn.__name__}_when_compiled'
+    constant.__doc__ = fn.__doc__
+    return torch._dynamo.assume_constant_result(constant)
+
+
 if not _HAS_REGISTER_FAKE:
-    reference_requested = torch._dynamo.assume_constant_result(reference_requested)
+    reference_requested = _constant_while_compiling(reference_requested)
