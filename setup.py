@@ -106,12 +106,31 @@ def select_cuda_archs():
           f'(CUDA {cuda[0]}.{cuda[1]}{dropped}; set TORCH_CUDA_ARCH_LIST to choose others)')
 
 
+def torch_cxx_runtime():
+    """The shared C++ runtime (``libstdc++.so``) that torch loaded into this process,
+    or None (not Linux, or torch runs on another runtime)."""
+    try:
+        with open('/proc/self/maps') as maps:
+            paths = {line.split()[-1] for line in maps if 'libstdc++.so' in line}
+    except OSError:
+        return None
+    return sorted(paths)[0] if paths else None
+
+
 def make_extension():
     sources = rel([os.path.join(HERE, 'csrc', 'sliding_window.cpp')] +
                   glob.glob(os.path.join(HERE, 'csrc', 'cpu', '*.cpp')))
     std = '-std=' + VERSION['cxx_standard'](torch.__version__)
     cxx_flags = ['-O3', '-fopenmp', std]
     link_flags = ['-fopenmp']  # pulls in libgomp, which at::parallel_for then uses
+    # The op's argument checks throw C++ exceptions that torch's dispatcher catches, so
+    # both must use one C++ runtime. A compiler that links its own libstdc++ statically
+    # (seen: a toolchain under /opt/gcc named by CXX) gives the op a private copy, and
+    # every failing check then crashed the process. Naming torch's shared runtime
+    # before the compiler's implicit -lstdc++ resolves the runtime from it.
+    runtime = torch_cxx_runtime()
+    if runtime:
+        link_flags.append(runtime)
     if want_cuda():
         if CUDA_HOME is None:
             raise RuntimeError(
@@ -128,8 +147,21 @@ def make_extension():
                         extra_compile_args={'cxx': cxx_flags}, extra_link_args=link_flags)
 
 
+# Loads the built library alone and makes one failing argument check: it must raise.
+_SELF_TEST = '''import sys, torch
+torch.ops.load_library(sys.argv[1])
+try:
+    torch.ops.mmtransnext.sliding_window_aggregate(
+        torch.ones(1, 1, 4, 1), torch.ones(1, 1, 4, 1), 2, 2, 2)
+except RuntimeError:
+    sys.exit(0)
+sys.exit(3)
+'''
+
+
 class BuildWithHint(BuildExtension):
-    """BuildExtension that says what is missing when compiling the op fails."""
+    """BuildExtension that says what is missing when compiling the op fails, and
+    refuses a library whose argument checks do not reach Python as exceptions."""
 
     def build_extensions(self):
         try:
@@ -143,6 +175,35 @@ class BuildWithHint(BuildExtension):
                 f'{torch.__version__}, and for CUDA builds nvcc matching that torch '
                 '(see the compiler output above).'
             ) from exc
+        for ext in self.extensions:
+            self.check_errors_raise(self.get_ext_fullpath(ext.name))
+
+    def check_errors_raise(self, library):
+        """Fail the build if a bad call into ``library`` does not raise RuntimeError."""
+        import sys
+        run = subprocess.run([sys.executable, '-c', _SELF_TEST, library],
+                             capture_output=True, text=True)
+        if run.returncode == 0:
+            return
+        if run.returncode < 0:
+            outcome = f'ended the process with signal {-run.returncode}'
+        else:
+            outcome = f'did not raise RuntimeError (exit {run.returncode}: {run.stderr[-500:]})'
+        compiler = os.environ.get('CXX', 'c++')
+        raise RuntimeError(
+            f'mmtransnext: the built library {library} {outcome} on a failing argument '
+            f'check, so every bad call would crash Python. It was built with {compiler} '
+            f'(CXX) for torch {torch.__version__}, which was built with '
+            f'{torch_compiler()}. This happens when the compiler brings its own C++ '
+            'runtime (libstdc++ linked statically) that torch\'s cannot catch '
+            'exceptions from; build with the compiler torch was built with, e.g. '
+            '`CXX=g++ CC=gcc pip install --no-build-isolation .`.')
+
+
+def torch_compiler():
+    """'GCC 13.3' or the like, from torch's build configuration."""
+    found = re.search(r'^\s*-\s*(GCC [\d.]+|clang [\d.]+)', torch.__config__.show(), re.M)
+    return found.group(1) if found else 'an unknown compiler'
 
 
 class BuildPyWithConfigs(build_py):

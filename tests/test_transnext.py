@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import golden_arch
 from mmtransnext.models import TransNeXt, filter_backbone_state_dict
-from mmtransnext.models.attention import AggregatedAttention
+from mmtransnext.models.attention import AggregatedAttention, FullAttention
 
 OUT_TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -209,6 +209,21 @@ def test_training_from_scratch_initialisation():
     rates = [b.drop_path.drop_prob if hasattr(b.drop_path, 'drop_prob') else 0.0
              for i in range(1, 5) for b in getattr(model, f'block{i}')]
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 21))
+
+
+@pytest.mark.parametrize('module', ['aggregated', 'full'])
+def test_attention_built_alone_is_initialised(module):
+    # Fresh memory from the caching allocator first, so that a parameter left as
+    # torch.empty would show it (NaN under CUDA autocast came from such garbage).
+    torch.full((1 << 16, ), float('nan')).sum()
+    torch.manual_seed(0)
+    attn = (AggregatedAttention(64, 2, 3, 2, None, None, 16) if module == 'aggregated'
+            else FullAttention(64, 2, None, 16))
+    assert all(torch.isfinite(p).all() for p in attn.parameters())
+    assert 0.015 < attn.query_embedding.std() < 0.025
+    if module == 'aggregated':
+        assert 0.015 < attn.learnable_tokens.std() < 0.025
+        assert 0 < attn.relative_pos_bias_local.std() < 0.001
 
 
 @pytest.mark.parametrize('frozen_stages, prefixes', [

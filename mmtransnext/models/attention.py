@@ -284,6 +284,8 @@ class AggregatedAttention(_PositionBiasAttention):
         self.sr = nn.Conv2d(dim, dim, kernel_size=1)
         self.norm = nn.LayerNorm(dim)
         self.act = nn.GELU()
+        # A module built on its own never holds uninitialised memory (NaN, at random).
+        self.reset_attention_parameters()
 
     def reset_attention_parameters(self):
         """Training-from-scratch values of the attention's own parameters."""
@@ -414,6 +416,7 @@ class FullAttention(_PositionBiasAttention):
                  qkv_bias: bool = True):
         super().__init__(dim, num_heads, build_size, None, pretrain_size)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.reset_attention_parameters()  # never uninitialised memory
 
     def reset_attention_parameters(self):
         """Training-from-scratch values of the attention's own parameters."""
