@@ -199,32 +199,51 @@ def test_cuda_low_precision_accumulates_in_float32():
 @cuda
 @pytest.mark.parametrize('dtype', LOW, ids=str)
 @pytest.mark.parametrize('module', ['aggregated', 'full'])
-def test_cuda_attention_core_in_autocast_dtype(attention_path, dtype, module):
+def test_cuda_attention_core_in_autocast_dtype(monkeypatch, dtype, module):
+    """Under CUDA autocast the core runs in the autocast dtype, on both paths.
+
+    Against float32: outputs within the forward tolerance and all gradients together
+    normwise within it. Per tensor, each gradient of the default path is at most twice
+    as far from float32 as the released algorithm's in the same dtype (plus the golden
+    README's 1e-3 of the largest entry), the rule FlashAttention's tests hold their
+    kernels to: a relative error per tensor says nothing where a gradient is a small
+    difference of large terms (full attention's bias-MLP gradients, its last bias zero
+    in theory, measured 4.6e3 relative in float16 with 1e-5 of norm to compare with).
+    """
     torch.manual_seed(0)
-    if module == 'aggregated':
-        attn = AggregatedAttention(64, 2, 3, 2, None, None, 16)
-        attn.reset_attention_parameters()
-    else:
-        attn = FullAttention(64, 2, None, 16)
-    attn = attn.cuda()
+    attn = (AggregatedAttention(64, 2, 3, 2, None, None, 16) if module == 'aggregated'
+            else FullAttention(64, 2, None, 16)).cuda()
     x = torch.randn(2, 12 * 14, 64, device='cuda')
-    ref = attn(x, 12, 14)
-    ref_grads = torch.autograd.grad(ref.square().sum(), list(attn.parameters()))
-    if module == 'aggregated':
-        dtypes, out = _core_operands(attn, x, (12, 14), dtype)
-        assert set(dtypes) == {dtype}, 'the core did not run in the autocast dtype'
-    else:
-        with torch.autocast('cuda', dtype=dtype):
-            out = attn(x, 12, 14)
-    grads = torch.autograd.grad(out.float().square().sum(), list(attn.parameters()))
-    assert out.dtype == dtype
-    # The whole module (projections included) runs in the low dtype here, so its
-    # outputs and gradients get the forward tolerance, normwise for the gradients.
+    names, params = zip(*attn.named_parameters())
+
+    def run(path, autocast_dtype):
+        if path == 'reference':
+            monkeypatch.setenv(ops.DISABLE_ENV, '1')
+        else:
+            monkeypatch.delenv(ops.DISABLE_ENV, raising=False)
+        if module == 'aggregated' and autocast_dtype is not None:
+            dtypes, out = _core_operands(attn, x, (12, 14), autocast_dtype)
+            assert set(dtypes) == {autocast_dtype}, 'the core did not run in the autocast dtype'
+        else:
+            with (torch.autocast('cuda', dtype=autocast_dtype) if autocast_dtype
+                  else contextlib.nullcontext()):
+                out = attn(x, 12, 14)
+        return out, torch.autograd.grad(out.float().square().sum(), params)
+
+    ref, ref_grads = run('reference', None)
     tol = FORWARD_TOL[dtype]
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-    for got, want in zip(grads, ref_grads):
-        err = ((got.float() - want).norm() / want.norm().clamp_min(1e-12)).item()
-        assert err <= tol, f'relative gradient error {err:.3g} > {tol}'
+    worst = {}
+    for path in ('reference', 'compiled'):
+        out, grads = run(path, dtype)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+        diff = torch.cat([(g.float() - r).flatten() for g, r in zip(grads, ref_grads)])
+        whole = torch.cat([r.flatten() for r in ref_grads])
+        assert diff.norm() <= tol * whole.norm(), f'{path}: gradients {diff.norm() / whole.norm():.3g}'
+        worst[path] = [(g.float() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
+    for name, ours, released, r in zip(names, worst['compiled'], worst['reference'], ref_grads):
+        limit = 2 * released + 1e-3 * r.abs().max().item()
+        assert ours <= limit, f'{name}: max error {ours:.3g}, released algorithm {released:.3g}'
 
 
 # ----------------------------------------------------------------- golden on CUDA
