@@ -83,10 +83,12 @@ def test_dispatch_rule(monkeypatch):
     assert not use_fused_attention(cpu)           # the CPU keeps the banded path
     assert not use_fused_attention(cpu.to('meta'))
     if torch.cuda.is_available():
-        assert use_fused_attention(cpu.cuda()) is fused_attention._TRITON
+        for low in (torch.float16, torch.bfloat16):
+            assert use_fused_attention(cpu.cuda().to(low)) is fused_attention._TRITON
+        assert not use_fused_attention(cpu.cuda())            # float32: measured slower
         assert not use_fused_attention(cpu.cuda().double())
         monkeypatch.setenv(DISABLE_ENV, '1')
-        assert not use_fused_attention(cpu.cuda())
+        assert not use_fused_attention(cpu.cuda().half())
 
 
 @pytest.mark.parametrize('bad, message', [

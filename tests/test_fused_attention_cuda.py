@@ -33,13 +33,16 @@ def test_compiled_kernels_on_cuda(dtype):
 
 
 def test_golden_gradients_on_cuda(dense_golden, monkeypatch):
-    """The default path on CUDA (compiled window op + fused kernels) against the golden file."""
+    """Compiled window op + fused kernels on CUDA against the golden file, in float32
+    (which the dispatch rule leaves on the banded path: the kernels are forced here)."""
     from conftest import golden_arch
-    from mmtransnext.models import TransNeXt
-    from mmtransnext.ops import DISABLE_ENV, extension_available, use_fused_attention
+    from mmtransnext.models import TransNeXt, attention
+    from mmtransnext.ops import DISABLE_ENV, extension_available
     from test_transnext import assert_grad_close
 
     monkeypatch.delenv(DISABLE_ENV, raising=False)
+    forced = []
+    monkeypatch.setattr(attention, 'use_fused_attention', lambda q: forced.append(q) or True)
     # float32 all through: cuDNN's convolutions would otherwise use TF32
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
@@ -49,8 +52,8 @@ def test_golden_gradients_on_cuda(dense_golden, monkeypatch):
     model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).cuda().train()
     model.load_state_dict(dense_golden['state_dict'], strict=True)
     x = data['input'].cuda().requires_grad_()
-    assert use_fused_attention(x)
     outs = model(x)
+    assert forced, 'the model did not consult the dispatch rule'
     loss = sum((out * w.cuda()).sum() for out, w in zip(outs, data['weights']))
     torch.testing.assert_close(loss.cpu(), data['loss'], atol=1e-4, rtol=1e-4)
     loss.backward()
