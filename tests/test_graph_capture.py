@@ -60,6 +60,7 @@ def test_compile_trains_like_eager_at_three_sizes_with_one_dynamic_graph(attenti
     compiled = torch.compile(model, backend='aot_eager')
     from torch._dynamo.utils import counters
     counters.clear()
+    frames = []  # frames compiled so far, after each size
     for i, size in enumerate(SIZES):
         x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
@@ -73,9 +74,16 @@ def test_compile_trains_like_eager_at_three_sizes_with_one_dynamic_graph(attenti
         assert_grad_close(gx_c, gx_e, 'input')
         for name in g_e:
             assert_grad_close(g_c[name], g_e[name], name)
-    assert counters['graph_break'] == {}, dict(counters['graph_break'])
-    # The first size compiles static, the second dynamic; the third reuses that.
-    assert counters['frames']['ok'] == 2, dict(counters['frames'])
+        frames.append(counters['frames']['ok'])
+    if hasattr(torch.library, 'register_fake'):
+        # From torch 2.4 Dynamo traces the whole model as one graph: the first size
+        # compiles static, the second dynamic, the third reuses that.
+        assert counters['graph_break'] == {}, dict(counters['graph_break'])
+        assert frames == [1, 2, 2], dict(counters['frames'])
+    # Older releases break the graph where they cannot trace (the bias layout's
+    # dataclass, sets of symbolic sizes) and run those parts eagerly: the same numbers
+    # (checked above), but each new size recompiles some frames (torch 2.1.2: 136
+    # frames after two sizes, 155 after three).
 
 
 @needs_export
