@@ -167,6 +167,11 @@ def test_train_lowers_loss_and_test_reports_coco(tiny):
     assert len(preds) == 4 and 'pred_instances' in preds[0]
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.library, 'register_fake'),
+    reason=f'torch {torch.__version__} (< 2.4): its Dynamo fails inside mmengine\'s data '
+    'preprocessor (stack_batch asserts on a list of tensors) before any TransNeXt code; '
+    'seen on torch 2.1.2')
 def test_compile_config_trains(tiny):
     """mmengine's ``compile`` setting (the config's ``compile=True``, here with the
     aot_eager backend: Dynamo and AOTAutograd as inductor would see them, without
