@@ -199,3 +199,75 @@ def test_export_tool_writes_and_checks_a_detector(tmp_path, capsys):
     with pytest.raises(SystemExit, match='opset 11 is too old'):
         tool.main([str(config), str(checkpoint), str(tmp_path / 'old.onnx'), '--opset', '11'])
     assert not (tmp_path / 'old.onnx').exists()
+
+
+class _TorchSession:
+    """ONNX Runtime's session interface over the exported module itself, so that the
+    post-processing split can be compared with ``test_step`` exactly (ONNX Runtime's
+    own tensors are checked against PyTorch in the export tests above)."""
+
+    def __init__(self, module, size):
+        self.module, self.size = module.eval(), size
+
+    def get_inputs(self):
+        return [type('Input', (), dict(name='input', shape=[1, 3, *self.size]))]
+
+    def run(self, names, feed):
+        with torch.no_grad():
+            return [t.numpy() for t in self.module(torch.from_numpy(feed['input']))]
+
+
+def _detector_batch(size, seed=0):
+    from mmdet.structures import DetDataSample
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))
+    meta = dict(img_shape=size, ori_shape=size, pad_shape=size, scale_factor=(1.0, 1.0),
+                batch_input_shape=size)
+    return dict(inputs=[image], data_samples=[DetDataSample(metainfo=meta)])
+
+
+def test_onnx_detection_split_equals_test_step(tmp_path):
+    """RPN and RoI head run on the exported tensors give test_step's detections."""
+    from mmengine.registry import init_default_scope
+    from mmtransnext.deploy import match_detections, onnx_two_stage_predict
+    init_default_scope('mmdet')
+    detector = build_model(load_config(str(tc.write_config(tmp_path, 'mask-rcnn')))).eval()
+    torch.manual_seed(0)
+    detector.init_weights()
+    detector.roi_head.test_cfg.score_thr = 0.0  # random weights: keep every detection
+    session = _TorchSession(export_wrapper(detector, 'detector'), (96, 128))
+    reference = detector.test_step(_detector_batch((96, 128)))[0].pred_instances
+    got = onnx_two_stage_predict(detector, session, _detector_batch((96, 128)))[0]
+    assert len(reference) > 0 and 'masks' in got.pred_instances
+    for key in ('bboxes', 'scores', 'labels', 'masks'):
+        torch.testing.assert_close(got.pred_instances[key], reference[key], rtol=0, atol=0)
+    exact = match_detections(detector.test_step(_detector_batch((96, 128)))[0], got, 0.0)
+    assert exact['labels_equal'] and exact['min_iou'] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r'exported for \(96, 128\)'):
+        onnx_two_stage_predict(detector, session, _detector_batch((64, 64)))
+
+
+def test_detection_matching_finds_label_and_overlap_changes():
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    from mmtransnext.deploy import match_detections, summarise
+
+    def sample(boxes, scores, labels):
+        out = DetDataSample()
+        out.pred_instances = InstanceData(bboxes=torch.tensor(boxes, dtype=torch.float32),
+                                          scores=torch.tensor(scores),
+                                          labels=torch.tensor(labels))
+        return out
+
+    ref = sample([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 5, 5]], [0.9, 0.8, 0.1], [0, 1, 2])
+    # Near-equal scores in swapped order, one box moved by a tenth of a pixel.
+    same = sample([[20, 20, 40, 40], [0, 0, 10, 10.1]], [0.81, 0.79], [1, 0])
+    result = match_detections(ref, same, score_thr=0.3)
+    assert result['count'] == 2 and result['labels_equal']
+    assert result['min_iou'] == pytest.approx(100 / 101)
+    assert result['max_score_diff'] == pytest.approx(0.11)
+    relabelled = match_detections(ref, sample([[0, 0, 10, 10], [20, 20, 40, 40]],
+                                              [0.9, 0.8], [0, 2]), score_thr=0.3)
+    assert not relabelled['labels_equal']
+    worst = summarise([result, relabelled])
+    assert worst['images'] == 2 and worst['detections'] == 4 and not worst['labels_equal']
