@@ -112,6 +112,16 @@ def test_bad_input_raises_named_error(bad, message):
 
 
 
+def test_missing_triton_is_named(monkeypatch):
+    monkeypatch.setattr(fused_attention, '_TRITON', False)
+    layout = bias_layout((5, 7), (2, 3), (5, 7), (5, 7), (2, 3), torch.device('cpu'))
+    bias = RowFactoredBias(torch.zeros(3, *layout.coords.shape[:2]), layout)
+    with pytest.raises(ValueError, match=r'needs Triton >= 3\.0, which is not installed; '
+                       r'.*run on CUDA, or on the CPU under TRITON_INTERPRET=1'):
+        fused_bias_attention(torch.zeros(1, 3, 35, 24), torch.zeros(1, 3, 6, 24),
+                             torch.zeros(1, 3, 6, 24), bias=bias)
+
+
 def test_dispatch_needs_triton_3(monkeypatch):
     """Triton 2 (torch < 2.4 wheels) or none keeps CUDA tensors on the banded path."""
     for version, usable in (('2.1.0', False), ('3.0.0', True), ('3.9.0', True)):

@@ -220,6 +220,12 @@ def _check_args(query, key, value, bias):
     if bias.by_rows.device != query.device:
         raise ValueError(f'fused_bias_attention: bias on {bias.by_rows.device}, query on '
                          f'{query.device}')
+    if not _TRITON:
+        where = ('' if query.device.type == 'cuda' else
+                 f'; tensors on {query.device}: the kernels run on CUDA, or on the CPU '
+                 'under TRITON_INTERPRET=1')
+        raise ValueError(f'fused_bias_attention: needs Triton >= '
+                         f'{".".join(map(str, MIN_TRITON))}, which is not installed{where}')
     if query.device.type != 'cuda' and not _kernels().INTERPRETED:
         raise ValueError(f'fused_bias_attention: tensors on {query.device}; the kernels '
                          'run on CUDA, or on the CPU under TRITON_INTERPRET=1')
