@@ -53,6 +53,27 @@ def _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid):
 
 
 @triton.jit
+def _key_tile(q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_base, value_base, start, rows_m,
+              row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
+              s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys ``start .. start + BLOCK_N``: their key and value rows, the biased logits
+    of the query block against them (float32), and the masks and bias taps of the tile."""
+    cols_n = start + tl.arange(0, BLOCK_N)
+    col_ok = cols_n < keys
+    k_offsets = key_base + cols_n[:, None] * head_dim + dims[None, :]
+    v_offsets = value_base + cols_n[:, None] * value_dim + vdims[None, :]
+    k_mask = col_ok[:, None] & (dims[None, :] < head_dim)
+    v_mask = col_ok[:, None] & (vdims[None, :] < value_dim)
+    k = tl.load(K + k_offsets, mask=k_mask, other=0.0)
+    v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
+    valid = row_ok[:, None] & col_ok[None, :]
+    taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row)
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+    return k, v, logits, col_ok, valid, taps, table, k_offsets, v_offsets, k_mask, v_mask
+
+
+@triton.jit
 def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
                              heads, tokens, keys, head_dim, value_dim, width, pool_w,
                              s_head, s_row, s_pool_row,
@@ -69,24 +90,17 @@ def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
     vdims = tl.arange(0, DV_PAD)
     q = tl.load(Q + image_head * tokens * head_dim + rows_m[:, None] * head_dim + dims[None, :],
                 mask=row_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
-    key_base = K + image_head * keys * head_dim
-    value_base = V + image_head * keys * value_dim
+    key_base = image_head * keys * head_dim
+    value_base = image_head * keys * value_dim
 
     row_max = tl.full((BLOCK_M, ), float('-inf'), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M, ), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
-        cols_n = start + tl.arange(0, BLOCK_N)
-        col_ok = cols_n < keys
-        k = tl.load(key_base + cols_n[:, None] * head_dim + dims[None, :],
-                    mask=col_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
-        v = tl.load(value_base + cols_n[:, None] * value_dim + vdims[None, :],
-                    mask=col_ok[:, None] & (vdims[None, :] < value_dim), other=0.0)
-        valid = row_ok[:, None] & col_ok[None, :]
-        taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
-                                   s_pool_row)
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+        k, v, logits, col_ok, _, _, _, _, _, _, _ = _key_tile(
+            q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_base, value_base, start, rows_m,
+            row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
+            s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
         logits = tl.where(col_ok[None, :], logits, float('-inf'))
         # Every tile holds at least one key, so the new maximum is finite.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -149,17 +163,10 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, 
     if ROW_RESIDUAL:
         residual = tl.zeros((BLOCK_M, ), dtype=tl.float32)
         for start in range(0, keys, BLOCK_N):
-            cols_n = start + tl.arange(0, BLOCK_N)
-            col_ok = cols_n < keys
-            k = tl.load(K + key_offset + cols_n[:, None] * head_dim + dims[None, :],
-                        mask=col_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
-            v = tl.load(V + value_offset + cols_n[:, None] * value_dim + vdims[None, :],
-                        mask=col_ok[:, None] & (vdims[None, :] < value_dim), other=0.0)
-            valid = row_ok[:, None] & col_ok[None, :]
-            taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
-                                       s_pool_row)
-            logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+            k, v, logits, _, valid, _, _, _, _, _, _ = _key_tile(
+                q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_offset, value_offset, start,
+                rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w,
+                s_head, s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
             probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
             grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
@@ -168,19 +175,10 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, 
 
     grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
-        cols_n = start + tl.arange(0, BLOCK_N)
-        col_ok = cols_n < keys
-        k_mask = col_ok[:, None] & (dims[None, :] < head_dim)
-        v_mask = col_ok[:, None] & (vdims[None, :] < value_dim)
-        k_offsets = key_offset + cols_n[:, None] * head_dim + dims[None, :]
-        v_offsets = value_offset + cols_n[:, None] * value_dim + vdims[None, :]
-        k = tl.load(K + k_offsets, mask=k_mask, other=0.0)
-        v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
-        valid = row_ok[:, None] & col_ok[None, :]
-        taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row,
-                                   s_pool_row)
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
+        k, v, logits, _, valid, taps, table, k_offsets, v_offsets, k_mask, v_mask = _key_tile(
+            q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_offset, value_offset, start, rows_m,
+            row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
+            s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
         probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
         grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_logits = probs * (grad_probs - shift[:, None])
