@@ -8,8 +8,10 @@ of time to sm_80 and sm_90 machine code with the ``ptxas`` it ships.
 """
 import inspect
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,41 +42,110 @@ def test_kernels_under_triton_interpreter():
 
 
 # Pointer arguments and their element types; the others are int32 sizes and strides.
-_FORWARD_POINTERS = dict(Q='io', K='io', V='io', BY_ROWS='io', COL_INDEX='i32',
-                         COL_WEIGHT='fp32', OUT='io', LSE='fp32')
+_TAPS = dict(Q_TERM='i32', Q_WEIGHT='fp32', K_TERM='i32', K_WEIGHT='fp32')
+_FORWARD_POINTERS = dict(Q='io', K='io', V='io', TABLE='io', OUT='io', LSE='fp32', **_TAPS)
 _BACKWARD_POINTERS = dict(Q='io', K='io', V='io', GRAD_OUT='io', LSE='fp32', SHIFT='fp32',
-                          GRAD_LSE='fp32', BY_ROWS='io', COL_INDEX='i32', COL_WEIGHT='fp32',
-                          GRAD_Q='io', GRAD_K='fp32', GRAD_V='fp32', GRAD_BY_ROWS='fp32')
+                          GRAD_LSE='fp32', TABLE='io', GRAD_Q='io', GRAD_K='fp32',
+                          GRAD_V='fp32', GRAD_TABLE='fp32', **_TAPS)
 
 
-# Each arch and each kind of matmul once (float32 FMA, bfloat16 tensor cores);
-# uncached, the float32 backward alone takes tens of seconds to build.
+def _spilled_bytes(cubin: bytes) -> int:
+    """Bytes of local-memory stack per thread, from the cuobjdump that Triton ships."""
+    import triton.backends.nvidia
+    tool = Path(triton.backends.nvidia.__file__).parent / 'bin' / 'cuobjdump'
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([str(tool), '-res-usage', handle.name], capture_output=True,
+                               text=True, check=True).stdout
+    return int(re.search(r'STACK:(\d+)', usage).group(1))
+
+
+# Each arch and each kind of matmul (float32 FMA, 16-bit tensor cores) at the launch
+# configuration the dispatcher uses; uncached, a float32 backward takes tens of seconds.
 @needs_triton_3
-@pytest.mark.parametrize('arch, dtype', [(90, 'fp32'), (80, 'bf16')])
-def test_kernels_compile_for_gpus(arch, dtype):
-    """Both kernels as launched for head dim 24, built to cubins."""
+@pytest.mark.parametrize('arch, dtype', [(90, torch.float32), (90, torch.bfloat16),
+                                         (80, torch.float16)], ids=str)
+def test_kernels_compile_for_gpus_without_spilling(arch, dtype):
+    """Both kernels as launched for head dim 24 (every variant), built to cubins.
+
+    A kernel that keeps more live values than registers spills them to local memory
+    and reloads them at every step of its key loop; the first tile sizes did (0.5 to
+    2.8 KB per thread), so each launch configuration is held to none.
+    """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
     from mmtransnext.ops import _fused_attention_kernels as kernels
-    meta = dict(BLOCK_M=64, BLOCK_N=64, D_PAD=32, DV_PAD=32,
-                DOT_PRECISION='ieee' if dtype == 'fp32' else 'tf32')
+    meta = fused_attention.launch_meta(dtype, 24, 24)
+    options = dict(num_warps=meta.pop('num_warps'))
+    element = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[dtype]
     for kernel, pointers, extra in (
             (kernels.pooled_attention_forward, _FORWARD_POINTERS, {}),
             (kernels.pooled_attention_backward, _BACKWARD_POINTERS,
-             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == 'fp32'))):
+             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32))):
         constants = dict(meta, **extra)
         signature = {}
         for name in inspect.signature(kernel.fn).parameters:
             if name in constants:
                 signature[name] = 'constexpr'
             elif name in pointers:
-                signature[name] = '*' + (dtype if pointers[name] == 'io' else pointers[name])
+                signature[name] = '*' + (element if pointers[name] == 'io' else pointers[name])
             else:
                 signature[name] = 'i32'
         built = compile(ASTSource(kernel, signature, constants),
-                        target=GPUTarget('cuda', arch, 32))
+                        target=GPUTarget('cuda', arch, 32), options=options)
         assert len(built.asm['cubin']) > 0
+        assert _spilled_bytes(built.asm['cubin']) == 0, kernel.fn.__name__
+
+
+# (build query, build key, query, key) column lengths: no resize, resized up and down,
+# irregular pooling bins (334 -> 41, centres of both parities), one key, full attention.
+_COLUMN_CASES = [(7, 3, 7, 3), (200, 25, 334, 41), (334, 41, 334, 41), (9, 3, 13, 4),
+                 (9, 3, 5, 2), (5, 1, 5, 1), (6, 6, 6, 6)]
+
+
+@pytest.mark.parametrize('build_q, build_k, width, pool_w', _COLUMN_CASES)
+def test_separable_col_taps_give_the_product_taps(build_q, build_k, width, pool_w):
+    """The fused kernels' factored column taps address what the CPU's (W, Wp, 4) taps do.
+
+    Both forms are applied to a random ``by_rows`` table here in PyTorch, so the
+    numbering of the offsets (sums of a query and a key term) is checked against the
+    offsets' own index for every query column, key column and tap.
+    """
+    layout = bias_layout((2, build_q), (2, build_k), (14, 14), (3, width), (2, pool_w),
+                         torch.device('cpu'))
+    table = torch.randn(2, *layout.coords.shape[:2], dtype=torch.float64)
+    bias = RowFactoredBias(table, layout)
+    index, weight = bias.col_taps(torch.float32)                   # (W, Wp, 4)
+    product = (bias.by_rows[..., index] * weight).sum(-1)          # (h, H, Hp, W, Wp)
+    q_term, q_weight, k_term, k_weight, spread = bias.separable_col_taps()
+    assert q_term.dtype == k_term.dtype == torch.int32
+    spread_rows = bias.by_rows[..., spread]
+    factored = 0
+    for i in range(2):
+        for j in range(2):
+            at = (q_term[:, i, None] + k_term[None, :, j]).long()    # (W, Wp)
+            factored = factored + (spread_rows[..., at]
+                                   * q_weight[:, i, None] * k_weight[None, :, j])
+    torch.testing.assert_close(factored, product, atol=1e-6, rtol=1e-6)
+    assert 0 <= int(q_term.min() + k_term.min())
+    assert int(q_term.max() + k_term.max()) < spread.numel()
+
+
+def test_even_numbering_that_misses_an_offset_is_refused(monkeypatch):
+    from mmtransnext.models import position_bias
+
+    def off_by_one(query_len, key_len):
+        query_term, key_term = real(query_len, key_len)
+        return query_term, key_term // 2        # merges offsets that differ
+
+    real = position_bias._even_offset_terms
+    monkeypatch.setattr(position_bias, '_even_offset_terms', off_by_one)
+    layout = position_bias.bias_layout.__wrapped__((1, 9), (1, 3), (9, 9), (1, 9), (1, 3),
+                                                   torch.device('cpu'))
+    with pytest.raises(RuntimeError, match=r'even numbering of column offsets \(\(9, 3\) grid'):
+        layout.even_columns
 
 
 def test_dispatch_rule(monkeypatch):

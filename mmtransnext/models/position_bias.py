@@ -73,6 +73,27 @@ def _axis_offsets(query_len: int, key_len: int,
     return values, index
 
 
+def _even_offset_terms(query_len: int, key_len: int) -> Tuple[Tensor, Tensor]:
+    """Integer terms whose sum numbers every query/key offset of an axis evenly.
+
+    Query ``x`` and a pooled key centred at ``c`` (a multiple of one half) are
+    ``x - c`` apart. Counting the halves from the smallest offset, ``2x - 2c + max(2c)``
+    (halved when every centre has the same parity, as only every other half then
+    occurs), numbers the offsets on an evenly spaced grid, and the number is a query
+    term plus a key term: a kernel adds two small vectors instead of reading an index
+    from a ``query_len x key_len`` table.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(query_len,)`` and ``(key_len,)`` long terms; their
+        sums run from 0 to ``Ue - 1``.
+    """
+    twice_centres = [round(2 * centre) for centre in _pooled_axis(query_len, key_len)]
+    step = 2 if len({value % 2 for value in twice_centres}) == 1 else 1
+    top = max(twice_centres)
+    return (torch.tensor([2 * x // step for x in range(query_len)]),
+            torch.tensor([(top - value) // step for value in twice_centres]))
+
+
 @dataclass(frozen=True)
 class BiasLayout:
     """Where the position-bias MLP is evaluated and how the result is expanded.
@@ -102,6 +123,30 @@ class BiasLayout:
         """:attr:`coords` built anew (a captured graph cannot enter the cache's lock)."""
         return torch.stack(torch.meshgrid(self.offsets_h, self.offsets_w, indexing='ij'),
                            dim=-1)
+
+    @cached_property
+    def even_columns(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The column offsets numbered evenly (see :func:`_even_offset_terms`).
+
+        Returns:
+            tuple[Tensor, Tensor, Tensor]: the query term ``(Qw,)`` and key term
+            ``(Kw,)`` (long), and ``(Ue,)`` the position in ``offsets_w`` of each
+            evenly numbered offset (0 where none occurs), so that
+            ``spread[query_term[x] + key_term[y]] == index_w[x, y]``.
+
+        Raises:
+            RuntimeError: if the numbering does not reproduce ``index_w``.
+        """
+        index_w = self.index_w.cpu()
+        query_term, key_term = _even_offset_terms(*index_w.shape)
+        even = query_term[:, None] + key_term[None, :]
+        spread = torch.zeros(int(even.max()) + 1, dtype=torch.long)
+        spread[even.flatten()] = index_w.flatten()
+        if not torch.equal(spread[even], index_w):
+            raise RuntimeError(f'the even numbering of column offsets ({tuple(index_w.shape)} '
+                               'grid) does not reproduce their index')
+        device = self.index_w.device
+        return query_term.to(device), key_term.to(device), spread.to(device)
 
 
 @lru_cache(maxsize=64)
@@ -281,14 +326,18 @@ class RowFactoredBias:
         self.by_rows = by_rows.permute(0, 2, 3, 1).contiguous()    # (h, H, Hp, Uw)
         self._col_taps = {}
 
+    def _column_resizes(self, dtype):
+        """Source columns and weights of the query-column and key-column resizes."""
+        (_, width), (_, pool_w) = self.layout.query_size, self.layout.key_size
+        qw, kw = self.layout.index_w.shape
+        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return _interp_taps(qw, width, math_dtype) + _interp_taps(kw, pool_w, math_dtype)
+
     def col_taps(self, dtype) -> Tuple[Tensor, Tensor]:
-        """``(W, Wp, 4)`` indices into ``Uw`` and their weights, for the fused kernels."""
+        """``(W, Wp, 4)`` indices into ``Uw`` and their weights, for the CPU band kernels."""
         if dtype not in self._col_taps:
             (_, width), (_, pool_w) = self.layout.query_size, self.layout.key_size
-            qw, kw = self.layout.index_w.shape
-            math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            cols, col_w = _interp_taps(qw, width, math_dtype)     # (W, 2)
-            keys, key_w = _interp_taps(kw, pool_w, math_dtype)    # (Wp, 2)
+            cols, col_w, keys, key_w = self._column_resizes(dtype)   # (W, 2), (Wp, 2)
             index_w = self.layout.index_w.cpu()
             index = index_w[cols[:, None, :, None], keys[None, :, None, :]]   # (W, Wp, 2, 2)
             weight = col_w[:, None, :, None] * key_w[None, :, None, :]
@@ -296,6 +345,31 @@ class RowFactoredBias:
             self._col_taps[dtype] = (index.reshape(width, pool_w, 4).to(device),
                                      weight.reshape(width, pool_w, 4).to(device, dtype))
         return self._col_taps[dtype]
+
+    def separable_col_taps(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The column taps as two factors, for the fused GPU kernels.
+
+        The 4 taps of entry ``(c, b)`` are the products of 2 query-column taps and 2
+        key-column taps: weight ``query_weight[c, i] * key_weight[b, j]`` on
+        ``by_rows[..., spread][..., query_term[c, i] + key_term[b, j]]`` (see
+        :attr:`BiasLayout.even_columns`). A kernel reads 4 short vectors per tile
+        instead of two ``(W, Wp, 4)`` tables per entry.
+
+        Returns:
+            tuple[Tensor, ...]: ``query_term (W, 2)`` int32, ``query_weight (W, 2)``
+            float32, ``key_term (Wp, 2)`` int32, ``key_weight (Wp, 2)`` float32 and
+            ``spread (Ue,)`` long, all on the bias's device.
+        """
+        if 'separable' not in self._col_taps:
+            cols, col_w, keys, key_w = self._column_resizes(torch.float32)
+            query_term, key_term, spread = (t.cpu() for t in self.layout.even_columns)
+            device = self.by_rows.device
+            taps = (query_term[cols].to(device, torch.int32).contiguous(),
+                    col_w.to(device).contiguous(),
+                    key_term[keys].to(device, torch.int32).contiguous(),
+                    key_w.to(device).contiguous(), spread.to(device))
+            self._col_taps['separable'] = taps
+        return self._col_taps['separable']
 
     def rows(self, start: int, stop: int, by_rows: Tensor = None) -> Tensor:
         """The bias of query rows ``start:stop``, in plain PyTorch.

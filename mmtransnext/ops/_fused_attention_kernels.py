@@ -7,12 +7,18 @@ interpreter simply by setting that variable before this module is first imported
 
 Layouts (all contiguous): ``Q (B*heads, N, D)``, ``K (B*heads, P, D)``,
 ``V (B*heads, P, Dv)``, ``OUT (B*heads, N, Dv)``, ``LSE (B*heads, N)`` float32;
-the bias table ``BY_ROWS (heads, H, Hp, Uw)`` and its column taps
-``COL_INDEX``/``COL_WEIGHT (W, Wp, 4)`` of
-:class:`~mmtransnext.models.position_bias.RowFactoredBias`. Query ``m = r * W + c``,
-key ``p = a * Wp + b``, and
+the bias table ``TABLE (heads, H, Hp, Ue)``, :class:`~mmtransnext.models.position_bias.
+RowFactoredBias`'s ``by_rows`` with its column offsets numbered evenly, and the two
+factors of its column taps (``separable_col_taps``): ``Q_TERM``/``Q_WEIGHT (W, 2)``
+and ``K_TERM``/``K_WEIGHT (Wp, 2)``. Query ``m = r * W + c``, key ``p = a * Wp + b``,
+and
 
-    bias(t, m, p) = sum_k COL_WEIGHT[c, b, k] * BY_ROWS[t, r, a, COL_INDEX[c, b, k]].
+    bias(t, m, p) = sum_ij Q_WEIGHT[c, i] * K_WEIGHT[b, j]
+                    * TABLE[t, r, a, Q_TERM[c, i] + K_TERM[b, j]],
+
+so a tile reads four short vectors and, per entry, only the table (a few KB per
+query row and key row, which stay in the L1 cache); taps of weight zero (no resize)
+are not read.
 
 Each program owns ``BLOCK_M`` queries of one (image, head) and walks the keys
 ``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers. Head dims
@@ -31,33 +37,46 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', '
 
 
 @triton.jit
-def _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row):
-    """Tap offsets ``(BLOCK_M, BLOCK_N)`` into COL_* (times 4) and row offsets into BY_ROWS."""
+def _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row):
+    """Query and key columns of a tile and its ``(BLOCK_M, BLOCK_N)`` offsets into TABLE."""
     row, col = rows_m // width, rows_m % width
     pool_row, pool_col = cols_n // pool_w, cols_n % pool_w
-    taps = (col[:, None] * pool_w + pool_col[None, :]) * 4
     table = head * s_head + row[:, None] * s_row + pool_row[None, :] * s_pool_row
-    return taps, table
+    return col, pool_col, table
 
 
 @triton.jit
-def _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid):
-    """The bias of a tile, float32; taps of weight zero (no resize) are not read."""
-    bias = tl.zeros(taps.shape, dtype=tl.float32)
-    for k in tl.static_range(4):
-        weight = tl.load(COL_WEIGHT + taps + k, mask=valid, other=0.0)
-        index = tl.load(COL_INDEX + taps + k, mask=valid, other=0)
-        value = tl.load(BY_ROWS + table + index, mask=valid & (weight != 0.0), other=0.0)
-        bias += weight * value.to(tl.float32)
+def _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, row_ok, col_ok,
+         i: tl.constexpr, j: tl.constexpr):
+    """Tap ``(i, j)`` of a tile: offsets into a table row and weights, ``(BLOCK_M, BLOCK_N)``."""
+    query_term = tl.load(Q_TERM + col * 2 + i, mask=row_ok, other=0)
+    query_weight = tl.load(Q_WEIGHT + col * 2 + i, mask=row_ok, other=0.0)
+    key_term = tl.load(K_TERM + pool_col * 2 + j, mask=col_ok, other=0)
+    key_weight = tl.load(K_WEIGHT + pool_col * 2 + j, mask=col_ok, other=0.0)
+    return (query_term[:, None] + key_term[None, :],
+            query_weight[:, None] * key_weight[None, :])
+
+
+@triton.jit
+def _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, row_ok,
+               col_ok, valid):
+    """The bias of a tile, float32."""
+    bias = tl.zeros(table.shape, dtype=tl.float32)
+    for i in tl.static_range(2):
+        for j in tl.static_range(2):
+            offset, weight = _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, row_ok,
+                                  col_ok, i, j)
+            value = tl.load(TABLE + table + offset, mask=valid & (weight != 0.0), other=0.0)
+            bias += weight * value.to(tl.float32)
     return bias
 
 
 @triton.jit
-def _key_tile(q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_base, value_base, start, rows_m,
-              row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
-              s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
+              rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w,
+              s_head, s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Keys ``start .. start + BLOCK_N``: their key and value rows, the biased logits
-    of the query block against them (float32), and the masks and bias taps of the tile."""
+    of the query block against them (float32), and the masks and bias geometry of the tile."""
     cols_n = start + tl.arange(0, BLOCK_N)
     col_ok = cols_n < keys
     k_offsets = key_base + cols_n[:, None] * head_dim + dims[None, :]
@@ -67,14 +86,17 @@ def _key_tile(q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_base, value_base, sta
     k = tl.load(K + k_offsets, mask=k_mask, other=0.0)
     v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
     valid = row_ok[:, None] & col_ok[None, :]
-    taps, table = _tap_offsets(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row)
+    col, pool_col, table = _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row,
+                                      s_pool_row)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    logits += _bias_tile(BY_ROWS, COL_INDEX, COL_WEIGHT, taps, table, valid)
-    return k, v, logits, col_ok, valid, taps, table, k_offsets, v_offsets, k_mask, v_mask
+    logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, row_ok,
+                         col_ok, valid)
+    return (k, v, logits, col_ok, valid, col, pool_col, table, k_offsets, v_offsets, k_mask,
+            v_mask)
 
 
 @triton.jit
-def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
+def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, OUT, LSE,
                              heads, tokens, keys, head_dim, value_dim, width, pool_w,
                              s_head, s_row, s_pool_row,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -83,7 +105,7 @@ def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
     """Output and log-sum-exp of ``BLOCK_M`` queries; grid ``(cdiv(N, BLOCK_M), B*heads)``."""
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
-    head = image_head % heads
+    head = tl.program_id(1) % heads     # int32: the bias table is small
     rows_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows_m < tokens
     dims = tl.arange(0, D_PAD)
@@ -97,9 +119,9 @@ def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
     row_sum = tl.zeros((BLOCK_M, ), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
-        k, v, logits, col_ok, _, _, _, _, _, _, _ = _key_tile(
-            q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_base, value_base, start, rows_m,
-            row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
+        k, v, logits, col_ok, _, _, _, _, _, _, _, _ = _key_tile(
+            q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
+            rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
             s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
         logits = tl.where(col_ok[None, :], logits, float('-inf'))
         # Every tile holds at least one key, so the new maximum is finite.
@@ -119,8 +141,8 @@ def pooled_attention_forward(Q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, OUT, LSE,
 
 
 @triton.jit
-def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, COL_INDEX,
-                              COL_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_BY_ROWS,
+def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_TERM, Q_WEIGHT,
+                              K_TERM, K_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
                               heads, tokens, keys, head_dim, value_dim, width, pool_w,
                               s_head, s_row, s_pool_row,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -138,12 +160,12 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, 
     and its gradient then stays as near zero as the reference has it (otherwise the
     rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
     in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_K``,
-    ``GRAD_V`` and ``GRAD_BY_ROWS`` (float32, zeroed) collect every query block's
+    ``GRAD_V`` and ``GRAD_TABLE`` (float32, zeroed) collect every query block's
     share by ``tl.atomic_add``, the bias table's through the same taps as the forward.
     """
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
-    head = image_head % heads
+    head = tl.program_id(1) % heads     # int32: the bias table is small
     rows_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows_m < tokens
     dims = tl.arange(0, D_PAD)
@@ -163,10 +185,10 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, 
     if ROW_RESIDUAL:
         residual = tl.zeros((BLOCK_M, ), dtype=tl.float32)
         for start in range(0, keys, BLOCK_N):
-            k, v, logits, _, valid, _, _, _, _, _, _ = _key_tile(
-                q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_offset, value_offset, start,
-                rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w,
-                s_head, s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
+            k, v, logits, _, valid, _, _, _, _, _, _, _ = _key_tile(
+                q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_offset, value_offset,
+                start, rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width,
+                pool_w, s_head, s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
             probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
             grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
@@ -175,10 +197,11 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, 
 
     grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
-        k, v, logits, _, valid, taps, table, k_offsets, v_offsets, k_mask, v_mask = _key_tile(
-            q, K, V, BY_ROWS, COL_INDEX, COL_WEIGHT, key_offset, value_offset, start, rows_m,
-            row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
-            s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
+        (k, v, logits, col_ok, valid, col, pool_col, table, k_offsets, v_offsets, k_mask,
+         v_mask) = _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_offset,
+                             value_offset, start, rows_m, row_ok, dims, vdims, head, keys,
+                             head_dim, value_dim, width, pool_w, s_head, s_row, s_pool_row,
+                             BLOCK_N, DOT_PRECISION)
         probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
         grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_logits = probs * (grad_probs - shift[:, None])
@@ -190,10 +213,11 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, BY_ROWS, 
                       tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
                              input_precision=DOT_PRECISION), mask=v_mask)
         if BIAS_GRAD:
-            for k_tap in tl.static_range(4):
-                weight = tl.load(COL_WEIGHT + taps + k_tap, mask=valid, other=0.0)
-                index = tl.load(COL_INDEX + taps + k_tap, mask=valid, other=0)
-                tl.atomic_add(GRAD_BY_ROWS + table + index, weight * grad_logits,
-                              mask=valid & (weight != 0.0))
+            for i in tl.static_range(2):
+                for j in tl.static_range(2):
+                    offset, weight = _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col,
+                                          row_ok, col_ok, i, j)
+                    tl.atomic_add(GRAD_TABLE + table + offset, weight * grad_logits,
+                                  mask=valid & (weight != 0.0))
 
     tl.store(GRAD_Q + q_offsets, grad_q.to(GRAD_Q.dtype.element_ty), mask=q_mask)

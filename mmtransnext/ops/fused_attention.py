@@ -44,11 +44,14 @@ __all__ = ['fused_bias_attention', 'use_fused_attention']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take
 _RULE_DTYPES = (torch.float16, torch.bfloat16)             # what the rule sends them
-# Queries per program and keys per step. 64 x 64 float32 logits are 16 KB of
-# registers per tile, which keeps several programs resident per SM; the pooled
-# map has about 1,000 keys, so a program takes ~16 steps.
-_BLOCK_M = 64
-_BLOCK_N = 64
+# Queries per program, keys per step and warps per program, per input dtype: the
+# largest tiles with which neither kernel spills registers to local memory at head
+# dim 24 (every TransNeXt variant), read from the machine code of sm_80 and sm_90
+# builds (tests/test_fused_attention.py holds them to it). The first tiles, 64 x 64
+# on 4 warps, spilled 0.5 to 2.8 KB per thread, reloaded at every key step; 64 x 32
+# on 8 warps still spilled in the sm_80 backward.
+_TILES = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
+LAUNCH = {torch.float16: _TILES, torch.bfloat16: _TILES, torch.float32: _TILES}
 # The kernels use Triton 3's language (``tl.dot(..., input_precision=...)``); torch
 # 2.1-2.3 CUDA wheels ship Triton 2, which keeps the banded path.
 MIN_TRITON = (3, 0)
@@ -98,15 +101,20 @@ def _pad(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
-def _launch_args(query, key, value, by_rows, bias):
+def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
+    """The kernels' meta-parameters and launch options for one dtype and head size."""
+    return dict(LAUNCH[dtype], D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim),
+                DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+
+
+def _launch_args(query, key, value, table, bias):
     """The shape arguments and meta-parameters shared by both kernels."""
     batch, heads, tokens, head_dim = query.shape
     keys, value_dim = key.shape[2], value.shape[3]
     width, pool_w = bias.layout.query_size[1], bias.layout.key_size[1]
-    grid = (-(-tokens // _BLOCK_M), batch * heads)
-    shapes = (heads, tokens, keys, head_dim, value_dim, width, pool_w, *by_rows.stride()[:3])
-    meta = dict(BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim),
-                DOT_PRECISION='ieee' if query.dtype == torch.float32 else 'tf32')
+    meta = launch_meta(query.dtype, head_dim, value_dim)
+    grid = (-(-tokens // meta['BLOCK_M']), batch * heads)
+    shapes = (heads, tokens, keys, head_dim, value_dim, width, pool_w, *table.stride()[:3])
     return grid, shapes, meta
 
 
@@ -115,33 +123,29 @@ def _on_device(tensor: Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _col_taps(bias):
-    """The column taps as the kernels read them: int32 indices, float32 weights."""
-    index, weight = bias.col_taps(torch.float32)
-    return index.to(torch.int32).contiguous(), weight.contiguous()
-
-
 class _FusedBiasAttention(torch.autograd.Function):
+    """``apply(query, key, value, table, bias)``, ``table`` the bias's ``by_rows`` with
+    its column offsets numbered evenly (the kernels compute each entry's position)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, by_rows, bias):
+    def forward(ctx, query, key, value, table, bias):
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        by_rows = by_rows.contiguous()
-        index, weight = _col_taps(bias)
+        table = table.contiguous()
+        taps = bias.separable_col_taps()[:4]
         out = query.new_empty(query.shape[:3] + value.shape[3:])
         lse = query.new_empty(query.shape[:3], dtype=torch.float32)
-        grid, shapes, meta = _launch_args(query, key, value, by_rows, bias)
+        grid, shapes, meta = _launch_args(query, key, value, table, bias)
         with _on_device(query):
-            _kernels().pooled_attention_forward[grid](query, key, value, by_rows, index, weight,
-                                                      out, lse, *shapes, **meta)
-        ctx.save_for_backward(query, key, value, by_rows, out, lse)
+            _kernels().pooled_attention_forward[grid](query, key, value, table, *taps, out, lse,
+                                                      *shapes, **meta)
+        ctx.save_for_backward(query, key, value, table, out, lse)
         ctx.bias = bias
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, by_rows, out, lse = ctx.saved_tensors
+        query, key, value, table, out, lse = ctx.saved_tensors
         bias = ctx.bias
         if grad_out is None:
             grad_out = torch.zeros_like(out)
@@ -151,21 +155,21 @@ class _FusedBiasAttention(torch.autograd.Function):
         shift = (grad_out.float() * out.float()).sum(-1)
         grad_lse = (torch.zeros_like(lse) if grad_lse is None else
                     grad_lse.float().contiguous())
-        index, weight = _col_taps(bias)
+        taps = bias.separable_col_taps()[:4]
         want_bias = ctx.needs_input_grad[3]
         grad_query = torch.empty_like(query)
         grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        grad_by_rows = torch.zeros(by_rows.shape if want_bias else (1, ), dtype=torch.float32,
-                                   device=by_rows.device)
-        grid, shapes, meta = _launch_args(query, key, value, by_rows, bias)
+        grad_table = torch.zeros(table.shape if want_bias else (1, ), dtype=torch.float32,
+                                 device=table.device)
+        grid, shapes, meta = _launch_args(query, key, value, table, bias)
         with _on_device(query):
             _kernels().pooled_attention_backward[grid](
-                query, key, value, grad_out, lse, shift, grad_lse, by_rows, index, weight,
-                grad_query, grad_key, grad_value, grad_by_rows, *shapes, BIAS_GRAD=want_bias,
+                query, key, value, grad_out, lse, shift, grad_lse, table, *taps,
+                grad_query, grad_key, grad_value, grad_table, *shapes, BIAS_GRAD=want_bias,
                 ROW_RESIDUAL=query.dtype == torch.float32, **meta)
         return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype),
-                grad_by_rows.to(by_rows.dtype) if want_bias else None, None)
+                grad_table.to(table.dtype) if want_bias else None, None)
 
 
 def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tuple:
@@ -188,7 +192,10 @@ def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tup
         and the log-sum-exp of each query's logits ``(B, heads, N)`` in float32.
     """
     _check_args(query, key, value, bias)
-    return _FusedBiasAttention.apply(query, key, value, bias.by_rows, bias)
+    # Spread to the even numbering outside the Function: autograd sums the gradient
+    # of each offset's copies back (copies of an offset that never occurs get none).
+    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
+    return _FusedBiasAttention.apply(query, key, value, table, bias)
 
 
 def _check_args(query, key, value, bias):
