@@ -6,12 +6,9 @@ before it is first imported, and only those tests may run interpreted). Whether
 they compile for the GPU is checked here without one: Triton compiles them ahead
 of time to sm_80 and sm_90 machine code with the ``ptxas`` it ships.
 """
-import inspect
 import os
-import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,26 +38,6 @@ def test_kernels_under_triton_interpreter():
     assert ' passed' in done.stdout.splitlines()[-1], done.stdout[-2000:]
 
 
-# Pointer arguments and their element types; the others are int32 sizes and strides.
-_TAPS = dict(Q_TERM='i32', Q_WEIGHT='fp32', K_TERM='i32', K_WEIGHT='fp32')
-_FORWARD_POINTERS = dict(Q='io', K='io', V='io', TABLE='io', OUT='io', LSE='fp32', **_TAPS)
-_BACKWARD_POINTERS = dict(Q='io', K='io', V='io', GRAD_OUT='io', LSE='fp32', SHIFT='fp32',
-                          GRAD_LSE='fp32', TABLE='io', GRAD_Q='io', GRAD_K='fp32',
-                          GRAD_V='fp32', GRAD_TABLE='fp32', **_TAPS)
-
-
-def _spilled_bytes(cubin: bytes) -> int:
-    """Bytes of local-memory stack per thread, from the cuobjdump that Triton ships."""
-    import triton.backends.nvidia
-    tool = Path(triton.backends.nvidia.__file__).parent / 'bin' / 'cuobjdump'
-    with tempfile.NamedTemporaryFile(suffix='.cubin') as handle:
-        handle.write(cubin)
-        handle.flush()
-        usage = subprocess.run([str(tool), '-res-usage', handle.name], capture_output=True,
-                               text=True, check=True).stdout
-    return int(re.search(r'STACK:(\d+)', usage).group(1))
-
-
 # Each arch and each kind of matmul (float32 FMA, 16-bit tensor cores) at the launch
 # configuration the dispatcher uses; uncached, a float32 backward takes tens of seconds.
 @needs_triton_3
@@ -73,30 +50,18 @@ def test_kernels_compile_for_gpus_without_spilling(arch, dtype):
     and reloads them at every step of its key loop; the first tile sizes did (0.5 to
     2.8 KB per thread), so each launch configuration is held to none.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
+    for name, cubin in fused_attention.compile_for_gpu(arch, dtype).items():
+        resources = fused_attention.machine_code_resources(cubin)
+        assert resources['instructions'] > 100, name
+        assert resources['stack_bytes'] == 0, (name, resources)
 
-    from mmtransnext.ops import _fused_attention_kernels as kernels
-    meta = fused_attention.launch_meta(dtype, 24, 24)
-    options = dict(num_warps=meta.pop('num_warps'))
-    element = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}[dtype]
-    for kernel, pointers, extra in (
-            (kernels.pooled_attention_forward, _FORWARD_POINTERS, {}),
-            (kernels.pooled_attention_backward, _BACKWARD_POINTERS,
-             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32))):
-        constants = dict(meta, **extra)
-        signature = {}
-        for name in inspect.signature(kernel.fn).parameters:
-            if name in constants:
-                signature[name] = 'constexpr'
-            elif name in pointers:
-                signature[name] = '*' + (element if pointers[name] == 'io' else pointers[name])
-            else:
-                signature[name] = 'i32'
-        built = compile(ASTSource(kernel, signature, constants),
-                        target=GPUTarget('cuda', arch, 32), options=options)
-        assert len(built.asm['cubin']) > 0
-        assert _spilled_bytes(built.asm['cubin']) == 0, kernel.fn.__name__
+
+@needs_triton_3
+def test_spilling_is_seen():
+    """The check above can fail: 64 x 64 tiles on 4 warps spill (sm_90, bfloat16)."""
+    cubin = fused_attention.compile_for_gpu(
+        90, torch.bfloat16, launch=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4))['backward']
+    assert fused_attention.machine_code_resources(cubin)['stack_bytes'] > 0
 
 
 # (build query, build key, query, key) column lengths: no resize, resized up and down,

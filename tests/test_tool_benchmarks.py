@@ -135,3 +135,22 @@ def test_pooled_attention_shapes_and_cpu_run(capsys):
     assert lines[0].startswith('stage 3: 2 x 12 heads, queries 5x8, keys 2x4')
     assert lines[3].split()[:2] == ['fp32', 'whole'] and lines[4].split()[:2] == ['fp32', 'banded']
     assert 'run on CUDA, or on the CPU under TRITON_INTERPRET=1' in lines[5]
+
+
+def test_kernel_resources_table(capsys):
+    """The machine code of the launch configuration: one row per kernel, no spills."""
+    pytest.importorskip('triton')
+    import kernel_resources
+    assert kernel_resources.main(['--arch', '90', '--dtypes', 'bf16']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| sm_90 | bf16 | 32 x 32 x 8 |')]
+    assert [row.split('|')[4].strip() for row in rows] == ['forward', 'backward']
+    assert all(row.split('|')[6].strip() == '0' for row in rows), rows
+
+
+@pytest.mark.parametrize('tiles', ['64x64', '48x32x8', '32x32x3', 'axbxc'])
+def test_kernel_resources_bad_tiles(tiles, capsys):
+    import kernel_resources
+    with pytest.raises(SystemExit):
+        kernel_resources.main(['--tiles', tiles])
+    assert tiles in capsys.readouterr().err

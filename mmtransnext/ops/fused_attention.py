@@ -33,6 +33,11 @@ are sized for its caches.
 import contextlib
 import importlib.metadata
 import importlib.util
+import inspect
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -105,6 +110,75 @@ def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
     """The kernels' meta-parameters and launch options for one dtype and head size."""
     return dict(LAUNCH[dtype], D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim),
                 DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+
+
+# Element types of the kernels' pointer arguments: 'io' is the input dtype's.
+_POINTERS = dict(Q='io', K='io', V='io', TABLE='io', OUT='io', GRAD_OUT='io', GRAD_Q='io',
+                 Q_TERM='i32', K_TERM='i32', Q_WEIGHT='fp32', K_WEIGHT='fp32', LSE='fp32',
+                 SHIFT='fp32', GRAD_LSE='fp32', GRAD_K='fp32', GRAD_V='fp32', GRAD_TABLE='fp32')
+_TRITON_TYPES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
+
+
+def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24,
+                    launch: dict = None) -> dict:
+    """Both kernels compiled ahead of time for a GPU architecture, without one.
+
+    Args:
+        arch (int): compute capability as an integer, e.g. 80 (A100) or 90 (H100).
+        dtype (torch.dtype): the input dtype.
+        head_dim (int): queries' and values' head size. Default: 24.
+        launch (dict, optional): ``BLOCK_M``, ``BLOCK_N`` and ``num_warps`` in place
+            of :data:`LAUNCH`'s. Default: None.
+
+    Returns:
+        dict[str, bytes]: ``forward`` and ``backward`` (with the bias gradient) cubins.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    meta = dict(launch_meta(dtype, head_dim, head_dim), **(launch or {}))
+    options = dict(num_warps=meta.pop('num_warps'))
+    kernels = _kernels()
+    built = {}
+    for name, kernel, extra in (
+            ('forward', kernels.pooled_attention_forward, {}),
+            ('backward', kernels.pooled_attention_backward,
+             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32))):
+        constants = dict(meta, **extra)
+        signature = {}
+        for arg in inspect.signature(kernel.fn).parameters:
+            if arg in constants:
+                signature[arg] = 'constexpr'
+            elif arg in _POINTERS:
+                element = _POINTERS[arg]
+                signature[arg] = '*' + (_TRITON_TYPES[dtype] if element == 'io' else element)
+            else:
+                signature[arg] = 'i32'
+        compiled = compile(ASTSource(kernel, signature, constants),
+                           target=GPUTarget('cuda', arch, 32), options=options)
+        built[name] = compiled.asm['cubin']
+    return built
+
+
+def machine_code_resources(cubin: bytes) -> dict:
+    """Registers and local-memory stack per thread of a cubin (Triton's ``cuobjdump``).
+
+    Returns:
+        dict[str, int]: ``registers``, ``stack_bytes`` (spilled registers live there)
+        and ``instructions`` (SASS instructions of the kernel).
+    """
+    import triton.backends.nvidia
+    tool = str(Path(triton.backends.nvidia.__file__).parent / 'bin' / 'cuobjdump')
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([tool, '-res-usage', handle.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tool, '-sass', handle.name], capture_output=True, text=True,
+                              check=True).stdout
+    return dict(registers=int(re.search(r'REG:(\d+)', usage).group(1)),
+                stack_bytes=int(re.search(r'STACK:(\d+)', usage).group(1)),
+                instructions=len(re.findall(r'/\*[0-9a-f]{4,}\*/ ', sass)))
 
 
 def _launch_args(query, key, value, table, bias):

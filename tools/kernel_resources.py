@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Registers and spills of the fused attention kernels, compiled for GPUs without one.
+
+    python tools/kernel_resources.py                          # the launch configuration
+    python tools/kernel_resources.py --tiles 64x64x4 32x32x8  # BLOCK_M x BLOCK_N x warps
+
+Triton compiles both kernels ahead of time (head dim 24, every TransNeXt variant) for
+each ``--arch`` and ``--dtypes``; the machine code's registers and local-memory stack
+per thread (spilled registers live there) are read with the ``cuobjdump`` Triton ships.
+"""
+import argparse
+import sys
+
+DTYPES = ('fp32', 'fp16', 'bf16')
+
+
+def parse_tiles(text):
+    try:
+        block_m, block_n, warps = (int(part) for part in text.split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected BLOCK_MxBLOCK_NxWARPS, '
+                                         'e.g. 32x32x8') from None
+    for value in (block_m, block_n):
+        if value < 16 or value & (value - 1):
+            raise argparse.ArgumentTypeError(f'{text!r}: block sizes are powers of two >= 16')
+    if warps not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f'{text!r}: warps is 1, 2, 4, 8 or 16')
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', type=int, nargs='+', default=[80, 90],
+                        choices=[80, 86, 89, 90])
+    parser.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], choices=DTYPES)
+    parser.add_argument('--tiles', type=parse_tiles, nargs='+', default=[None],
+                        help='BLOCK_MxBLOCK_NxWARPS (default: the launch configuration)')
+    args = parser.parse_args(argv)
+    import torch
+
+    from mmtransnext.ops import fused_attention
+    if not fused_attention._TRITON:
+        parser.error(f'needs Triton >= {".".join(map(str, fused_attention.MIN_TRITON))}')
+    dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
+    print(f'torch {torch.__version__}, head dim 24')
+    print('| arch | dtype | tiles (M x N x warps) | kernel | registers | stack bytes | '
+          'instructions |')
+    print('|---|---|---|---|---|---|---|')
+    for arch in args.arch:
+        for name in args.dtypes:
+            for tiles in args.tiles:
+                dtype = dtypes[name]
+                used = tiles or fused_attention.LAUNCH[dtype]
+                label = f'{used["BLOCK_M"]} x {used["BLOCK_N"]} x {used["num_warps"]}'
+                for kernel, cubin in fused_attention.compile_for_gpu(arch, dtype,
+                                                                     launch=tiles).items():
+                    found = fused_attention.machine_code_resources(cubin)
+                    print(f'| sm_{arch} | {name} | {label} | {kernel} | {found["registers"]} | '
+                          f'{found["stack_bytes"]} | {found["instructions"]} |', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
