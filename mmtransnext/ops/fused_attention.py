@@ -26,8 +26,9 @@ Dispatch follows one rule, :func:`use_fused_attention` (applied by
 ``mmtransnext.models.attention``): float16 and bfloat16 CUDA tensors, the dtypes of
 mixed-precision training. Float32 keeps the banded path, measured faster on an H100
 (stage 1 of TransNeXt-T at 2x800x1333: forward 27.5 against 32.5 ms, forward and
-backward 152 against 446 ms, ``tools/benchmark_pooled_attention.py``); the kernels
-still take float32 when called directly. The CPU keeps the banded path, whose bands
+backward 152 against 446 ms, ``tools/benchmark_pooled_attention.py``, with an earlier
+tiling that spilled registers; see :data:`LAUNCH`); the kernels still take float32 when
+called directly. The CPU keeps the banded path, whose bands
 are sized for its caches.
 """
 import contextlib
