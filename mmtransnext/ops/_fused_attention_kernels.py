@@ -16,9 +16,9 @@ and
     bias(t, m, p) = sum_ij Q_WEIGHT[c, i] * K_WEIGHT[b, j]
                     * TABLE[t, r, a, Q_TERM[c, i] + K_TERM[b, j]],
 
-so a tile reads four short vectors and, per entry, only the table (a few KB per
-query row and key row, which stay in the L1 cache); taps of weight zero (no resize)
-are not read.
+so a tile reads four short vectors and, per entry and tap, one value of a table row
+(a few KB per query row and key row), not an index, a weight and a value from tables
+of ``W x Wp x 4`` entries; taps of weight zero (no resize) are not read.
 
 Each program owns ``BLOCK_M`` queries of one (image, head) and walks the keys
 ``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers. Head dims
