@@ -116,11 +116,12 @@ def test_detector_iteration_on_cpu(tmp_path):
 def test_pooled_attention_table():
     rows = [dict(path='whole', dtype='fp32', forward_ms=40.0, train_ms=90.0, forward_mb=800.0,
                  train_mb=2000.0),
-            dict(path='fused', dtype='fp32', forward_ms=4.0, train_ms=10.0, forward_mb=20.0,
-                 train_mb=50.0),
+            dict(path='fused 32x32x8', dtype='fp32', forward_ms=4.0, train_ms=10.0,
+                 forward_mb=20.0, train_mb=50.0),
             dict(path='banded', dtype='fp16', error='RuntimeError: unsupported dtype')]
     lines = bp.format_table(rows).splitlines()
-    assert lines[3].split() == ['fp32', 'fused', '4.00', '10.00x', '10.00', '9.00x', '20', '50']
+    assert lines[3].split() == ['fp32', 'fused', '32x32x8', '4.00', '10.00x', '10.00', '9.00x',
+                                '20', '50']
     assert lines[4].endswith('failed: RuntimeError: unsupported dtype')
 
 
@@ -134,7 +135,30 @@ def test_pooled_attention_shapes_and_cpu_run(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith('stage 3: 2 x 12 heads, queries 5x8, keys 2x4')
     assert lines[3].split()[:2] == ['fp32', 'whole'] and lines[4].split()[:2] == ['fp32', 'banded']
+    assert lines[5].split()[:4] == ['fp32', 'fused', '32x32x8', 'failed:']
     assert 'run on CUDA, or on the CPU under TRITON_INTERPRET=1' in lines[5]
+
+
+def test_pooled_attention_tiles_reach_the_dispatcher(monkeypatch, capsys):
+    """Each --tiles configuration is a fused row, launched with those tiles."""
+    import torch
+
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setitem(fused_attention.LAUNCH, torch.float32, fused_attention.LAUNCH[torch.float32])
+    args = bp.parse_args(['--stage', '3', '--scale', '10', '--paths', 'fused',
+                          '--tiles', '64x64x4', '16x32x2'])
+    assert [bp.path_label('fused', t) for t in bp.fused_runs(args, 'fp32')] == [
+        'fused 64x64x4', 'fused 16x32x2']
+    with pytest.raises(SystemExit):       # CPU tensors outside the interpreter: refused
+        bp.main(['--stage', '3', '--scale', '10', '--paths', 'fused', '--repeats', '1',
+                 '--tiles', '64x64x4', '16x32x2'])
+    # the last configuration is the one the dispatcher now launches with
+    assert fused_attention.LAUNCH[torch.float32] == dict(BLOCK_M=16, BLOCK_N=32, num_warps=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1:3] for line in lines[3:]] == [['fused', '64x64x4'],
+                                                         ['fused', '16x32x2']]
+    with pytest.raises(SystemExit):
+        bp.parse_args(['--tiles', '24x32x8'])
 
 
 def test_kernel_resources_table(capsys):

@@ -10,12 +10,14 @@ of queries, keys, values and the bias table), and on CUDA the peak
 * whole: the released way, the whole ``(heads, N, P)`` bias and one softmax;
 * banded: :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` (the CPU path);
 * fused: :func:`~mmtransnext.ops.fused_attention.fused_bias_attention` (CUDA; on
-  the CPU only under ``TRITON_INTERPRET=1``, for checking, not timing).
+  the CPU only under ``TRITON_INTERPRET=1``, for checking, not timing), once per
+  ``--tiles`` launch configuration (default: the one the dispatcher uses), so that
+  tile sizes are compared in one run.
 
 Example::
 
     python tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 \\
-        --dtypes fp32 bf16 --repeats 10
+        --dtypes fp32 bf16 --repeats 10 --tiles 32x32x8 64x64x4
 """
 import argparse
 import statistics
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--tiles', type=_tiles, nargs='+', default=[None],
+                        help='fused path: BLOCK_MxBLOCK_NxWARPS launch configurations '
+                             '(default: the dispatcher\'s)')
     args = parser.parse_args(argv)
     for name in ('scale', 'batch', 'head_dim', 'repeats'):
         if getattr(args, name) < 1:
@@ -54,6 +59,11 @@ def parse_args(argv=None):
     if args.warmup < 0:
         parser.error('--warmup must not be negative')
     return args
+
+
+def _tiles(text):
+    from mmtransnext.tools.common import parse_tiles
+    return parse_tiles(text)
 
 
 def shapes(args) -> dict:
@@ -123,11 +133,30 @@ def measure(fn, device, warmup: int, repeats: int) -> float:
     return statistics.median(times[warmup:])
 
 
-def run(args, path: str, dtype_name: str) -> dict:
-    """Forward and forward+backward of one path and dtype."""
+def fused_runs(args, dtype_name: str) -> list:
+    """The launch configurations the fused path runs with: ``--tiles`` or the default."""
     import torch
+
+    from mmtransnext.ops import fused_attention
+    default = fused_attention.LAUNCH[getattr(torch, DTYPES[dtype_name])]
+    return [tiles or default for tiles in args.tiles]
+
+
+def path_label(path: str, tiles: dict = None) -> str:
+    from mmtransnext.tools.common import tiles_label
+    return path if tiles is None else f'{path} {tiles_label(tiles)}'
+
+
+def run(args, path: str, dtype_name: str, tiles: dict = None) -> dict:
+    """Forward and forward+backward of one path and dtype (fused: launched with ``tiles``)."""
+    import torch
+
+    from mmtransnext.ops import fused_attention
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[dtype_name])
+    if tiles is not None:
+        # The fused path reads its launch configuration from LAUNCH at every call.
+        fused_attention.LAUNCH[dtype] = tiles
     leaves, layout = make_inputs(args, dtype, device)
     fn = attention(path)
     out, lse = fn(*leaves, layout)
@@ -141,7 +170,7 @@ def run(args, path: str, dtype_name: str) -> dict:
         out, lse = fn(*leaves, layout)
         torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
 
-    row = dict(path=path, dtype=dtype_name)
+    row = dict(path=path_label(path, tiles), dtype=dtype_name)
     for mode, step in (('forward', forward), ('train', train)):
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -155,12 +184,12 @@ def run(args, path: str, dtype_name: str) -> dict:
 
 def format_table(rows) -> str:
     """Times (and CUDA memory) per path; ``x whole`` is the whole-matrix time over this one."""
-    header = (f'{"dtype":5} {"path":7} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
+    header = (f'{"dtype":5} {"path":15} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
               f'{"x whole":>8} {"fwd MB":>8} {"fwd+bwd MB":>10}')
     lines = [header, '-' * len(header)]
     whole = {r['dtype']: r for r in rows if r['path'] == 'whole' and 'error' not in r}
     for row in rows:
-        lead = f'{row["dtype"]:5} {row["path"]:7}'
+        lead = f'{row["dtype"]:5} {row["path"]:15}'
         if 'error' in row:
             lines.append(f'{lead} failed: {row["error"]}')
             continue
@@ -181,11 +210,12 @@ def main(argv=None):
     rows = []
     for dtype_name in args.dtypes:
         for path in args.paths:
-            try:
-                rows.append(run(args, path, dtype_name))
-            except (RuntimeError, ValueError) as exc:   # out of memory, unsupported dtype
-                rows.append(dict(path=path, dtype=dtype_name,
-                                 error=f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'))
+            for tiles in (fused_runs(args, dtype_name) if path == 'fused' else [None]):
+                try:
+                    rows.append(run(args, path, dtype_name, tiles))
+                except (RuntimeError, ValueError) as exc:   # out of memory, unsupported dtype
+                    rows.append(dict(path=path_label(path, tiles), dtype=dtype_name, error=(
+                        f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}')))
     print(f'stage {args.stage}: {args.batch} x {shape["heads"]} heads, queries '
           f'{shape["query"][0]}x{shape["query"][1]}, keys {shape["key"][0]}x{shape["key"][1]}, '
           f'head dim {args.head_dim}, {args.device}, median of {args.repeats} after '

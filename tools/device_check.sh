@@ -30,7 +30,7 @@
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and bf16
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
-#                    whole-matrix / banded / fused, fp32 and bf16
+#                    whole-matrix / banded / fused (two tile sizes), fp32 and bf16
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
@@ -284,7 +284,8 @@ if [[ $HAS_GPU == 1 ]]; then
     else
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
     fi
-    run_step pooled 60 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2"
+    # The fused kernels at the dispatcher's tiles and at the first tiles, which spilled.
+    run_step pooled 90 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --tiles 32x32x8 64x64x4"
     # Each dtype is four worker processes of ~10 s of imports each.
     run_step benchmark-op 150 "for dt in float32 bfloat16 float16; do $PY tools/benchmark_op.py --device cuda --repeats 10 --dtype \$dt || exit 1; done"
 else

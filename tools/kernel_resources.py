@@ -14,18 +14,9 @@ import sys
 DTYPES = ('fp32', 'fp16', 'bf16')
 
 
-def parse_tiles(text):
-    try:
-        block_m, block_n, warps = (int(part) for part in text.split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r}: expected BLOCK_MxBLOCK_NxWARPS, '
-                                         'e.g. 32x32x8') from None
-    for value in (block_m, block_n):
-        if value < 16 or value & (value - 1):
-            raise argparse.ArgumentTypeError(f'{text!r}: block sizes are powers of two >= 16')
-    if warps not in (1, 2, 4, 8, 16):
-        raise argparse.ArgumentTypeError(f'{text!r}: warps is 1, 2, 4, 8 or 16')
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+def _tiles(text):
+    from mmtransnext.tools.common import parse_tiles
+    return parse_tiles(text)
 
 
 def main(argv=None):
@@ -33,12 +24,13 @@ def main(argv=None):
     parser.add_argument('--arch', type=int, nargs='+', default=[80, 90],
                         choices=[80, 86, 89, 90])
     parser.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], choices=DTYPES)
-    parser.add_argument('--tiles', type=parse_tiles, nargs='+', default=[None],
+    parser.add_argument('--tiles', type=_tiles, nargs='+', default=[None],
                         help='BLOCK_MxBLOCK_NxWARPS (default: the launch configuration)')
     args = parser.parse_args(argv)
     import torch
 
     from mmtransnext.ops import fused_attention
+    from mmtransnext.tools.common import tiles_label
     if not fused_attention._TRITON:
         parser.error(f'needs Triton >= {".".join(map(str, fused_attention.MIN_TRITON))}')
     dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
@@ -51,7 +43,7 @@ def main(argv=None):
             for tiles in args.tiles:
                 dtype = dtypes[name]
                 used = tiles or fused_attention.LAUNCH[dtype]
-                label = f'{used["BLOCK_M"]} x {used["BLOCK_N"]} x {used["num_warps"]}'
+                label = tiles_label(used).replace('x', ' x ')
                 for kernel, cubin in fused_attention.compile_for_gpu(arch, dtype,
                                                                      launch=tiles).items():
                     found = fused_attention.machine_code_resources(cubin)

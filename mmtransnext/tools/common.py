@@ -79,3 +79,29 @@ def parse_pair(text: str, name: str) -> Sequence[int]:
     if len(values) != 2:
         raise ValueError(f'{name}: expected two integers like 512,512, got {text!r}')
     return values
+
+
+def parse_tiles(text: str) -> dict:
+    """``'BLOCK_MxBLOCK_NxWARPS'`` (e.g. ``'32x32x8'``) as a fused-kernel launch config.
+
+    Raises:
+        argparse.ArgumentTypeError: not three integers, block sizes that are not powers
+            of two of at least 16 (``tl.dot``'s smallest), or an unusual warp count.
+    """
+    import argparse
+    try:
+        block_m, block_n, warps = (int(part) for part in text.split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected BLOCK_MxBLOCK_NxWARPS, '
+                                         'e.g. 32x32x8') from None
+    for value in (block_m, block_n):
+        if value < 16 or value & (value - 1):
+            raise argparse.ArgumentTypeError(f'{text!r}: block sizes are powers of two >= 16')
+    if warps not in (1, 2, 4, 8, 16):
+        raise argparse.ArgumentTypeError(f'{text!r}: warps is 1, 2, 4, 8 or 16')
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
+
+def tiles_label(launch: dict) -> str:
+    """The inverse of :func:`parse_tiles`."""
+    return f'{launch["BLOCK_M"]}x{launch["BLOCK_N"]}x{launch["num_warps"]}'
