@@ -12,6 +12,9 @@ CASES = {
     'pool1x1': (((5, 7), (1, 1), (5, 7), (5, 7), (1, 1)), 2, 2, 24),
     'interpolated_d13': (((9, 9), (3, 3), (9, 9), (5, 13), (1, 4)), 1, 2, 13),
     'interpolated_many_key_tiles': (((20, 20), (5, 5), (20, 20), (17, 23), (9, 10)), 1, 1, 24),
+    # one column axis resized (2 taps a column), the other not (1 tap)
+    'query_columns_resized': (((6, 9), (2, 3), (6, 9), (6, 13), (2, 3)), 2, 2, 24),
+    'key_columns_resized': (((6, 9), (2, 3), (6, 9), (6, 9), (3, 5)), 1, 2, 16),
     # the last stage: keys on the queries' own map, P = N
     'full_attention_6x7': (((6, 7), (6, 7), (6, 7), (6, 7), (6, 7)), 1, 2, 24),
     'map2x2_below_window': (((2, 2), (1, 1), (2, 2), (2, 2), (1, 1)), 3, 1, 8),

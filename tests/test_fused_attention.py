@@ -41,16 +41,17 @@ def test_kernels_under_triton_interpreter():
 # Each arch and each kind of matmul (float32 FMA, 16-bit tensor cores) at the launch
 # configuration the dispatcher uses; uncached, a float32 backward takes tens of seconds.
 @needs_triton_3
-@pytest.mark.parametrize('arch, dtype', [(90, torch.float32), (90, torch.bfloat16),
-                                         (80, torch.float16)], ids=str)
-def test_kernels_compile_for_gpus_without_spilling(arch, dtype):
+@pytest.mark.parametrize('arch, dtype, resized', [
+    (90, torch.float32, True), (90, torch.bfloat16, True), (80, torch.float16, True),
+    (90, torch.bfloat16, False)], ids=str)
+def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized):
     """Both kernels as launched for head dim 24 (every variant), built to cubins.
 
     A kernel that keeps more live values than registers spills them to local memory
     and reloads them at every step of its key loop; the first tile sizes did (0.5 to
     2.8 KB per thread), so each launch configuration is held to none.
     """
-    for name, cubin in fused_attention.compile_for_gpu(arch, dtype).items():
+    for name, cubin in fused_attention.compile_for_gpu(arch, dtype, resized=resized).items():
         resources = fused_attention.machine_code_resources(cubin)
         assert resources['instructions'] > 100, name
         assert resources['stack_bytes'] == 0, (name, resources)
@@ -111,6 +112,20 @@ def test_even_numbering_that_misses_an_offset_is_refused(monkeypatch):
                                                    torch.device('cpu'))
     with pytest.raises(RuntimeError, match=r'even numbering of column offsets \(\(9, 3\) grid'):
         layout.even_columns
+
+
+@pytest.mark.parametrize('case, taps', [
+    ('map5x7_pool2x3_d24', (1, 1)), ('interpolated_d13', (2, 2)),
+    ('query_columns_resized', (2, 1)), ('key_columns_resized', (1, 2))])
+def test_taps_per_column_axis(case, taps):
+    """An axis whose columns are not resized takes the one-tap kernels (no weights read)."""
+    from fused_attention_cases import CASES, make_inputs
+    spec, batch, heads, head_dim = CASES[case]
+    (query, key, value, table), layout = make_inputs(spec, batch, heads, head_dim)
+    bias = RowFactoredBias(table.float(), layout)
+    _, _, meta = fused_attention._launch_args(query.float(), key.float(), value.float(),
+                                              bias.by_rows, bias)
+    assert (meta['Q_TAPS'], meta['K_TAPS']) == taps
 
 
 def test_dispatch_rule(monkeypatch):

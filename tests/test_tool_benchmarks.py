@@ -167,9 +167,9 @@ def test_kernel_resources_table(capsys):
     import kernel_resources
     assert kernel_resources.main(['--arch', '90', '--dtypes', 'bf16']) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
-            if line.startswith('| sm_90 | bf16 | 32 x 32 x 8 |')]
-    assert [row.split('|')[4].strip() for row in rows] == ['forward', 'backward']
-    assert all(row.split('|')[6].strip() == '0' for row in rows), rows
+            if line.startswith('| sm_90 | bf16 | 32 x 32 x 8 | 4 |')]
+    assert [row.split('|')[5].strip() for row in rows] == ['forward', 'backward']
+    assert all(row.split('|')[7].strip() == '0' for row in rows), rows
 
 
 @pytest.mark.parametrize('tiles', ['64x64', '48x32x8', '32x32x3', 'axbxc'])

@@ -3,9 +3,11 @@
 
     python tools/kernel_resources.py                          # the launch configuration
     python tools/kernel_resources.py --tiles 64x64x4 32x32x8  # BLOCK_M x BLOCK_N x warps
+    python tools/kernel_resources.py --taps 4 1               # resized bias, or not
 
 Triton compiles both kernels ahead of time (head dim 24, every TransNeXt variant) for
-each ``--arch`` and ``--dtypes``; the machine code's registers and local-memory stack
+each ``--arch``, ``--dtypes`` and ``--taps`` (4: a bias resized on both column axes, as
+in detection at 800x1333; 1: not resized, as at the size the bias is built for); the machine code's registers and local-memory stack
 per thread (spilled registers live there) are read with the ``cuobjdump`` Triton ships.
 """
 import argparse
@@ -26,6 +28,8 @@ def main(argv=None):
     parser.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'], choices=DTYPES)
     parser.add_argument('--tiles', type=_tiles, nargs='+', default=[None],
                         help='BLOCK_MxBLOCK_NxWARPS (default: the launch configuration)')
+    parser.add_argument('--taps', type=int, nargs='+', default=[4], choices=[4, 1],
+                        help='bias taps per entry: 4 (resized columns) or 1')
     args = parser.parse_args(argv)
     import torch
 
@@ -35,20 +39,22 @@ def main(argv=None):
         parser.error(f'needs Triton >= {".".join(map(str, fused_attention.MIN_TRITON))}')
     dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
     print(f'torch {torch.__version__}, head dim 24')
-    print('| arch | dtype | tiles (M x N x warps) | kernel | registers | stack bytes | '
+    print('| arch | dtype | tiles (M x N x warps) | taps | kernel | registers | stack bytes | '
           'instructions |')
-    print('|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|')
     for arch in args.arch:
         for name in args.dtypes:
             for tiles in args.tiles:
-                dtype = dtypes[name]
-                used = tiles or fused_attention.LAUNCH[dtype]
-                label = tiles_label(used).replace('x', ' x ')
-                for kernel, cubin in fused_attention.compile_for_gpu(arch, dtype,
-                                                                     launch=tiles).items():
-                    found = fused_attention.machine_code_resources(cubin)
-                    print(f'| sm_{arch} | {name} | {label} | {kernel} | {found["registers"]} | '
-                          f'{found["stack_bytes"]} | {found["instructions"]} |', flush=True)
+                for taps in args.taps:
+                    dtype = dtypes[name]
+                    label = tiles_label(tiles or fused_attention.LAUNCH[dtype]).replace('x', ' x ')
+                    built = fused_attention.compile_for_gpu(arch, dtype, launch=tiles,
+                                                            resized=taps == 4)
+                    for kernel, cubin in built.items():
+                        found = fused_attention.machine_code_resources(cubin)
+                        print(f'| sm_{arch} | {name} | {label} | {taps} | {kernel} | '
+                              f'{found["registers"]} | {found["stack_bytes"]} | '
+                              f'{found["instructions"]} |', flush=True)
     return 0
 
 

@@ -47,25 +47,32 @@ def _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row):
 
 @triton.jit
 def _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, row_ok, col_ok,
-         i: tl.constexpr, j: tl.constexpr):
-    """Tap ``(i, j)`` of a tile: offsets into a table row and weights, ``(BLOCK_M, BLOCK_N)``."""
+         i: tl.constexpr, j: tl.constexpr, Q_TAPS: tl.constexpr, K_TAPS: tl.constexpr):
+    """Tap ``(i, j)`` of a tile: offsets into a table row and weights, ``(BLOCK_M, BLOCK_N)``.
+
+    An axis that is not resized has one tap of weight 1 (``Q_TAPS``/``K_TAPS`` = 1):
+    its weights are not read.
+    """
     query_term = tl.load(Q_TERM + col * 2 + i, mask=row_ok, other=0)
-    query_weight = tl.load(Q_WEIGHT + col * 2 + i, mask=row_ok, other=0.0)
     key_term = tl.load(K_TERM + pool_col * 2 + j, mask=col_ok, other=0)
-    key_weight = tl.load(K_WEIGHT + pool_col * 2 + j, mask=col_ok, other=0.0)
-    return (query_term[:, None] + key_term[None, :],
-            query_weight[:, None] * key_weight[None, :])
+    offset = query_term[:, None] + key_term[None, :]
+    weight = tl.full(offset.shape, 1.0, tl.float32)
+    if Q_TAPS == 2:
+        weight *= tl.load(Q_WEIGHT + col * 2 + i, mask=row_ok, other=0.0)[:, None]
+    if K_TAPS == 2:
+        weight *= tl.load(K_WEIGHT + pool_col * 2 + j, mask=col_ok, other=0.0)[None, :]
+    return offset, weight
 
 
 @triton.jit
 def _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, row_ok,
-               col_ok, valid):
+               col_ok, valid, Q_TAPS: tl.constexpr, K_TAPS: tl.constexpr):
     """The bias of a tile, float32."""
     bias = tl.zeros(table.shape, dtype=tl.float32)
-    for i in tl.static_range(2):
-        for j in tl.static_range(2):
+    for i in tl.static_range(Q_TAPS):
+        for j in tl.static_range(K_TAPS):
             offset, weight = _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, row_ok,
-                                  col_ok, i, j)
+                                  col_ok, i, j, Q_TAPS, K_TAPS)
             value = tl.load(TABLE + table + offset, mask=valid & (weight != 0.0), other=0.0)
             bias += weight * value.to(tl.float32)
     return bias
@@ -74,7 +81,8 @@ def _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, 
 @triton.jit
 def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
               rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w,
-              s_head, s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              s_head, s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              Q_TAPS: tl.constexpr, K_TAPS: tl.constexpr):
     """Keys ``start .. start + BLOCK_N``: their key and value rows, the biased logits
     of the query block against them (float32), and the masks and bias geometry of the tile."""
     cols_n = start + tl.arange(0, BLOCK_N)
@@ -90,7 +98,7 @@ def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, valu
                                       s_pool_row)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, row_ok,
-                         col_ok, valid)
+                         col_ok, valid, Q_TAPS, K_TAPS)
     return (k, v, logits, col_ok, valid, col, pool_col, table, k_offsets, v_offsets, k_mask,
             v_mask)
 
@@ -101,7 +109,8 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
                              s_head, s_row, s_pool_row,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):
+                             DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
+                             K_TAPS: tl.constexpr):
     """Output and log-sum-exp of ``BLOCK_M`` queries; grid ``(cdiv(N, BLOCK_M), B*heads)``."""
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
@@ -122,7 +131,7 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
         k, v, logits, col_ok, _, _, _, _, _, _, _, _ = _key_tile(
             q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
             rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
-            s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
+            s_row, s_pool_row, BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS)
         logits = tl.where(col_ok[None, :], logits, float('-inf'))
         # Every tile holds at least one key, so the new maximum is finite.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -147,7 +156,8 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
                               s_head, s_row, s_pool_row,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                              DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
+                              K_TAPS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                               ROW_RESIDUAL: tl.constexpr):
     """Gradients from ``BLOCK_M`` queries; same grid as the forward.
 
@@ -188,7 +198,7 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
             k, v, logits, _, valid, _, _, _, _, _, _, _ = _key_tile(
                 q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_offset, value_offset,
                 start, rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width,
-                pool_w, s_head, s_row, s_pool_row, BLOCK_N, DOT_PRECISION)
+                pool_w, s_head, s_row, s_pool_row, BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS)
             probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
             grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
@@ -201,7 +211,7 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
          v_mask) = _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_offset,
                              value_offset, start, rows_m, row_ok, dims, vdims, head, keys,
                              head_dim, value_dim, width, pool_w, s_head, s_row, s_pool_row,
-                             BLOCK_N, DOT_PRECISION)
+                             BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS)
         probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
         grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_logits = probs * (grad_probs - shift[:, None])
@@ -213,10 +223,10 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
                       tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
                              input_precision=DOT_PRECISION), mask=v_mask)
         if BIAS_GRAD:
-            for i in tl.static_range(2):
-                for j in tl.static_range(2):
+            for i in tl.static_range(Q_TAPS):
+                for j in tl.static_range(K_TAPS):
                     offset, weight = _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col,
-                                          row_ok, col_ok, i, j)
+                                          row_ok, col_ok, i, j, Q_TAPS, K_TAPS)
                     tl.atomic_add(GRAD_TABLE + table + offset, weight * grad_logits,
                                   mask=valid & (weight != 0.0))
 

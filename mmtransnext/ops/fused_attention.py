@@ -107,10 +107,19 @@ def _pad(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
-def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int) -> dict:
-    """The kernels' meta-parameters and launch options for one dtype and head size."""
+def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int, query_resized: bool = True,
+                key_resized: bool = True) -> dict:
+    """The kernels' meta-parameters and launch options.
+
+    Args:
+        dtype (torch.dtype): the input dtype.
+        head_dim (int): the queries' and keys' head size; ``value_dim`` the values'.
+        query_resized (bool): whether the bias's query columns are resized (2 taps a
+            column, else 1); ``key_resized`` likewise for its key columns. Default: True.
+    """
     return dict(LAUNCH[dtype], D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim),
-                DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32')
+                DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32',
+                Q_TAPS=2 if query_resized else 1, K_TAPS=2 if key_resized else 1)
 
 
 # Element types of the kernels' pointer arguments: 'io' is the input dtype's.
@@ -120,8 +129,8 @@ _POINTERS = dict(Q='io', K='io', V='io', TABLE='io', OUT='io', GRAD_OUT='io', GR
 _TRITON_TYPES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
 
 
-def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24,
-                    launch: dict = None) -> dict:
+def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: dict = None,
+                    resized: bool = True) -> dict:
     """Both kernels compiled ahead of time for a GPU architecture, without one.
 
     Args:
@@ -130,6 +139,8 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24,
         head_dim (int): queries' and values' head size. Default: 24.
         launch (dict, optional): ``BLOCK_M``, ``BLOCK_N`` and ``num_warps`` in place
             of :data:`LAUNCH`'s. Default: None.
+        resized (bool): a bias resized on both column axes (4 taps, the most work),
+            else on neither (1 tap). Default: True.
 
     Returns:
         dict[str, bytes]: ``forward`` and ``backward`` (with the bias gradient) cubins.
@@ -137,7 +148,7 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    meta = dict(launch_meta(dtype, head_dim, head_dim), **(launch or {}))
+    meta = dict(launch_meta(dtype, head_dim, head_dim, resized, resized), **(launch or {}))
     options = dict(num_warps=meta.pop('num_warps'))
     kernels = _kernels()
     built = {}
@@ -187,7 +198,8 @@ def _launch_args(query, key, value, table, bias):
     batch, heads, tokens, head_dim = query.shape
     keys, value_dim = key.shape[2], value.shape[3]
     width, pool_w = bias.layout.query_size[1], bias.layout.key_size[1]
-    meta = launch_meta(query.dtype, head_dim, value_dim)
+    built_w, built_pool_w = bias.layout.index_w.shape
+    meta = launch_meta(query.dtype, head_dim, value_dim, built_w != width, built_pool_w != pool_w)
     grid = (-(-tokens // meta['BLOCK_M']), batch * heads)
     shapes = (heads, tokens, keys, head_dim, value_dim, width, pool_w, *table.stride()[:3])
     return grid, shapes, meta
