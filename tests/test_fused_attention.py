@@ -43,7 +43,7 @@ def test_kernels_under_triton_interpreter():
 @needs_triton_3
 @pytest.mark.parametrize('arch, dtype, resized', [
     (90, torch.float32, True), (90, torch.bfloat16, True), (80, torch.float16, True),
-    (90, torch.bfloat16, False)], ids=str)
+    (90, torch.bfloat16, False), (80, torch.float16, False)], ids=str)
 def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized):
     """Both kernels as launched for head dim 24 (every variant), built to cubins.
 
@@ -126,6 +126,10 @@ def test_taps_per_column_axis(case, taps):
     _, _, meta = fused_attention._launch_args(query.float(), key.float(), value.float(),
                                               bias.by_rows, bias)
     assert (meta['Q_TAPS'], meta['K_TAPS']) == taps
+    # 16-bit inputs take taller query blocks where no axis is resized (registers allow)
+    half = fused_attention.launch_meta(torch.float16, head_dim, head_dim, taps[0] == 2,
+                                       taps[1] == 2)
+    assert half['BLOCK_M'] == (64 if taps == (1, 1) else 32)
 
 
 def test_dispatch_rule(monkeypatch):

@@ -138,7 +138,10 @@ def fused_runs(args, dtype_name: str) -> list:
     import torch
 
     from mmtransnext.ops import fused_attention
-    default = fused_attention.LAUNCH[getattr(torch, DTYPES[dtype_name])]
+    shape = shapes(args)
+    resized = (shape['build_query'][1] != shape['query'][1]
+               or shape['build_key'][1] != shape['key'][1])
+    default = fused_attention.launch_tiles(getattr(torch, DTYPES[dtype_name]), resized)
     return [tiles or default for tiles in args.tiles]
 
 
@@ -156,7 +159,7 @@ def run(args, path: str, dtype_name: str, tiles: dict = None) -> dict:
     dtype = getattr(torch, DTYPES[dtype_name])
     if tiles is not None:
         # The fused path reads its launch configuration from LAUNCH at every call.
-        fused_attention.LAUNCH[dtype] = tiles
+        fused_attention.LAUNCH[dtype] = (tiles, tiles)
     leaves, layout = make_inputs(args, dtype, device)
     fn = attention(path)
     out, lse = fn(*leaves, layout)

@@ -47,7 +47,8 @@ def main(argv=None):
             for tiles in args.tiles:
                 for taps in args.taps:
                     dtype = dtypes[name]
-                    label = tiles_label(tiles or fused_attention.LAUNCH[dtype]).replace('x', ' x ')
+                    used = tiles or fused_attention.launch_tiles(dtype, resized=taps == 4)
+                    label = tiles_label(used).replace('x', ' x ')
                     built = fused_attention.compile_for_gpu(arch, dtype, launch=tiles,
                                                             resized=taps == 4)
                     for kernel, cubin in built.items():

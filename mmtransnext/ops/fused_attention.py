@@ -50,14 +50,27 @@ __all__ = ['fused_bias_attention', 'use_fused_attention']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take
 _RULE_DTYPES = (torch.float16, torch.bfloat16)             # what the rule sends them
-# Queries per program, keys per step and warps per program, per input dtype: the
+# Queries per program, keys per step and warps per program, per input dtype, for a
+# bias with a resized column axis (4 taps an entry) and for one without (1 tap): the
 # largest tiles with which neither kernel spills registers to local memory at head
 # dim 24 (every TransNeXt variant), read from the machine code of sm_80 and sm_90
 # builds (tests/test_fused_attention.py holds them to it). The first tiles, 64 x 64
 # on 4 warps, spilled 0.5 to 2.8 KB per thread, reloaded at every key step; 64 x 32
-# on 8 warps still spilled in the sm_80 backward.
-_TILES = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
-LAUNCH = {torch.float16: _TILES, torch.bfloat16: _TILES, torch.float32: _TILES}
+# on 8 warps spills in the 4-tap sm_80 backward and in the float32 backward.
+_SMALL = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
+_TALL = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
+LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
+          torch.float32: (_SMALL, _SMALL)}
+
+
+def launch_tiles(dtype: torch.dtype, resized: bool) -> dict:
+    """``BLOCK_M``, ``BLOCK_N`` and ``num_warps`` from :data:`LAUNCH`.
+
+    Args:
+        dtype (torch.dtype): the input dtype.
+        resized (bool): whether a column axis of the bias is resized.
+    """
+    return LAUNCH[dtype][0 if resized else 1]
 # The kernels use Triton 3's language (``tl.dot(..., input_precision=...)``); torch
 # 2.1-2.3 CUDA wheels ship Triton 2, which keeps the banded path.
 MIN_TRITON = (3, 0)
@@ -117,7 +130,8 @@ def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int, query_resized
         query_resized (bool): whether the bias's query columns are resized (2 taps a
             column, else 1); ``key_resized`` likewise for its key columns. Default: True.
     """
-    return dict(LAUNCH[dtype], D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim),
+    return dict(launch_tiles(dtype, query_resized or key_resized), D_PAD=_pad(head_dim),
+                DV_PAD=_pad(value_dim),
                 DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32',
                 Q_TAPS=2 if query_resized else 1, K_TAPS=2 if key_resized else 1)
 
@@ -138,7 +152,7 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
         dtype (torch.dtype): the input dtype.
         head_dim (int): queries' and values' head size. Default: 24.
         launch (dict, optional): ``BLOCK_M``, ``BLOCK_N`` and ``num_warps`` in place
-            of :data:`LAUNCH`'s. Default: None.
+            of :func:`launch_tiles`'. Default: None.
         resized (bool): a bias resized on both column axes (4 taps, the most work),
             else on neither (1 tap). Default: True.
 
