@@ -144,7 +144,8 @@ def test_pooled_attention_tiles_reach_the_dispatcher(monkeypatch, capsys):
     import torch
 
     from mmtransnext.ops import fused_attention
-    monkeypatch.setitem(fused_attention.LAUNCH, torch.float32, fused_attention.LAUNCH[torch.float32])
+    monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
+                        fused_attention.LAUNCH[torch.float32])
     args = bp.parse_args(['--stage', '3', '--scale', '10', '--paths', 'fused',
                           '--tiles', '64x64x4', '16x32x2'])
     assert [bp.path_label('fused', t) for t in bp.fused_runs(args, 'fp32')] == [
@@ -157,7 +158,8 @@ def test_pooled_attention_tiles_reach_the_dispatcher(monkeypatch, capsys):
                  '--tiles', '64x64x4', '16x32x2'])
     # the last configuration is the one the dispatcher now launches with
     assert fused_attention.launch_meta(torch.float32, 24, 24)['BLOCK_M'] == 16
-    assert fused_attention.LAUNCH[torch.float32] == (dict(BLOCK_M=16, BLOCK_N=32, num_warps=2), ) * 2
+    tiles = dict(BLOCK_M=16, BLOCK_N=32, num_warps=2)
+    assert fused_attention.LAUNCH[torch.float32] == (tiles, tiles)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1:3] for line in lines[3:]] == [['fused', '64x64x4'],
                                                          ['fused', '16x32x2']]

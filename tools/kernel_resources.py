@@ -7,8 +7,9 @@
 
 Triton compiles both kernels ahead of time (head dim 24, every TransNeXt variant) for
 each ``--arch``, ``--dtypes`` and ``--taps`` (4: a bias resized on both column axes, as
-in detection at 800x1333; 1: not resized, as at the size the bias is built for); the machine code's registers and local-memory stack
-per thread (spilled registers live there) are read with the ``cuobjdump`` Triton ships.
+in detection at 800x1333; 1: not resized, as at the size the bias is built for); the
+machine code's registers and local-memory stack per thread (spilled registers live
+there) are read with the ``cuobjdump`` Triton ships.
 """
 import argparse
 import sys

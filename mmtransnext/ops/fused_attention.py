@@ -28,8 +28,7 @@ mixed-precision training. Float32 keeps the banded path, measured faster on an H
 (stage 1 of TransNeXt-T at 2x800x1333: forward 27.5 against 32.5 ms, forward and
 backward 152 against 446 ms, ``tools/benchmark_pooled_attention.py``, with an earlier
 tiling that spilled registers; see :data:`LAUNCH`); the kernels still take float32 when
-called directly. The CPU keeps the banded path, whose bands
-are sized for its caches.
+called directly. The CPU keeps the banded path, whose bands are sized for its caches.
 """
 import contextlib
 import importlib.metadata
@@ -71,6 +70,8 @@ def launch_tiles(dtype: torch.dtype, resized: bool) -> dict:
         resized (bool): whether a column axis of the bias is resized.
     """
     return LAUNCH[dtype][0 if resized else 1]
+
+
 # The kernels use Triton 3's language (``tl.dot(..., input_precision=...)``); torch
 # 2.1-2.3 CUDA wheels ship Triton 2, which keeps the banded path.
 MIN_TRITON = (3, 0)
