@@ -240,10 +240,10 @@ fi
 
 # 6 ------------------------------------------------------------------------------ tests
 # The CPU-only tests of tests/test_ops.py are CI's; its CUDA ones run here.
-# The whole pytest output goes to OUT/pytest_cuda.log; the report keeps each failure's
-# one-line summary (-rf) and the skip reasons (-rs).
+# The whole pytest output goes to OUT/pytest_cuda.log, with a line per test whatever its
+# outcome (-rA); the report keeps the failures' one-line summaries and the skip reasons.
 run_step tests 200 "set -o pipefail
-$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rfs --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed))' | cut -c1-400 | tail -n 80"
+$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed))' | cut -c1-400 | tail -n 80"
 
 # 7 ---------------------------------------------------------------- Mask R-CNN under AMP
 if [[ $MMCV_RC == 0 ]]; then
