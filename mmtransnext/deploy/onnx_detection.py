@@ -9,7 +9,6 @@ runs them. :func:`match_detections` compares its detections with PyTorch's.
 from typing import Dict, List
 
 import torch
-from torch import Tensor
 
 
 def onnx_two_stage_predict(detector, session, data_batch: dict) -> list:
@@ -49,14 +48,6 @@ def onnx_two_stage_predict(detector, session, data_batch: dict) -> list:
     return detector.add_pred_to_datasample(samples, results)
 
 
-def _iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of matching rows of two ``(n, 4)`` xyxy box sets."""
-    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(1)
-    area = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1)
-    return inter / (area - inter).clamp(min=1e-9)
-
-
 def match_detections(reference, candidate, score_thr: float = 0.3) -> Dict[str, float]:
     """Compare the top detections of one image (``pred_instances`` of two samples).
 
@@ -69,6 +60,7 @@ def match_detections(reference, candidate, score_thr: float = 0.3) -> Dict[str, 
         candidate of its label), ``min_iou`` over the pairs (1.0 when nothing was
         compared) and ``max_score_diff`` between paired scores.
     """
+    from mmdet.structures.bbox import bbox_overlaps
     ref, cand = (sample.pred_instances.detach() for sample in (reference, candidate))
     top = (ref.scores >= score_thr).nonzero().flatten().tolist()
     found, ious, score_diffs = True, [], []
@@ -78,7 +70,8 @@ def match_detections(reference, candidate, score_thr: float = 0.3) -> Dict[str, 
             found = False
             ious.append(0.0)
             continue
-        overlap = _iou(ref.bboxes[i].expand(len(same), 4), cand.bboxes[same])
+        overlap = bbox_overlaps(ref.bboxes[i].expand(len(same), 4), cand.bboxes[same],
+                                is_aligned=True)
         best = int(overlap.argmax())
         ious.append(float(overlap[best]))
         score_diffs.append(float((ref.scores[i] - cand.scores[same[best]]).abs()))
