@@ -74,6 +74,70 @@ def test_one_output_used(used):
         assert_near(got, ref, 1e-5, name)
 
 
+# Several key tiles, odd head dim, P = N, a map below the window; 20 queries per
+# key-major program (several ranges, not a multiple of the step, add into each key)
+# and the default (one range).
+@pytest.mark.parametrize('rows', [20, 1024])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize('case', ['interpolated_many_key_tiles', 'interpolated_d13',
+                                  'full_attention_6x7', 'map2x2_below_window'])
+def test_two_pass_backward_equals_whole_matrix(case, dtype, rows, monkeypatch):
+    """Key and value gradients from the key-major pass, the rest unchanged."""
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', 'two-pass')
+    monkeypatch.setattr(fused_attention, 'KEY_PASS_ROWS', rows)
+    spec, batch, heads, head_dim = CASES[case]
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=6)
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    gen = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
+    _, grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
+    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
+        assert got.dtype == dtype
+        assert_near(got, ref, TOL[dtype], name)
+
+
+def test_unknown_backward_way_is_refused(monkeypatch):
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', 'key-major')
+    spec, batch, heads, head_dim = CASES['pool1x1']
+    leaves, layout = make_inputs(spec, batch, heads, head_dim)
+    out, _ = fused(*[t.float().requires_grad_() for t in leaves], layout)
+    with pytest.raises(ValueError, match="BACKWARD_KV is 'key-major'"):
+        out.sum().backward()
+
+
+def test_bias_table_without_gradient():
+    """A table that needs no gradient (frozen stages) takes the backward without the
+    table's atomics; the other gradients are unchanged."""
+    spec, batch, heads, head_dim = CASES['interpolated_d13']
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=4)
+    grad_out = torch.randn(whole_matrix(*leaves, layout)[0].shape, dtype=torch.float64)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, None, torch.float64)
+    query, key, value = (t.float().requires_grad_() for t in leaves[:3])
+    table = leaves[3].float()
+    out, _ = fused(query, key, value, table, layout)
+    grads = torch.autograd.grad((out.double() * grad_out).sum(), (query, key, value))
+    for name, got, ref in zip(('query', 'key', 'value'), grads, ref_grads):
+        assert_near(got, ref, 1e-5, name)
+
+
+def test_pooled_benchmark_runs_fused_paths(capsys):
+    """tools/benchmark_pooled_attention.py's fused rows, with and without the bias
+    table's gradient, run end to end (interpreted: checked, not timed)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
+    import benchmark_pooled_attention as bp
+    bp.main(['--stage', '3', '--scale', '10', '--paths', 'fused', 'fused-fixed-bias',
+             '--repeats', '1', '--warmup', '0'])
+    rows = capsys.readouterr().out.splitlines()[3:]
+    assert [row.split()[1] for row in rows] == ['fused', 'fused-fixed-bias'], rows
+    assert not any('failed' in row for row in rows), rows
+
+
 def test_equals_banded_path():
     """The CPU default path and the fused kernels agree in float32."""
     spec, batch, heads, head_dim = CASES['interpolated_many_key_tiles']

@@ -1,4 +1,4 @@
-"""The benchmark tools (backbone, detector, pooled attention) on the CPU at tiny sizes.
+"""The benchmark tools (op, backbone, detector, pooled attention) on the CPU at tiny sizes.
 
 Their CUDA runs need a GPU; what is checked here is everything around the timing:
 arguments, the child processes per path, which path really ran, the table and its
@@ -16,12 +16,49 @@ sys.path.insert(0, str(REPO / 'tools'))
 
 import benchmark_backbone as bb  # noqa: E402
 import benchmark_detector as bd  # noqa: E402
+import benchmark_op as bo  # noqa: E402
 import benchmark_pooled_attention as bp  # noqa: E402
 
 
 def _row(path, time_ms, peak_mb, mode='train', dtype='fp32'):
     return dict(path=path, mode=mode, dtype=dtype, time_ms=time_ms, peak_mb=peak_mb,
                 baseline_mb=100.0)
+
+
+def _op_result(path, mode, dtype, ms, mib):
+    return dict(path=path, mode=mode, dtype=dtype, median_s=ms / 1e3, peak_extra_mib=mib)
+
+
+def test_op_table_per_dtype():
+    results = [_op_result(p, m, dt, ms * scale, mib)
+               for dt, scale in (('float32', 1.0), ('bfloat16', 0.5))
+               for m, ms in (('forward', 4.0), ('forward+backward', 12.0))
+               for p, ms, mib in (('reference', ms, 800.0), ('compiled', ms / 8, 100.0))]
+    lines = bo.format_table(results).splitlines()
+    assert len(lines) == 2 + 4
+    cells = [[c.strip() for c in line.split('|')[1:-1]] for line in lines[2:]]
+    assert cells[0] == ['float32', 'forward', '4.0', '0.5', '8.0x', '800.0', '100.0', '8.0x']
+    assert cells[3][:5] == ['bfloat16', 'forward+backward', '6.0', '0.8', '8.0x']
+
+
+def test_op_runs_both_paths_on_cpu(capsys):
+    """Each (path, mode) in its own process on the CPU, the compiled op really used."""
+    assert bo.main(['--shape', '1', '2', '5', '7', '8', '3', '--repeats', '1',
+                    '--threads', '1']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert 'map=5x7 d=8 ws=3' in lines[0]
+    assert [line.split('|')[2].strip() for line in lines[3:]] == ['forward', 'forward+backward']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--repeats', '0'], '--repeats must be at least 1'),
+    (['--dtype', 'float64'], 'invalid choice'),
+    (['--device', 'xla'], 'invalid choice'),
+])
+def test_op_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bo.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_backbone_table_ratios():
@@ -174,7 +211,8 @@ def test_kernel_resources_table(capsys):
     assert kernel_resources.main(['--arch', '90', '--dtypes', 'bf16']) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith('| sm_90 | bf16 | 32 x 32 x 8 | 4 |')]
-    assert [row.split('|')[5].strip() for row in rows] == ['forward', 'backward']
+    assert [row.split('|')[5].strip() for row in rows] == ['forward', 'backward',
+                                                            'backward_keys']
     assert all(row.split('|')[7].strip() == '0' for row in rows), rows
 
 

@@ -6,20 +6,24 @@ The workload is the local half of TransNeXt's aggregated attention as the model 
 The default shape is stage 1 of TransNeXt-T on an 800x1333 image: B=2, heads=3, a
 200x334 map, head dim 24, window 3.
 
-Every (path, mode) pair runs in its own subprocess so peak memory does not mix: the
-peak is ``ru_maxrss`` (the process's resident high-water mark) after the timed runs,
-minus the resident size measured (``/proc/self/statm``) right after the inputs were
-allocated; i.e. the extra memory the computation needed on top of its inputs (and, for
-forward+backward, of the dense output gradient, allocated with them). Workers run with
-``MALLOC_MMAP_THRESHOLD_=131072`` so freed tensors leave the resident set at once.
+On the CPU every (path, mode, dtype) runs in its own subprocess so peak memory does not
+mix: the peak is ``ru_maxrss`` (the process's resident high-water mark) after the timed
+runs, minus the resident size measured (``/proc/self/statm``) right after the inputs
+were allocated; i.e. the extra memory the computation needed on top of its inputs (and,
+for forward+backward, of the dense output gradient, allocated with them). Workers run
+with ``MALLOC_MMAP_THRESHOLD_=131072`` so freed tensors leave the resident set at once.
+On CUDA the allocator counts for itself: every run is made in this process, and the
+peak is ``torch.cuda.max_memory_allocated`` minus what was allocated once the inputs
+were, the same "above the inputs" as on the CPU.
 Times are the median of ``--repeats`` runs after one warm-up run.
 
 Inputs are float32 unless ``--dtype`` names float16 or bfloat16 (both paths then run
-in that dtype; on CUDA that is the dtype the model's attention runs in under autocast).
+in that dtype; on CUDA that is the dtype the model's attention runs in under autocast);
+several dtypes give a table each, in one run.
 
 Usage:
     python tools/benchmark_op.py [--repeats 5] [--threads 2]
-        [--shape B HEADS HEIGHT WIDTH DIM WS] [--device cpu] [--dtype float32]
+        [--shape B HEADS HEIGHT WIDTH DIM WS] [--device cpu] [--dtype float32 ...]
 """
 import argparse
 import json
@@ -46,7 +50,8 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def worker(path, mode, shape, repeats, threads, device, dtype_name):
+def measure(path, mode, shape, repeats, threads, device, dtype_name):
+    """Median time and peak extra memory of one (path, mode) in one dtype, as a dict."""
     sys.path.insert(0, ROOT)
     import torch
 
@@ -86,26 +91,28 @@ def worker(path, mode, shape, repeats, threads, device, dtype_name):
         if device != 'cpu':
             torch.cuda.synchronize()
 
-    baseline = current_rss_bytes()
-    if device != 'cpu':
+    on_cuda = device != 'cpu'
+    if on_cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = current_rss_bytes()
     step()  # warm-up (allocator, thread pool)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    result = dict(path=path, mode=mode, median_s=statistics.median(times), times_s=times,
-                  peak_extra_mib=(peak_rss_bytes() - baseline) / 2**20)
-    if device != 'cpu':
-        result['peak_extra_mib'] = torch.cuda.max_memory_allocated() / 2**20
-    print(json.dumps(result))
+    peak = torch.cuda.max_memory_allocated() if on_cuda else peak_rss_bytes()
+    return dict(path=path, mode=mode, dtype=dtype_name, median_s=statistics.median(times),
+                times_s=times, peak_extra_mib=(peak - baseline) / 2**20)
 
 
-def run_worker(path, mode, args):
+def run_worker(path, mode, args, dtype_name):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', path, mode,
            '--repeats', str(args.repeats), '--threads', str(args.threads),
-           '--device', args.device, '--dtype', args.dtype, '--shape', *map(str, args.shape)]
+           '--device', args.device, '--dtype', dtype_name, '--shape', *map(str, args.shape)]
     # A fixed mmap threshold makes glibc return every large freed block to the OS at
     # once, so the resident high-water mark follows live tensor memory instead of heap
     # fragmentation (the default threshold adapts to freed sizes up to 32 MiB).
@@ -116,36 +123,58 @@ def run_worker(path, mode, args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def format_table(results):
+    """One markdown row per (dtype, mode): both paths, their speed and memory ratios."""
+    header = (f'| {"dtype":<8} | {"mode":<16} | {"reference ms":>12} | {"compiled ms":>11} '
+              f'| {"speed-up":>8} | {"reference MiB":>13} | {"compiled MiB":>12} '
+              f'| {"memory ratio":>12} |')
+    lines = [header, '|' + '|'.join('-' * len(c) for c in header.split('|')[1:-1]) + '|']
+    for dtype_name in dict.fromkeys(r['dtype'] for r in results):
+        for m in MODES:
+            ref, comp = (next(r for r in results
+                              if (r['dtype'], r['mode'], r['path']) == (dtype_name, m, p))
+                         for p in ('reference', 'compiled'))
+            lines.append(
+                f'| {dtype_name:<8} | {m:<16} | {ref["median_s"] * 1e3:>12.1f} '
+                f'| {comp["median_s"] * 1e3:>11.1f} '
+                f'| {ref["median_s"] / comp["median_s"]:>7.1f}x '
+                f'| {ref["peak_extra_mib"]:>13.1f} | {comp["peak_extra_mib"]:>12.1f} '
+                f'| {ref["peak_extra_mib"] / max(comp["peak_extra_mib"], 1e-3):>11.1f}x |')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--shape', nargs=6, type=int, default=list(DEFAULT_SHAPE),
                         metavar=('B', 'HEADS', 'HEIGHT', 'WIDTH', 'DIM', 'WS'))
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'))
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    parser.add_argument('--dtype', nargs='+', default=['float32'],
+                        choices=('float32', 'float16', 'bfloat16'))
     parser.add_argument('--worker', nargs=2, metavar=('PATH', 'MODE'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error('--repeats must be at least 1')
     if args.worker:
-        worker(*args.worker, tuple(args.shape), args.repeats, args.threads, args.device,
-               args.dtype)
+        print(json.dumps(measure(*args.worker, tuple(args.shape), args.repeats, args.threads,
+                                 args.device, args.dtype[0])))
         return 0
 
     B, h, H, W, d, ws = args.shape
     print(f'sliding-window attention (logits -> softmax -> aggregate), device={args.device}, '
-          f'dtype={args.dtype}, threads={args.threads}, B={B} heads={h} map={H}x{W} d={d} ws={ws}, '
-          f'median of {args.repeats}')
-    results = {(p, m): run_worker(p, m, args) for m in MODES for p in PATHS}
-    header = (f'| {"mode":<16} | {"reference ms":>12} | {"compiled ms":>11} | {"speed-up":>8} '
-              f'| {"reference MiB":>13} | {"compiled MiB":>12} | {"memory ratio":>12} |')
-    print(header)
-    print('|' + '|'.join('-' * (len(c)) for c in header.split('|')[1:-1]) + '|')
-    for m in MODES:
-        ref, comp = results[('reference', m)], results[('compiled', m)]
-        print(f'| {m:<16} | {ref["median_s"] * 1e3:>12.1f} | {comp["median_s"] * 1e3:>11.1f} '
-              f'| {ref["median_s"] / comp["median_s"]:>7.1f}x '
-              f'| {ref["peak_extra_mib"]:>13.1f} | {comp["peak_extra_mib"]:>12.1f} '
-              f'| {ref["peak_extra_mib"] / max(comp["peak_extra_mib"], 1e-3):>11.1f}x |')
+          f'threads={args.threads}, B={B} heads={h} map={H}x{W} d={d} ws={ws}, '
+          f'median of {args.repeats}; MiB above the inputs')
+    results = []
+    for dtype_name in args.dtype:
+        for m in MODES:
+            for p in PATHS:
+                if args.device == 'cpu':
+                    results.append(run_worker(p, m, args, dtype_name))
+                else:
+                    results.append(measure(p, m, tuple(args.shape), args.repeats, args.threads,
+                                           args.device, dtype_name))
+    print(format_table(results))
     return 0
 
 

@@ -12,12 +12,20 @@ of queries, keys, values and the bias table), and on CUDA the peak
 * fused: :func:`~mmtransnext.ops.fused_attention.fused_bias_attention` (CUDA; on
   the CPU only under ``TRITON_INTERPRET=1``, for checking, not timing), once per
   ``--tiles`` launch configuration (default: the one the dispatcher uses), so that
-  tile sizes are compared in one run.
+  tile sizes are compared in one run;
+* fused-fixed-bias: the same kernels with a bias table that needs no gradient (not in
+  the default ``--paths``): its backward leaves out the bias table's atomic adds, so
+  the difference to ``fused`` is what they cost.
+
+Fused rows run once per ``--backward`` way of forming the key and value gradients
+(:data:`~mmtransnext.ops.fused_attention.BACKWARD_KV`: ``atomic``, or ``two-pass``
+with a key-major kernel; default: the dispatcher's); the label names ``two-pass``.
 
 Example::
 
     python tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 \\
-        --dtypes fp32 bf16 --repeats 10 --tiles 32x32x8 64x64x4
+        --dtypes fp32 bf16 --repeats 10 --tiles 32x32x8 64x64x4 \\
+        --paths whole banded fused fused-fixed-bias --backward atomic two-pass
 """
 import argparse
 import statistics
@@ -32,7 +40,9 @@ STAGES = {
     3: dict(query=(50, 84), key=(25, 42), heads=12, build=(50, 25)),
     4: dict(query=(25, 42), key=(25, 42), heads=24, build=(25, 25)),
 }
-PATHS = ('whole', 'banded', 'fused')
+PATHS = ('whole', 'banded', 'fused', 'fused-fixed-bias')
+DEFAULT_PATHS = PATHS[:3]
+FUSED = ('fused', 'fused-fixed-bias')
 DTYPES = {'fp32': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
 
 
@@ -46,11 +56,15 @@ def parse_args(argv=None):
     parser.add_argument('--head-dim', type=int, default=24)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=list(DTYPES))
-    parser.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
+    parser.add_argument('--paths', nargs='+', default=list(DEFAULT_PATHS), choices=PATHS)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--tiles', type=_tiles, nargs='+', default=[None],
                         help='fused path: BLOCK_MxBLOCK_NxWARPS launch configurations '
+                             '(default: the dispatcher\'s)')
+    parser.add_argument('--backward', nargs='+', default=None,
+                        choices=['atomic', 'two-pass'],
+                        help='fused path: how the key/value gradients are formed '
                              '(default: the dispatcher\'s)')
     args = parser.parse_args(argv)
     for name in ('scale', 'batch', 'head_dim', 'repeats'):
@@ -115,7 +129,8 @@ def attention(path):
             query, key, value, RowFactoredBias(table, layout))
 
     return {'whole': whole, 'banded': factored(banded_bias_attention),
-            'fused': factored(fused_bias_attention)}[path]
+            'fused': factored(fused_bias_attention),
+            'fused-fixed-bias': factored(fused_bias_attention)}[path]
 
 
 def measure(fn, device, warmup: int, repeats: int) -> float:
@@ -145,22 +160,34 @@ def fused_runs(args, dtype_name: str) -> list:
     return [tiles or default for tiles in args.tiles]
 
 
-def path_label(path: str, tiles: dict = None) -> str:
+def backward_ways(args) -> list:
+    """The fused path's ways of forming key/value gradients: ``--backward`` or the default."""
+    from mmtransnext.ops import fused_attention
+    return args.backward or [fused_attention.BACKWARD_KV]
+
+
+def path_label(path: str, tiles: dict = None, backward: str = 'atomic') -> str:
     from mmtransnext.tools.common import tiles_label
-    return path if tiles is None else f'{path} {tiles_label(tiles)}'
+    label = path if tiles is None else f'{path} {tiles_label(tiles)}'
+    return label if backward == 'atomic' else f'{label} {backward}'
 
 
-def run(args, path: str, dtype_name: str, tiles: dict = None) -> dict:
-    """Forward and forward+backward of one path and dtype (fused: launched with ``tiles``)."""
+def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'atomic') -> dict:
+    """Forward and forward+backward of one path and dtype (fused: launched with ``tiles``,
+    key/value gradients formed the ``backward`` way)."""
     import torch
 
     from mmtransnext.ops import fused_attention
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[dtype_name])
     if tiles is not None:
-        # The fused path reads its launch configuration from LAUNCH at every call.
+        # The fused path reads its launch configuration from LAUNCH and BACKWARD_KV at
+        # every call.
         fused_attention.LAUNCH[dtype] = (tiles, tiles)
+        fused_attention.BACKWARD_KV = backward
     leaves, layout = make_inputs(args, dtype, device)
+    if path == 'fused-fixed-bias':
+        leaves[3].requires_grad_(False)
     fn = attention(path)
     out, lse = fn(*leaves, layout)
     grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
@@ -171,9 +198,10 @@ def run(args, path: str, dtype_name: str, tiles: dict = None) -> dict:
 
     def train():
         out, lse = fn(*leaves, layout)
-        torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(), leaves)
+        torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(),
+                            [t for t in leaves if t.requires_grad])
 
-    row = dict(path=path_label(path, tiles), dtype=dtype_name)
+    row = dict(path=path_label(path, tiles, backward), dtype=dtype_name)
     for mode, step in (('forward', forward), ('train', train)):
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -187,12 +215,12 @@ def run(args, path: str, dtype_name: str, tiles: dict = None) -> dict:
 
 def format_table(rows) -> str:
     """Times (and CUDA memory) per path; ``x whole`` is the whole-matrix time over this one."""
-    header = (f'{"dtype":5} {"path":15} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
+    header = (f'{"dtype":5} {"path":33} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
               f'{"x whole":>8} {"fwd MB":>8} {"fwd+bwd MB":>10}')
     lines = [header, '-' * len(header)]
     whole = {r['dtype']: r for r in rows if r['path'] == 'whole' and 'error' not in r}
     for row in rows:
-        lead = f'{row["dtype"]:5} {row["path"]:15}'
+        lead = f'{row["dtype"]:5} {row["path"]:33}'
         if 'error' in row:
             lines.append(f'{lead} failed: {row["error"]}')
             continue
@@ -213,12 +241,16 @@ def main(argv=None):
     rows = []
     for dtype_name in args.dtypes:
         for path in args.paths:
-            for tiles in (fused_runs(args, dtype_name) if path == 'fused' else [None]):
-                try:
-                    rows.append(run(args, path, dtype_name, tiles))
-                except (RuntimeError, ValueError) as exc:   # out of memory, unsupported dtype
-                    rows.append(dict(path=path_label(path, tiles), dtype=dtype_name, error=(
-                        f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}')))
+            fused = path in FUSED
+            for tiles in (fused_runs(args, dtype_name) if fused else [None]):
+                for backward in (backward_ways(args) if fused else ['atomic']):
+                    try:
+                        rows.append(run(args, path, dtype_name, tiles, backward))
+                    except (RuntimeError, ValueError) as exc:   # out of memory, bad dtype
+                        rows.append(dict(path=path_label(path, tiles, backward),
+                                         dtype=dtype_name, error=(
+                                             f'{type(exc).__name__}: '
+                                             f'{str(exc).splitlines()[0][:160]}')))
     print(f'stage {args.stage}: {args.batch} x {shape["heads"]} heads, queries '
           f'{shape["query"][0]}x{shape["query"][1]}, keys {shape["key"][0]}x{shape["key"][1]}, '
           f'head dim {args.head_dim}, {args.device}, median of {args.repeats} after '

@@ -30,8 +30,11 @@
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and bf16
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
-#                    whole-matrix / banded / fused (two tile sizes), fp32 and bf16
-#    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16
+#                    whole-matrix / banded / fused (key and value gradients by atomics or
+#                    by a key-major pass; with and without the bias table's gradient),
+#                    fp32 and bf16
+#    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
+#                    one process
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
@@ -243,7 +246,7 @@ fi
 # The whole pytest output goes to OUT/pytest_cuda.log, with a line per test whatever its
 # outcome (-rA); the report keeps the failures' one-line summaries and the skip reasons.
 run_step tests 200 "set -o pipefail
-$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed))' | cut -c1-400 | tail -n 80"
+$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --durations=15 --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed)|[0-9.]+s (call|setup|teardown) )' | cut -c1-400 | tail -n 80"
 
 # 7 ---------------------------------------------------------------- Mask R-CNN under AMP
 if [[ $MMCV_RC == 0 ]]; then
@@ -285,9 +288,10 @@ if [[ $HAS_GPU == 1 ]]; then
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
     fi
     # The fused kernels at the dispatcher's tiles and at the first tiles, which spilled.
-    run_step pooled 90 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --tiles 32x32x8 64x64x4"
-    # Each dtype is four worker processes of ~10 s of imports each.
-    run_step benchmark-op 150 "for dt in float32 bfloat16 float16; do $PY tools/benchmark_op.py --device cuda --repeats 10 --dtype \$dt || exit 1; done"
+    # The fused kernels' backward both ways (atomic, two-pass), and without the bias
+    # table's atomics (fused-fixed-bias), to see what each costs.
+    run_step pooled 120 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole banded fused fused-fixed-bias --backward atomic two-pass"
+    run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
 else
     for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done
 fi

@@ -21,7 +21,9 @@ so a tile reads four short vectors and, per entry and tap, one value of a table 
 of ``W x Wp x 4`` entries; taps of weight zero (no resize) are not read.
 
 Each program owns ``BLOCK_M`` queries of one (image, head) and walks the keys
-``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers. Head dims
+``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers; the
+key-major backward kernel owns ``BLOCK_N`` keys and walks a range of queries
+``BLOCK_M`` at a time. Head dims
 are padded to the ``D_PAD``/``DV_PAD`` powers of two (at least 16, as ``tl.dot``
 needs) with masked loads. Logits, probabilities and statistics are float32; the
 matmul operands keep the input dtype (tensor cores for float16/bfloat16; float32
@@ -158,7 +160,7 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
                               D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
                               K_TAPS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                              ROW_RESIDUAL: tl.constexpr):
+                              ROW_RESIDUAL: tl.constexpr, KV_GRAD: tl.constexpr):
     """Gradients from ``BLOCK_M`` queries; same grid as the forward.
 
     The probabilities are recomputed from the log-sum-exp. With ``dP = dO V^T``,
@@ -169,9 +171,12 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     to the rounding of small numbers: a bias shared by all keys shifts no softmax,
     and its gradient then stays as near zero as the reference has it (otherwise the
     rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
-    in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_K``,
-    ``GRAD_V`` and ``GRAD_TABLE`` (float32, zeroed) collect every query block's
-    share by ``tl.atomic_add``, the bias table's through the same taps as the forward.
+    in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_TABLE``
+    (float32, zeroed) collects every query block's share by ``tl.atomic_add``
+    through the same taps as the forward, and so do ``GRAD_K`` and ``GRAD_V`` with
+    ``KV_GRAD``. Without it this kernel leaves them to
+    :func:`pooled_attention_backward_keys` and stores each row's final shift
+    (residual and ``GRAD_LSE`` included) over ``SHIFT`` for it.
     """
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
@@ -204,6 +209,8 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
             residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
         shift += residual
     shift -= grad_lse
+    if not KV_GRAD:
+        tl.store(SHIFT + image_head * tokens + rows_m, shift, mask=row_ok)
 
     grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
@@ -216,12 +223,13 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
         grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_logits = probs * (grad_probs - shift[:, None])
         grad_q += tl.dot(grad_logits.to(k.dtype), k, input_precision=DOT_PRECISION)
-        tl.atomic_add(GRAD_K + k_offsets,
-                      tl.dot(tl.trans(grad_logits.to(q.dtype)), q,
-                             input_precision=DOT_PRECISION), mask=k_mask)
-        tl.atomic_add(GRAD_V + v_offsets,
-                      tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
-                             input_precision=DOT_PRECISION), mask=v_mask)
+        if KV_GRAD:
+            tl.atomic_add(GRAD_K + k_offsets,
+                          tl.dot(tl.trans(grad_logits.to(q.dtype)), q,
+                                 input_precision=DOT_PRECISION), mask=k_mask)
+            tl.atomic_add(GRAD_V + v_offsets,
+                          tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
+                                 input_precision=DOT_PRECISION), mask=v_mask)
         if BIAS_GRAD:
             for i in tl.static_range(Q_TAPS):
                 for j in tl.static_range(K_TAPS):
@@ -231,3 +239,67 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
                                   mask=valid & (weight != 0.0))
 
     tl.store(GRAD_Q + q_offsets, grad_q.to(GRAD_Q.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM, Q_WEIGHT,
+                                   K_TERM, K_WEIGHT, GRAD_K, GRAD_V,
+                                   heads, tokens, keys, head_dim, value_dim, width, pool_w,
+                                   s_head, s_row, s_pool_row, split_rows,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
+                                   K_TAPS: tl.constexpr):
+    """Key and value gradients of ``BLOCK_N`` keys from ``split_rows`` queries;
+    grid ``(cdiv(P, BLOCK_N), B*heads, cdiv(N, split_rows))``.
+
+    The key-major half of the two-pass backward, after
+    :func:`pooled_attention_backward` without ``KV_GRAD`` (which left each row's
+    final shift in ``SHIFT``): the program keeps its keys' gradients in registers
+    while it walks its share of the queries ``BLOCK_M`` at a time, recomputing the
+    probabilities, and adds them to ``GRAD_K``/``GRAD_V`` (float32, zeroed) once,
+    so there is one atomic add per key element and split instead of one per query
+    block.
+    """
+    key_block = tl.program_id(0)
+    image_head = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(1) % heads     # int32: the bias table is small
+    first = tl.program_id(2) * split_rows
+    end = tl.minimum(first + split_rows, tokens)
+    cols_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols_n < keys
+    dims = tl.arange(0, D_PAD)
+    vdims = tl.arange(0, DV_PAD)
+    k_offsets = image_head * keys * head_dim + cols_n[:, None] * head_dim + dims[None, :]
+    v_offsets = image_head * keys * value_dim + cols_n[:, None] * value_dim + vdims[None, :]
+    k_mask = col_ok[:, None] & (dims[None, :] < head_dim)
+    v_mask = col_ok[:, None] & (vdims[None, :] < value_dim)
+    k = tl.load(K + k_offsets, mask=k_mask, other=0.0)
+    v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
+    grad_k = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    grad_v = tl.zeros((BLOCK_N, DV_PAD), dtype=tl.float32)
+    for start in range(first, end, BLOCK_M):
+        rows_m = start + tl.arange(0, BLOCK_M)
+        row_ok = rows_m < end
+        q = tl.load(Q + image_head * tokens * head_dim + rows_m[:, None] * head_dim
+                    + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < head_dim),
+                    other=0.0)
+        grad_out = tl.load(GRAD_OUT + image_head * tokens * value_dim
+                           + rows_m[:, None] * value_dim + vdims[None, :],
+                           mask=row_ok[:, None] & (vdims[None, :] < value_dim), other=0.0)
+        lse = tl.load(LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+        shift = tl.load(SHIFT + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+        valid = row_ok[:, None] & col_ok[None, :]
+        col, pool_col, table = _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row,
+                                          s_pool_row)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table,
+                             row_ok, col_ok, valid, Q_TAPS, K_TAPS)
+        probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+        grad_logits = probs * (grad_probs - shift[:, None])
+        grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
+                         input_precision=DOT_PRECISION)
+    tl.atomic_add(GRAD_K + k_offsets, grad_k, mask=k_mask)
+    tl.atomic_add(GRAD_V + v_offsets, grad_v, mask=v_mask)

@@ -15,8 +15,10 @@ float32 operands are multiplied in full float32 (``input_precision='ieee'``),
 because TF32's 10-bit mantissa on logits of magnitude ~30 (scaled cosine
 similarity) would err by about 0.03, far outside the float32 tolerances of the
 golden tests. The log-sum-exp is returned in float32 whatever the input dtype.
-The backward adds the key, value and bias-table gradients with atomics, so those
-are not bitwise deterministic from run to run. For float32 inputs it walks the keys
+The backward adds the key, value and bias-table gradients with atomics (the key and
+value gradients either per query block or, with :data:`BACKWARD_KV` ``'two-pass'``,
+once per key block and query range from a key-major kernel), so those are not bitwise
+deterministic from run to run. For float32 inputs it walks the keys
 twice, the first time for each query row's rounding residual, so that gradients that
 are zero in theory (a bias shared by all keys) stay as small as the reference's and
 the golden tolerances hold; for float16/bfloat16 the operands' rounding dominates and
@@ -60,6 +62,31 @@ _SMALL = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
 _TALL = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
 LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
           torch.float32: (_SMALL, _SMALL)}
+
+
+# How the backward forms the key and value gradients (chosen per run with
+# ``tools/benchmark_pooled_attention.py --backward``, which times both):
+# 'atomic': one query-major kernel adds every query block's share with atomics (1.5
+#     atomic adds per logit at 32-query blocks);
+# 'two-pass': the query-major kernel forms the query and bias gradients only, and a
+#     key-major kernel (:func:`~._fused_attention_kernels.pooled_attention_backward_keys`)
+#     keeps each key block's gradients in registers over KEY_PASS_ROWS queries, one
+#     atomic add per element and query range; it recomputes the probabilities a
+#     second time.
+BACKWARD_KV = 'atomic'
+BACKWARD_KV_CHOICES = ('atomic', 'two-pass')
+# Queries a key-major program walks: enough programs to fill a GPU at stage 1
+# (2x800x1333: 33 key blocks x 6 image-heads x 66 ranges), few atomics per key.
+KEY_PASS_ROWS = 1024
+# Queries per step of the key-major kernel where the launch's BLOCK_M would spill:
+# in float32 (FMA dots) 32 spills 80-88 bytes on sm_80/sm_90, 16 none.
+_KEY_PASS_BLOCK_M = {torch.float32: 16}
+
+
+def key_pass_meta(meta: dict, dtype: torch.dtype) -> dict:
+    """The key-major kernel's meta-parameters from the query-major ones in ``meta``."""
+    block_m = min(meta['BLOCK_M'], _KEY_PASS_BLOCK_M.get(dtype, meta['BLOCK_M']))
+    return dict(meta, BLOCK_M=block_m)
 
 
 def launch_tiles(dtype: torch.dtype, resized: bool) -> dict:
@@ -158,7 +185,9 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
             else on neither (1 tap). Default: True.
 
     Returns:
-        dict[str, bytes]: ``forward`` and ``backward`` (with the bias gradient) cubins.
+        dict[str, bytes]: cubins of ``forward``, ``backward`` (with the bias, key and
+        value gradients, ``BACKWARD_KV='atomic'``) and ``backward_keys`` (the key-major
+        pass of ``'two-pass'``).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -170,8 +199,10 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
     for name, kernel, extra in (
             ('forward', kernels.pooled_attention_forward, {}),
             ('backward', kernels.pooled_attention_backward,
-             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32))):
-        constants = dict(meta, **extra)
+             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32, KV_GRAD=True)),
+            ('backward_keys', kernels.pooled_attention_backward_keys, {})):
+        constants = dict(key_pass_meta(meta, dtype) if name == 'backward_keys' else meta,
+                         **extra)
         signature = {}
         for arg in inspect.signature(kernel.fn).parameters:
             if arg in constants:
@@ -220,6 +251,13 @@ def _launch_args(query, key, value, table, bias):
     return grid, shapes, meta
 
 
+def _backward_kv() -> str:
+    if BACKWARD_KV not in BACKWARD_KV_CHOICES:
+        raise ValueError(f'fused_attention.BACKWARD_KV is {BACKWARD_KV!r}, not one of '
+                         f'{BACKWARD_KV_CHOICES}')
+    return BACKWARD_KV
+
+
 def _on_device(tensor: Tensor):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -265,11 +303,18 @@ class _FusedBiasAttention(torch.autograd.Function):
         grad_table = torch.zeros(table.shape if want_bias else (1, ), dtype=torch.float32,
                                  device=table.device)
         grid, shapes, meta = _launch_args(query, key, value, table, bias)
+        two_pass = _backward_kv() == 'two-pass'
         with _on_device(query):
             _kernels().pooled_attention_backward[grid](
                 query, key, value, grad_out, lse, shift, grad_lse, table, *taps,
                 grad_query, grad_key, grad_value, grad_table, *shapes, BIAS_GRAD=want_bias,
-                ROW_RESIDUAL=query.dtype == torch.float32, **meta)
+                ROW_RESIDUAL=query.dtype == torch.float32, KV_GRAD=not two_pass, **meta)
+            if two_pass:  # shift now holds each row's final shift
+                keys_grid = (-(-key.shape[2] // meta['BLOCK_N']), grid[1],
+                             -(-query.shape[2] // KEY_PASS_ROWS))
+                _kernels().pooled_attention_backward_keys[keys_grid](
+                    query, key, value, grad_out, lse, shift, table, *taps, grad_key,
+                    grad_value, *shapes, KEY_PASS_ROWS, **key_pass_meta(meta, query.dtype))
         return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype),
                 grad_table.to(table.dtype) if want_bias else None, None)
 
