@@ -65,6 +65,29 @@ def test_spilling_is_seen():
     assert fused_attention.machine_code_resources(cubin)['stack_bytes'] > 0
 
 
+@needs_triton_3
+def test_new_image_sizes_compile_nothing_new():
+    """Detection's varied image sizes do not recompile the kernels.
+
+    The backbone's fused launches at padded Mask R-CNN inputs, keyed as Triton's JIT
+    keys its binaries. 800x1088 (bias resized) and 800x800 (not resized: the size
+    it is built for) need their own binaries; a third size, 768x1344, needs none
+    more with the kernels' declared specialisation, and would with Triton's default.
+    """
+    sys.path.insert(0, str(TESTS.parent / 'tools'))
+    import kernel_resources as kr
+    inputs = [kr.detection_input(size) for size in ('640x480', '612x612', '640x360')]
+    assert inputs == [(800, 1088), (800, 800), (768, 1344)]
+    launches = [kr.recorded_launches([size], arch='micro') for size in inputs]
+    kernels = fused_attention._kernels()
+    for kernel in (kernels.pooled_attention_forward, kernels.pooled_attention_backward,
+                   kernels.pooled_attention_backward_keys):
+        def variants(runs, default):
+            return kr.compiled_variants(kernel, sum(runs, []), default)
+        assert variants(launches, False) == variants(launches[:2], False)
+        assert variants(launches, True) > variants(launches[:2], True)
+
+
 # (build query, build key, query, key) column lengths: no resize, resized up and down,
 # irregular pooling bins (334 -> 41, centres of both parities), one key, full attention.
 _COLUMN_CASES = [(7, 3, 7, 3), (200, 25, 334, 41), (334, 41, 334, 41), (9, 3, 13, 4),

@@ -222,3 +222,11 @@ def test_kernel_resources_bad_tiles(tiles, capsys):
     with pytest.raises(SystemExit):
         kernel_resources.main(['--tiles', tiles])
     assert tiles in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('size', ['640', '640x', 'x480', '640x0', '640x480x3'])
+def test_kernel_resources_bad_variants(size, capsys):
+    import kernel_resources
+    with pytest.raises(SystemExit):
+        kernel_resources.main(['--variants', size])
+    assert 'is not WIDTHxHEIGHT' in capsys.readouterr().err

@@ -37,6 +37,14 @@ import triton.language as tl
 #: Whether the kernels below were defined for Triton's CPU interpreter.
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
 
+#: Size arguments that follow the input's height and width. Triton would by default
+#: compile a kernel again for every new pattern of which of them equal 1 or divide by
+#: 16, which detection's varied image sizes keep producing. The kernels gain nothing
+#: from knowing it (the bias table is gathered; rows of queries, keys and values take
+#: their alignment from the head dims, which stay specialised), so each kernel
+#: compiles once per dtype, head dim and tap count.
+SPATIAL_ARGS = ('tokens', 'keys', 'width', 'pool_w', 's_head', 's_row', 's_pool_row')
+
 
 @triton.jit
 def _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row, s_pool_row):
@@ -105,7 +113,7 @@ def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, valu
             v_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPATIAL_ARGS)
 def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, OUT, LSE,
                              heads, tokens, keys, head_dim, value_dim, width, pool_w,
                              s_head, s_row, s_pool_row,
@@ -151,7 +159,7 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
     tl.store(LSE + image_head * tokens + rows_m, row_max + tl.log(row_sum), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPATIAL_ARGS)
 def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_TERM, Q_WEIGHT,
                               K_TERM, K_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
                               heads, tokens, keys, head_dim, value_dim, width, pool_w,
@@ -241,7 +249,7 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     tl.store(GRAD_Q + q_offsets, grad_q.to(GRAD_Q.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPATIAL_ARGS)
 def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM, Q_WEIGHT,
                                    K_TERM, K_WEIGHT, GRAD_K, GRAD_V,
                                    heads, tokens, keys, head_dim, value_dim, width, pool_w,
