@@ -108,6 +108,18 @@ def test_backbone_runs_three_paths_on_cpu(tmp_path, capsys):
     assert printed.count('fp32  train') == 3
 
 
+def test_backbone_worker_makes_several_runs():
+    """One process per path makes its runs in order (what CUDA runs use), each row
+    with its own dtype, mode and time."""
+    args = bb.parse_args(['--arch', 'micro', '--size', '48', '64', '--img-size', '64',
+                          '--warmup', '0', '--threads', '1'])
+    rows = bb.run_path(args, 'default', [('fp32', 'train'), ('fp32', 'forward')])
+    assert [(r['path'], r['dtype'], r['mode']) for r in rows] == [
+        ('default', 'fp32', 'train'), ('default', 'fp32', 'forward')]
+    assert not any('error' in r for r in rows), rows
+    assert all(r['time_ms'] > 0 and r['compiled'] for r in rows)
+
+
 def test_detector_batch_is_annotated():
     data = bd.synthetic_batch(2, (48, 80), 3, num_classes=5)
     assert [tuple(x.shape) for x in data['inputs']] == [(3, 48, 80)] * 2
@@ -140,14 +152,17 @@ def test_detector_table():
 
 
 def test_detector_iteration_on_cpu(tmp_path):
+    """Each detector in its own process, one row per dtype run there (two fp32 runs
+    here: bf16 needs CUDA), each with a fresh optimizer."""
     out = tmp_path / 'rows.json'
     bd.main(['--size', '64', '96', '--batch', '1', '--objects', '2', '--img-size', '64',
-             '--warmup', '0', '--repeats', '1', '--threads', '1', '--json', str(out)])
-    rows = {r['detector']: r for r in json.loads(out.read_text())['rows']}
-    assert set(rows) == {'transnext', 'swin'}
-    for row in rows.values():
+             '--warmup', '0', '--repeats', '1', '--threads', '1', '--dtypes', 'fp32', 'fp32',
+             '--json', str(out)])
+    rows = json.loads(out.read_text())['rows']
+    assert [r['detector'] for r in rows] == ['transnext', 'swin'] * 2
+    for row in rows:
         assert 'error' not in row, row
-        assert row['loss'] > 0 and row['time_ms'] > 0
+        assert row['dtype'] == 'fp32' and row['loss'] > 0 and row['time_ms'] > 0
 
 
 def test_pooled_attention_table():

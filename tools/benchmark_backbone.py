@@ -1,8 +1,10 @@
 """Whole-backbone speed and memory: reference path, default path and Swin-T, side by side.
 
-Each (dtype, mode, path) runs in its own process, so that one's peak memory does not
-hide in another's, and one table with ratios is printed at the end (these machines
-are noisy; compare numbers from the same run only).
+Each path runs in its own process; on the CPU so does each (dtype, mode) of it, so
+that one's peak memory does not hide in another's (the resident high-water mark only
+grows), while on CUDA one process makes a path's runs one after the other, its peak
+counter reset before each. One table with ratios is printed at the end (these
+machines are noisy; compare numbers from the same run only).
 
 * reference: ``MMTRANSNEXT_DISABLE_EXT=1``, the released algorithm (unfold, whole
   bias, one concatenated softmax);
@@ -62,8 +64,7 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='also write the results to this file')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--path', default='default', choices=list(PATHS), help=argparse.SUPPRESS)
-    parser.add_argument('--mode', default='forward', choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument('--dtype', default='fp32', choices=DTYPES, help=argparse.SUPPRESS)
+    parser.add_argument('--runs', nargs='+', default=['fp32:forward'], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ('batch', 'repeats', 'threads'):
         if getattr(args, name) < 1:
@@ -106,8 +107,8 @@ def swin_tiny(size):
     return model, padded, f'timm {timm.__version__}'
 
 
-def _worker(args) -> dict:
-    """Time one (path, mode, dtype) in this process."""
+def _worker(args) -> list:
+    """Time the ``--runs`` (``dtype:mode``) of one path in this process, in order."""
     import torch
     from mmtransnext.models import TransNeXt
     from mmtransnext.ops import use_compiled_op, use_fused_attention
@@ -129,15 +130,30 @@ def _worker(args) -> dict:
                 fused=use_fused_attention(probe))
     cuda = device.type == 'cuda'
     if cuda:
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
         info['device_name'] = torch.cuda.get_device_name()
-    else:
-        baseline = _rss_mb()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bf16')
+    results = []
+    for run in args.runs:
+        dtype, mode = run.split(':')
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            baseline = _rss_mb()
+        results.append(dict(info, dtype=dtype, mode=mode, baseline_mb=baseline,
+                            **_time(args, model, x, dtype, mode)))
+    return results
 
-    if args.mode == 'forward':
+
+def _time(args, model, x, dtype: str, mode: str) -> dict:
+    """Median time and peak memory of one mode and dtype of ``model`` on ``x``."""
+    import torch
+    cuda = x.device.type == 'cuda'
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16')
+
+    if mode == 'forward':
         model.eval()
 
         def step():
@@ -169,34 +185,34 @@ def _worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(info, time_ms=statistics.median(times[args.warmup:]), peak_mb=peak,
-                baseline_mb=baseline)
+    return dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
 
 
-def _worker_command(args, path, mode, dtype):
-    return [sys.executable, os.path.abspath(__file__), '--worker', '--path', path, '--mode',
-            mode, '--dtype', dtype, '--device', args.device, '--arch', args.arch, '--size',
+def _worker_command(args, path, runs):
+    return [sys.executable, os.path.abspath(__file__), '--worker', '--path', path, '--runs',
+            *runs, '--device', args.device, '--arch', args.arch, '--size',
             *map(str, args.size), '--batch', str(args.batch), '--img-size', str(args.img_size),
             '--threads', str(args.threads), '--repeats', str(args.repeats), '--warmup',
             str(args.warmup)] + (['--with-cp'] if args.with_cp else [])
 
 
-def run_one(args, path: str, mode: str, dtype: str) -> dict:
-    """One (path, mode, dtype) in a child process; failures come back as ``error``."""
+def run_path(args, path: str, runs) -> list:
+    """The ``runs`` (``(dtype, mode)`` pairs) of a path in a child process; failures
+    come back as rows with ``error``."""
     # Freed host memory goes back to the OS at once, so the CPU's high-water mark
     # follows live tensors rather than heap fragmentation.
     env = dict(os.environ, MMTRANSNEXT_DISABLE_EXT=PATHS[path], MALLOC_MMAP_THRESHOLD_='131072')
-    done = subprocess.run(_worker_command(args, path, mode, dtype), env=env,
+    done = subprocess.run(_worker_command(args, path, [f'{d}:{m}' for d, m in runs]), env=env,
                           capture_output=True, text=True)
-    row = dict(path=path, mode=mode, dtype=dtype)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ['(no output)']
-        return dict(row, error=lines[-1][:200])
-    row.update(json.loads(done.stdout.strip().splitlines()[-1]))
-    if path != 'swin' and row['compiled'] != (path == 'default'):
-        return dict(row, error=f'{path} path did not run as asked (compiled op used: '
-                               f'{row["compiled"]}); build the extension with `make ext`')
-    return row
+        return [dict(path=path, mode=m, dtype=d, error=lines[-1][:200]) for d, m in runs]
+    rows = [dict(row, path=path) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+    if path != 'swin' and rows[0]['compiled'] != (path == 'default'):
+        return [dict(row, error=f'{path} path did not run as asked (compiled op used: '
+                                f'{row["compiled"]}); build the extension with `make ext`')
+                for row in rows]
+    return rows
 
 
 def _ratio(numerator, denominator) -> str:
@@ -244,8 +260,15 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-    rows = [run_one(args, path, mode, dtype) for dtype in args.dtypes for mode in args.modes
-            for path in args.paths]
+    runs = [(dtype, mode) for dtype in args.dtypes for mode in args.modes]
+    # The CPU's peak (ru_maxrss) cannot be reset: a process per run there.
+    batches = [runs] if args.device == 'cuda' else [[run] for run in runs]
+    by_run = {}
+    for path in args.paths:
+        for batch in batches:
+            for row in run_path(args, path, batch):
+                by_run[(row['dtype'], row['mode'], path)] = row
+    rows = [by_run[(dtype, mode, path)] for dtype, mode in runs for path in args.paths]
     done = next((r for r in rows if 'error' not in r), {})
     where = done.get('device_name', args.device)
     print(f'{args.batch}x3x{args.size[0]}x{args.size[1]} on {where}, TransNeXt-{args.arch} '

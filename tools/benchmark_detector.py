@@ -6,8 +6,10 @@ same heads, the same data preprocessor, each with its own AdamW settings. An
 iteration is MMEngine's ``model.train_step``: preprocessing (normalise, pad to 32),
 forward, losses, backward and the optimizer step, on a synthetic batch (random
 pixels, a few boxes with box-shaped masks per image), the same for both detectors.
-Each detector runs in its own process; time is the median after warm-up (CUDA:
-synchronised), memory the peak ``torch.cuda.max_memory_allocated`` (the CPU: peak RSS).
+Each detector runs in its own process, its dtypes one after the other (a fresh
+optimizer each); time is the median after warm-up (CUDA: synchronised), memory the
+peak ``torch.cuda.max_memory_allocated`` of that dtype's iterations (the CPU: peak
+RSS, where only fp32 runs).
 
 Needs mmdet and mmcv (with its ops). Example::
 
@@ -51,7 +53,6 @@ def parse_args(argv=None):
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--detector', default='transnext', choices=list(CONFIGS),
                         help=argparse.SUPPRESS)
-    parser.add_argument('--dtype', default='fp32', choices=DTYPES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ('batch', 'objects', 'repeats', 'threads'):
         if getattr(args, name) < 1:
@@ -126,10 +127,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(args) -> dict:
-    """Time ``train_step`` of one detector and dtype in this process."""
+def _worker(args) -> list:
+    """Time ``train_step`` of one detector in each of ``--dtypes`` in this process."""
     import torch
-    from mmengine.optim import build_optim_wrapper
 
     from mmtransnext.tools.common import build_model, load_config
 
@@ -137,17 +137,26 @@ def _worker(args) -> dict:
     torch.manual_seed(0)
     options = {'model.backbone.img_size': args.img_size} if args.detector == 'transnext' else {}
     cfg = load_config(config_path(args.detector), options)
-    if args.dtype == 'bf16':
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.dtype = 'bfloat16'
-    device = torch.device(args.device)
-    model = build_model(cfg).to(device).train()
-    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    model = build_model(cfg).to(torch.device(args.device)).train()
     data = synthetic_batch(args.batch, args.size, args.objects,
                            cfg.model.roi_head.bbox_head.num_classes)
-    cuda = device.type == 'cuda'
+    return [_time(args, cfg, model, data, dtype) for dtype in args.dtypes]
+
+
+def _time(args, cfg, model, data, dtype: str) -> dict:
+    """Median ``train_step`` time and peak memory of ``model`` in ``dtype``."""
+    import torch
+    from mmengine.optim import build_optim_wrapper
+
+    optim_cfg = cfg.optim_wrapper.copy()
+    if dtype == 'bf16':
+        optim_cfg.update(type='AmpOptimWrapper', dtype='bfloat16')
+    model.zero_grad(set_to_none=True)
+    optim_wrapper = build_optim_wrapper(model, optim_cfg)
+    cuda = args.device == 'cuda'
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(args.warmup + args.repeats):
@@ -160,15 +169,15 @@ def _worker(args) -> dict:
         times.append((time.perf_counter() - start) * 1e3)
         losses.append(float(log_vars['loss']))
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
-    return dict(detector=args.detector, dtype=args.dtype, time_ms=statistics.median(
+    return dict(detector=args.detector, dtype=dtype, time_ms=statistics.median(
         times[args.warmup:]), peak_mb=peak, loss=losses[-1],
                 device_name=torch.cuda.get_device_name() if cuda else 'cpu')
 
 
-def run_one(args, detector: str, dtype: str) -> dict:
-    """One detector and dtype in a child process; failures come back as ``error``."""
+def run_detector(args, detector: str) -> list:
+    """One detector in a child process, a row per dtype; failures come back as ``error``."""
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', '--detector', detector,
-           '--dtype', dtype, '--device', args.device, '--size', *map(str, args.size),
+           '--dtypes', *args.dtypes, '--device', args.device, '--size', *map(str, args.size),
            '--batch', str(args.batch), '--objects', str(args.objects), '--threads',
            str(args.threads), '--repeats', str(args.repeats), '--warmup', str(args.warmup)]
     cmd += ['--img-size', str(args.img_size)]
@@ -176,7 +185,8 @@ def run_one(args, detector: str, dtype: str) -> dict:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ['(no output)']
-        return dict(detector=detector, dtype=dtype, error=lines[-1][:200])
+        return [dict(detector=detector, dtype=dtype, error=lines[-1][:200])
+                for dtype in args.dtypes]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -208,7 +218,8 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-    rows = [run_one(args, detector, dtype) for dtype in args.dtypes
+    by_detector = {detector: run_detector(args, detector) for detector in args.detectors}
+    rows = [by_detector[detector][index] for index in range(len(args.dtypes))
             for detector in args.detectors]
     where = next((r['device_name'] for r in rows if 'device_name' in r), args.device)
     print(f'Mask R-CNN train_step, {args.batch} images of {args.size[0]}x{args.size[1]} '
