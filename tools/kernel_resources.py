@@ -80,7 +80,12 @@ def compiled_variants(kernel, launches, default_specialisation: bool) -> int:
             otherwise, instead of as the kernel declares (``do_not_specialize``).
     """
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
+    try:
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # Triton keys its binaries in C++ since 3.5; earlier, elsewhere
+        import triton
+        raise RuntimeError(f'counting compilations needs Triton >= 3.5 (its '
+                           f'native_specialize_impl), not {triton.__version__}') from None
     keys = set()
     for sizes, meta in launches:
         key = [tuple(sorted(meta.items()))]
