@@ -11,6 +11,9 @@ machines are noisy; compare numbers from the same run only).
 * default: the compiled sliding-window op and biased attention that never builds
   the ``N x P`` bias (the fused Triton kernels on CUDA, the banded path on the CPU),
   softmaxes merged by their log-sum-exp;
+* default-two-pass: the default path with the fused kernels' key and value gradients
+  formed by their key-major pass (``fused_attention.BACKWARD_KV = 'two-pass'``; the
+  same as default where the fused kernels do not run);
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -38,7 +41,7 @@ import sys
 import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
-PATHS = {'reference': '1', 'default': '0', 'swin': '0'}
+PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'swin': '0'}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
 
@@ -117,6 +120,9 @@ def _worker(args) -> list:
     torch.manual_seed(0)
     device = torch.device(args.device)
     size = tuple(args.size)
+    if args.path == 'default-two-pass':
+        from mmtransnext.ops import fused_attention
+        fused_attention.BACKWARD_KV = 'two-pass'
     if args.path == 'swin':
         model, size, source = swin_tiny(size)
     else:
@@ -126,8 +132,9 @@ def _worker(args) -> list:
     model = model.to(device)
     x = torch.randn(args.batch, 3, *size, device=device)
     probe = x.new_zeros(1)
+    from mmtransnext.ops import fused_attention
     info = dict(model=source, input=list(size), compiled=use_compiled_op(probe),
-                fused=use_fused_attention(probe))
+                fused=use_fused_attention(probe), fused_backward=fused_attention.BACKWARD_KV)
     cuda = device.type == 'cuda'
     if cuda:
         info['device_name'] = torch.cuda.get_device_name()
@@ -208,7 +215,7 @@ def run_path(args, path: str, runs) -> list:
         lines = done.stderr.strip().splitlines() or ['(no output)']
         return [dict(path=path, mode=m, dtype=d, error=lines[-1][:200]) for d, m in runs]
     rows = [dict(row, path=path) for row in json.loads(done.stdout.strip().splitlines()[-1])]
-    if path != 'swin' and rows[0]['compiled'] != (path == 'default'):
+    if path != 'swin' and rows[0]['compiled'] != path.startswith('default'):
         return [dict(row, error=f'{path} path did not run as asked (compiled op used: '
                                 f'{row["compiled"]}); build the extension with `make ext`')
                 for row in rows]
@@ -231,7 +238,7 @@ def format_table(rows) -> str:
         and peak over this row's (higher is better), ``vs Swin-T`` this row's time
         over Swin-T's (lower is better).
     """
-    header = (f'{"dtype":5} {"mode":8} {"path":10} {"time ms":>9} {"peak MB":>9} '
+    header = (f'{"dtype":5} {"mode":8} {"path":16} {"time ms":>9} {"peak MB":>9} '
               f'{"above model MB":>14} {"speed-up":>9} {"memory":>8} {"vs Swin-T":>9}')
     lines = [header, '-' * len(header)]
     groups = {}
@@ -240,7 +247,7 @@ def format_table(rows) -> str:
     for (dtype, mode), by_path in groups.items():
         ref, swin = by_path.get('reference'), by_path.get('swin')
         for path, row in by_path.items():
-            lead = f'{dtype:5} {mode:8} {path:10}'
+            lead = f'{dtype:5} {mode:8} {path:16}'
             if 'error' in row:
                 lines.append(f'{lead} failed: {row["error"]}')
                 continue

@@ -25,8 +25,9 @@
 #                    dtype policy, golden cases, bad input (Mask R-CNN steps: step 7)
 #  7 mask-rcnn-amp   Mask R-CNN training steps, float16 (AmpOptimWrapper, dynamic loss
 #                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
-#  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default and Swin-T
-#                    side by side, fp32 and bf16 autocast, forward and training step
+#  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default (the fused
+#                    backward both ways) and Swin-T side by side, fp32 and bf16 autocast,
+#                    forward and training step
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and bf16
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
@@ -286,7 +287,7 @@ fi
 # 8 ------------------------------------------------------------------------ benchmarks
 # The whole backbone and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
-    run_step backbone 150 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin --repeats 3 --warmup 1"
+    run_step backbone 150 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default default-two-pass swin --repeats 3 --warmup 1"
     if [[ $MMCV_RC == 0 ]]; then
         run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 bf16"
     else
