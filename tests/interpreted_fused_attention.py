@@ -126,15 +126,23 @@ def test_bias_table_without_gradient():
 
 def test_pooled_benchmark_runs_fused_paths(capsys):
     """tools/benchmark_pooled_attention.py's fused rows, with and without the bias
-    table's gradient, run end to end (interpreted: checked, not timed)."""
+    table's gradient, both backward ways, run end to end (interpreted: checked, not
+    timed)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
     import benchmark_pooled_attention as bp
-    bp.main(['--stage', '3', '--scale', '10', '--paths', 'fused', 'fused-fixed-bias',
-             '--repeats', '1', '--warmup', '0'])
+    from mmtransnext.ops import fused_attention
+    try:
+        bp.main(['--stage', '1', '--scale', '20', '--batch', '1', '--paths', 'fused',
+                 'fused-fixed-bias', '--repeats', '1', '--warmup', '0', '--backward', 'atomic',
+                 'two-pass'])
+    finally:    # the tool leaves the last configuration it ran with
+        fused_attention.BACKWARD_KV = 'atomic'
     rows = capsys.readouterr().out.splitlines()[3:]
-    assert [row.split()[1] for row in rows] == ['fused', 'fused-fixed-bias'], rows
+    assert [row[6:39].strip() for row in rows] == [
+        'fused 32x32x8', 'fused 32x32x8 two-pass', 'fused-fixed-bias 32x32x8',
+        'fused-fixed-bias 32x32x8 two-pass'], rows
     assert not any('failed' in row for row in rows), rows
 
 
