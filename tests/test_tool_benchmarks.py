@@ -86,6 +86,7 @@ def test_backbone_table_without_reference_or_swin():
     (['--warmup', '-1'], '--warmup must not be negative'),
     (['--dtypes', 'fp16'], 'invalid choice'),
     (['--paths', 'released'], 'invalid choice'),
+    (['--profile', '-1'], '--profile must not be negative'),
 ])
 def test_backbone_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -121,6 +122,19 @@ def test_backbone_worker_makes_several_runs():
     assert all(r['time_ms'] > 0 and r['compiled'] for r in rows)
     # the fused kernels, where they run, form key/value gradients the two-pass way
     assert {r['fused_backward'] for r in rows} == {'two-pass'}
+
+
+def test_backbone_profile_of_a_training_step(capsys):
+    """--profile K: the K most expensive operators of one more training step, per path."""
+    bb.main(['--arch', 'micro', '--size', '48', '64', '--img-size', '64', '--modes', 'train',
+             '--warmup', '0', '--threads', '1', '--profile', '3'])
+    printed = capsys.readouterr().out
+    sections = printed.split('profile of one training step: ')[1:]
+    assert [s.splitlines()[0] for s in sections] == ['reference, fp32', 'default, fp32']
+    for section in sections:
+        rules = [i for i, line in enumerate(section.splitlines()) if line.startswith('-----')]
+        assert rules[2] - rules[1] - 1 == 3, section    # rows between header and footer rules
+        assert 'Self CPU time total' in section
 
 
 def test_detector_batch_is_annotated():

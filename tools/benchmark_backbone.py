@@ -65,10 +65,17 @@ def parse_args(argv=None):
     parser.add_argument('--repeats', type=int, default=1)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--json', help='also write the results to this file')
+    parser.add_argument('--profile', type=int, default=0, metavar='K',
+                        help='after the timed training steps of each TransNeXt path, profile '
+                             'one more (torch.profiler) and print its K most expensive '
+                             'operators and kernels (by device time on CUDA, CPU time on '
+                             'the CPU)')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--path', default='default', choices=list(PATHS), help=argparse.SUPPRESS)
     parser.add_argument('--runs', nargs='+', default=['fp32:forward'], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error('--profile must not be negative')
     for name in ('batch', 'repeats', 'threads'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
@@ -192,7 +199,28 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
+    result = dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
+    if args.profile and mode == 'train' and args.path != 'swin':
+        result['profile'] = _profile(step, cuda, args.profile)
+    return result
+
+
+def _profile(step, cuda: bool, top: int) -> str:
+    """The ``top`` operators and kernels of one ``step()`` by self time, as a table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    if not cuda:
+        key = 'self_cpu_time_total'
+    else:   # torch 2.4 renamed the CUDA columns
+        key = ('self_device_time_total' if hasattr(averages[0], 'self_device_time_total')
+               else 'self_cuda_time_total')
+    return averages.table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
 def _worker_command(args, path, runs):
@@ -200,7 +228,8 @@ def _worker_command(args, path, runs):
             *runs, '--device', args.device, '--arch', args.arch, '--size',
             *map(str, args.size), '--batch', str(args.batch), '--img-size', str(args.img_size),
             '--threads', str(args.threads), '--repeats', str(args.repeats), '--warmup',
-            str(args.warmup)] + (['--with-cp'] if args.with_cp else [])
+            str(args.warmup), '--profile', str(args.profile)] + (
+                ['--with-cp'] if args.with_cp else [])
 
 
 def run_path(args, path: str, runs) -> list:
@@ -289,6 +318,10 @@ def main(argv=None):
     if swin is not None:
         print(f'Swin-T: {swin["model"]}, input {swin["input"][0]}x{swin["input"][1]}')
     print(format_table(rows))
+    for row in rows:
+        if 'profile' in row:
+            print(f'\nprofile of one training step: {row["path"]}, {row["dtype"]}')
+            print(row['profile'])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)

@@ -27,7 +27,7 @@
 #                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
 #  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default (the fused
 #                    backward both ways) and Swin-T side by side, fp32 and bf16 autocast,
-#                    forward and training step
+#                    forward and training step; a profile of one training step per path
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and bf16
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
@@ -287,7 +287,7 @@ fi
 # 8 ------------------------------------------------------------------------ benchmarks
 # The whole backbone and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
-    run_step backbone 150 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default default-two-pass swin --repeats 3 --warmup 1"
+    run_step backbone 150 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default default-two-pass swin --repeats 3 --warmup 1 --profile 12"
     if [[ $MMCV_RC == 0 ]]; then
         run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 bf16"
     else
@@ -329,7 +329,7 @@ fi
         echo "## $name"
         echo
         echo '```'
-        tail -n 60 "$WORK/$name.out"
+        tail -n 160 "$WORK/$name.out"
         echo '```'
     done
     if [[ -f $WORK/mmcv-ops.tail ]]; then
