@@ -99,6 +99,28 @@ def test_two_pass_backward_equals_whole_matrix(case, dtype, rows, monkeypatch):
         assert_near(got, ref, TOL[dtype], name)
 
 
+@pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
+@pytest.mark.parametrize('case', ['interpolated_many_key_tiles', 'full_attention_6x7'])
+def test_tf32x3_launch_equals_whole_matrix(case, backward, monkeypatch):
+    """float32 at TF32X3's 32 x 16 tiles (the interpreter multiplies in float32
+    whatever the precision: this checks the tiling; the GPU test checks the TF32
+    products)."""
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
+                        (fused_attention.TF32X3, fused_attention.TF32X3))
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
+    spec, batch, heads, head_dim = CASES[case]
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=7)
+    assert fused_attention.launch_meta(torch.float32, head_dim, head_dim)['BLOCK_N'] == 16
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    grad_out = torch.randn(ref_out.shape, dtype=torch.float64)
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, None, torch.float64)
+    (out, _), grads = gradients(fused, leaves, layout, grad_out, None, torch.float32)
+    assert_near(out, ref_out, TOL[torch.float32], 'out')
+    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
+        assert_near(got, ref, TOL[torch.float32], name)
+
+
 def test_unknown_backward_way_is_refused(monkeypatch):
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', 'key-major')

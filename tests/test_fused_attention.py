@@ -38,23 +38,31 @@ def test_kernels_under_triton_interpreter():
     assert ' passed' in done.stdout.splitlines()[-1], done.stdout[-2000:]
 
 
-# Each arch and each kind of matmul (float32 FMA, 16-bit tensor cores) at the launch
-# configuration the dispatcher uses; uncached, a float32 backward takes tens of seconds.
+# Each arch and each kind of matmul (float32 FMA, 16-bit tensor cores, float32 as three
+# TF32 products) at the launch configuration the dispatcher uses (or TF32X3);
+# uncached, a float32 backward takes tens of seconds.
 @needs_triton_3
-@pytest.mark.parametrize('arch, dtype, resized', [
-    (90, torch.float32, True), (90, torch.bfloat16, True), (80, torch.float16, True),
-    (90, torch.bfloat16, False), (80, torch.float16, False)], ids=str)
-def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized):
-    """Both kernels as launched for head dim 24 (every variant), built to cubins.
+@pytest.mark.parametrize('arch, dtype, resized, launch', [
+    (90, torch.float32, True, None), (90, torch.bfloat16, True, None),
+    (80, torch.float16, True, None), (90, torch.bfloat16, False, None),
+    (80, torch.float16, False, None), (90, torch.float32, True, 'tf32x3'),
+    (80, torch.float32, False, 'tf32x3')], ids=str)
+def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch):
+    """The kernels as launched for head dim 24 (every variant), built to cubins.
 
     A kernel that keeps more live values than registers spills them to local memory
     and reloads them at every step of its key loop; the first tile sizes did (0.5 to
-    2.8 KB per thread), so each launch configuration is held to none.
+    2.8 KB per thread), so each launch configuration is held to none. Its dots run
+    on tensor cores unless they are float32 in IEEE precision.
     """
-    for name, cubin in fused_attention.compile_for_gpu(arch, dtype, resized=resized).items():
+    launch = fused_attention.TF32X3 if launch else None
+    on_tensor_cores = dtype != torch.float32 or launch is not None
+    built = fused_attention.compile_for_gpu(arch, dtype, resized=resized, launch=launch)
+    for name, cubin in built.items():
         resources = fused_attention.machine_code_resources(cubin)
         assert resources['instructions'] > 100, name
         assert resources['stack_bytes'] == 0, (name, resources)
+        assert (resources['tensor_core'] > 0) == on_tensor_cores, (name, resources)
 
 
 @needs_triton_3

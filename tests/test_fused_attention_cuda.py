@@ -14,9 +14,20 @@ from fused_attention_cases import assert_near, fused, gradients, make_inputs, wh
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_compiled_kernels_on_cuda(dtype):
-    """On a GPU: the compiled kernels against the whole-matrix reference."""
+@pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
+@pytest.mark.parametrize('dtype', [torch.float32, 'tf32x3', torch.float16, torch.bfloat16],
+                         ids=str)
+def test_compiled_kernels_on_cuda(dtype, backward, monkeypatch):
+    """On a GPU: the compiled kernels against the whole-matrix reference, with both
+    ways of forming the key and value gradients; ``tf32x3``: float32 launched with
+    :data:`~mmtransnext.ops.fused_attention.TF32X3` (three TF32 products per dot),
+    held to float32's tolerance."""
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
+    if dtype == 'tf32x3':
+        dtype = torch.float32
+        monkeypatch.setitem(fused_attention.LAUNCH, dtype,
+                            (fused_attention.TF32X3, fused_attention.TF32X3))
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     spec, batch, heads, head_dim = ((20, 20), (5, 5), (20, 20), (37, 45), (9, 11)), 2, 3, 24
     leaves, layout = make_inputs(spec, batch, heads, head_dim)

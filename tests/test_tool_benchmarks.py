@@ -248,7 +248,30 @@ def test_kernel_resources_table(capsys):
     assert all(row.split('|')[7].strip() == '0' for row in rows), rows
 
 
-@pytest.mark.parametrize('tiles', ['64x64', '48x32x8', '32x32x3', 'axbxc'])
+@pytest.mark.parametrize('text, launch', [
+    ('32x32x8', dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)),
+    ('32x16x8:tf32x3', dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, DOT_PRECISION='tf32x3')),
+    ('64x32x4:ieee', dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, DOT_PRECISION='ieee'))])
+def test_tiles_parse_and_label(text, launch):
+    from mmtransnext.tools.common import parse_tiles, tiles_label
+    assert parse_tiles(text) == launch
+    assert tiles_label(launch) == text
+
+
+def test_kernel_resources_tf32x3_row(capsys):
+    """A float32 launch with TF32 products: its own row, its tiles spill nothing."""
+    pytest.importorskip('triton')
+    import kernel_resources
+    assert kernel_resources.main(['--arch', '90', '--dtypes', 'fp32', '--tiles',
+                                  '32x16x8:tf32x3']) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith('| sm_90 | fp32 | 32 x 16 x 8 tf32x3 | 4 |')]
+    assert [row.split('|')[5].strip() for row in rows] == ['forward', 'backward',
+                                                            'backward_keys']
+    assert all(row.split('|')[7].strip() == '0' for row in rows), rows
+
+
+@pytest.mark.parametrize('tiles', ['64x64', '48x32x8', '32x32x3', 'axbxc', '32x16x8:tf32'])
 def test_kernel_resources_bad_tiles(tiles, capsys):
     import kernel_resources
     with pytest.raises(SystemExit):

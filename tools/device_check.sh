@@ -33,7 +33,7 @@
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
 #                    whole-matrix / banded / fused (key and value gradients by atomics or
 #                    by a key-major pass; with and without the bias table's gradient),
-#                    fp32 and bf16
+#                    fp32 (IEEE and three-TF32 dots) and bf16
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
 #                    one process
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
@@ -296,7 +296,8 @@ if [[ $HAS_GPU == 1 ]]; then
     # The fused kernels at the dispatcher's tiles and at the first tiles, which spilled.
     # The fused kernels' backward both ways (atomic, two-pass), and without the bias
     # table's atomics (fused-fixed-bias), to see what each costs.
-    run_step pooled 120 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole banded fused fused-fixed-bias --backward atomic two-pass"
+    # float32 also with three TF32 products per dot (fused_attention.TF32X3's tiles).
+    run_step pooled 150 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole banded fused fused-fixed-bias --backward atomic two-pass && $PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths whole fused --backward atomic two-pass --tiles 32x16x8:tf32x3"
     run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
 else
     for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done

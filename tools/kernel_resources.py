@@ -148,22 +148,23 @@ def main(argv=None):
     dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
     print(f'torch {torch.__version__}, head dim 24')
     print('| arch | dtype | tiles (M x N x warps) | taps | kernel | registers | stack bytes | '
-          'instructions |')
-    print('|---|---|---|---|---|---|---|---|')
+          'instructions | tensor-core instructions |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for arch in args.arch:
         for name in args.dtypes:
             for tiles in args.tiles:
                 for taps in args.taps:
                     dtype = dtypes[name]
                     used = tiles or fused_attention.launch_tiles(dtype, resized=taps == 4)
-                    label = tiles_label(used).replace('x', ' x ')
+                    dims, _, precision = tiles_label(used).partition(':')
+                    label = dims.replace('x', ' x ') + (f' {precision}' if precision else '')
                     built = fused_attention.compile_for_gpu(arch, dtype, launch=tiles,
                                                             resized=taps == 4)
                     for kernel, cubin in built.items():
                         found = fused_attention.machine_code_resources(cubin)
                         print(f'| sm_{arch} | {name} | {label} | {taps} | {kernel} | '
                               f'{found["registers"]} | {found["stack_bytes"]} | '
-                              f'{found["instructions"]} |', flush=True)
+                              f'{found["instructions"]} | {found["tensor_core"]} |', flush=True)
     return 0
 
 

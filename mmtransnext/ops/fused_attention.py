@@ -14,7 +14,8 @@ matmul operands keep the input dtype: float16 and bfloat16 run on tensor cores;
 float32 operands are multiplied in full float32 (``input_precision='ieee'``),
 because TF32's 10-bit mantissa on logits of magnitude ~30 (scaled cosine
 similarity) would err by about 0.03, far outside the float32 tolerances of the
-golden tests. The log-sum-exp is returned in float32 whatever the input dtype.
+golden tests; :data:`TF32X3`, a launch configuration to time against it, sums three
+TF32 products per dot instead, near float32's accuracy. The log-sum-exp is returned in float32 whatever the input dtype.
 The backward adds the key, value and bias-table gradients with atomics (the key and
 value gradients either per query block or, with :data:`BACKWARD_KV` ``'two-pass'``,
 once per key block and query range from a key-major kernel), so those are not bitwise
@@ -58,8 +59,14 @@ _RULE_DTYPES = (torch.float16, torch.bfloat16)             # what the rule sends
 # builds (tests/test_fused_attention.py holds them to it). The first tiles, 64 x 64
 # on 4 warps, spilled 0.5 to 2.8 KB per thread, reloaded at every key step; 64 x 32
 # on 8 warps spills in the 4-tap sm_80 backward and in the float32 backward.
+#
+# An entry may also set DOT_PRECISION, which float32 dots take ('ieee' by default,
+# see the module's docstring). TF32X3 is the float32 alternative to time: three TF32
+# tensor-core products per dot (the operands split into high and low TF32 parts),
+# close to float32's accuracy; it spills at 32 x 32 and none at 32 x 16 on 8 warps.
 _SMALL = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)
 _TALL = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8)
+TF32X3 = dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, DOT_PRECISION='tf32x3')
 LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
           torch.float32: (_SMALL, _SMALL)}
 
@@ -149,7 +156,7 @@ def _pad(size: int) -> int:
 
 
 def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int, query_resized: bool = True,
-                key_resized: bool = True) -> dict:
+                key_resized: bool = True, tiles: dict = None) -> dict:
     """The kernels' meta-parameters and launch options.
 
     Args:
@@ -157,10 +164,13 @@ def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int, query_resized
         head_dim (int): the queries' and keys' head size; ``value_dim`` the values'.
         query_resized (bool): whether the bias's query columns are resized (2 taps a
             column, else 1); ``key_resized`` likewise for its key columns. Default: True.
+        tiles (dict, optional): a launch configuration in place of :func:`launch_tiles`'.
+            Default: None.
     """
-    return dict(launch_tiles(dtype, query_resized or key_resized), D_PAD=_pad(head_dim),
-                DV_PAD=_pad(value_dim),
-                DOT_PRECISION='ieee' if dtype == torch.float32 else 'tf32',
+    tiles = tiles or launch_tiles(dtype, query_resized or key_resized)
+    # 16-bit operands multiply on tensor cores whatever the precision says.
+    precision = tiles.get('DOT_PRECISION', 'ieee') if dtype == torch.float32 else 'tf32'
+    return dict(tiles, D_PAD=_pad(head_dim), DV_PAD=_pad(value_dim), DOT_PRECISION=precision,
                 Q_TAPS=2 if query_resized else 1, K_TAPS=2 if key_resized else 1)
 
 
@@ -192,7 +202,7 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    meta = dict(launch_meta(dtype, head_dim, head_dim, resized, resized), **(launch or {}))
+    meta = launch_meta(dtype, head_dim, head_dim, resized, resized, tiles=launch)
     options = dict(num_warps=meta.pop('num_warps'))
     kernels = _kernels()
     built = {}
@@ -222,8 +232,9 @@ def machine_code_resources(cubin: bytes) -> dict:
     """Registers and local-memory stack per thread of a cubin (Triton's ``cuobjdump``).
 
     Returns:
-        dict[str, int]: ``registers``, ``stack_bytes`` (spilled registers live there)
-        and ``instructions`` (SASS instructions of the kernel).
+        dict[str, int]: ``registers``, ``stack_bytes`` (spilled registers live there),
+        ``instructions`` (SASS instructions of the kernel) and ``tensor_core``
+        (its matrix-multiply-accumulate instructions, HMMA and HGMMA).
     """
     import triton.backends.nvidia
     tool = str(Path(triton.backends.nvidia.__file__).parent / 'bin' / 'cuobjdump')
@@ -236,7 +247,8 @@ def machine_code_resources(cubin: bytes) -> dict:
                               check=True).stdout
     return dict(registers=int(re.search(r'REG:(\d+)', usage).group(1)),
                 stack_bytes=int(re.search(r'STACK:(\d+)', usage).group(1)),
-                instructions=len(re.findall(r'/\*[0-9a-f]{4,}\*/ ', sass)))
+                instructions=len(re.findall(r'/\*[0-9a-f]{4,}\*/ ', sass)),
+                tensor_core=len(re.findall(r'\bH(?:G)?MMA\b', sass)))
 
 
 def _launch_args(query, key, value, table, bias):

@@ -82,15 +82,22 @@ def parse_pair(text: str, name: str) -> Sequence[int]:
 
 
 def parse_tiles(text: str) -> dict:
-    """``'BLOCK_MxBLOCK_NxWARPS'`` (e.g. ``'32x32x8'``) as a fused-kernel launch config.
+    """``'BLOCK_MxBLOCK_NxWARPS[:PRECISION]'`` (e.g. ``'32x32x8'``, ``'32x16x8:tf32x3'``)
+    as a fused-kernel launch config; ``PRECISION`` is that of float32 dots (``ieee`` or
+    ``tf32x3``, see :data:`mmtransnext.ops.fused_attention.LAUNCH`).
 
     Raises:
         argparse.ArgumentTypeError: not three integers, block sizes that are not powers
-            of two of at least 16 (``tl.dot``'s smallest), or an unusual warp count.
+            of two of at least 16 (``tl.dot``'s smallest), an unusual warp count or
+            an unknown precision.
     """
     import argparse
+    tiles, _, precision = text.partition(':')
+    if precision and precision not in ('ieee', 'tf32x3'):
+        raise argparse.ArgumentTypeError(f'{text!r}: the float32 dot precision is ieee or '
+                                         'tf32x3')
     try:
-        block_m, block_n, warps = (int(part) for part in text.split('x'))
+        block_m, block_n, warps = (int(part) for part in tiles.split('x'))
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r}: expected BLOCK_MxBLOCK_NxWARPS, '
                                          'e.g. 32x32x8') from None
@@ -99,9 +106,11 @@ def parse_tiles(text: str) -> dict:
             raise argparse.ArgumentTypeError(f'{text!r}: block sizes are powers of two >= 16')
     if warps not in (1, 2, 4, 8, 16):
         raise argparse.ArgumentTypeError(f'{text!r}: warps is 1, 2, 4, 8 or 16')
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return dict(launch, DOT_PRECISION=precision) if precision else launch
 
 
 def tiles_label(launch: dict) -> str:
     """The inverse of :func:`parse_tiles`."""
-    return f'{launch["BLOCK_M"]}x{launch["BLOCK_N"]}x{launch["num_warps"]}'
+    label = f'{launch["BLOCK_M"]}x{launch["BLOCK_N"]}x{launch["num_warps"]}'
+    return f'{label}:{launch["DOT_PRECISION"]}' if 'DOT_PRECISION' in launch else label
