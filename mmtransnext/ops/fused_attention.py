@@ -15,15 +15,15 @@ float32 operands are multiplied in full float32 (``input_precision='ieee'``),
 because TF32's 10-bit mantissa on logits of magnitude ~30 (scaled cosine
 similarity) would err by about 0.03, far outside the float32 tolerances of the
 golden tests; :data:`TF32X3`, a launch configuration to time against it, sums three
-TF32 products per dot instead, near float32's accuracy. The log-sum-exp is returned in float32 whatever the input dtype.
-The backward adds the key, value and bias-table gradients with atomics (the key and
-value gradients either per query block or, with :data:`BACKWARD_KV` ``'two-pass'``,
-once per key block and query range from a key-major kernel), so those are not bitwise
-deterministic from run to run. For float32 inputs it walks the keys
-twice, the first time for each query row's rounding residual, so that gradients that
-are zero in theory (a bias shared by all keys) stay as small as the reference's and
-the golden tolerances hold; for float16/bfloat16 the operands' rounding dominates and
-one walk is done.
+TF32 products per dot instead, near float32's accuracy. The log-sum-exp is returned in
+float32 whatever the input dtype. The backward adds the key, value and bias-table
+gradients with atomics (the key and value gradients either per query block or, with
+:data:`BACKWARD_KV` ``'two-pass'``, once per key block and query range from a
+key-major kernel), so those are not bitwise deterministic from run to run. For
+float32 inputs it walks the keys twice, the first time for each query row's rounding
+residual, so that gradients that are zero in theory (a bias shared by all keys) stay
+as small as the reference's and the golden tolerances hold; for float16/bfloat16 the
+operands' rounding dominates and one walk is done.
 
 Dispatch follows one rule, :func:`use_fused_attention` (applied by
 ``mmtransnext.models.attention``): float16 and bfloat16 CUDA tensors, the dtypes of
@@ -97,7 +97,7 @@ def key_pass_meta(meta: dict, dtype: torch.dtype) -> dict:
 
 
 def launch_tiles(dtype: torch.dtype, resized: bool) -> dict:
-    """``BLOCK_M``, ``BLOCK_N`` and ``num_warps`` from :data:`LAUNCH`.
+    """``BLOCK_M``, ``BLOCK_N``, ``num_warps`` (and any ``DOT_PRECISION``) from :data:`LAUNCH`.
 
     Args:
         dtype (torch.dtype): the input dtype.
