@@ -121,14 +121,13 @@ def _worker(args) -> list:
     """Time the ``--runs`` (``dtype:mode``) of one path in this process, in order."""
     import torch
     from mmtransnext.models import TransNeXt
-    from mmtransnext.ops import use_compiled_op, use_fused_attention
+    from mmtransnext.ops import fused_attention, use_compiled_op, use_fused_attention
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     size = tuple(args.size)
     if args.path == 'default-two-pass':
-        from mmtransnext.ops import fused_attention
         fused_attention.BACKWARD_KV = 'two-pass'
     if args.path == 'swin':
         model, size, source = swin_tiny(size)
@@ -139,7 +138,6 @@ def _worker(args) -> list:
     model = model.to(device)
     x = torch.randn(args.batch, 3, *size, device=device)
     probe = x.new_zeros(1)
-    from mmtransnext.ops import fused_attention
     info = dict(model=source, input=list(size), compiled=use_compiled_op(probe),
                 fused=use_fused_attention(probe), fused_backward=fused_attention.BACKWARD_KV)
     cuda = device.type == 'cuda'
