@@ -44,8 +44,11 @@ $(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*/
 
 ext: $(EXT_STAMP)
 
+# Two pytest-xdist workers, tests handed out as workers free up (most of the suite's time
+# is single-threaded: Dynamo tracing, Triton's interpreter, nvcc, tool subprocesses).
+TEST_WORKERS ?= 2
 test: $(EXT_STAMP)
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rs -n $(TEST_WORKERS) --dist worksteal
 
 demo: $(EXT_STAMP)
 	$(PY) tools/run_demo.py det
