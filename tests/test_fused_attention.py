@@ -64,7 +64,8 @@ def test_kernels_under_triton_interpreter():
 @needs_triton_3
 @pytest.mark.parametrize('arch, dtype, resized, launch', [
     (90, torch.float32, True, None), (90, torch.bfloat16, True, None),
-    (80, torch.float16, True, None), (90, torch.bfloat16, False, None),
+    (80, torch.float16, True, None), (90, torch.float16, True, None),
+    (90, torch.bfloat16, False, None),
     (80, torch.float16, False, None), (90, torch.float32, True, 'tf32x3'),
     (80, torch.float32, False, 'tf32x3')], ids=str)
 def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch):
