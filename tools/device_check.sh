@@ -12,7 +12,8 @@
 #
 #  1 environment     GPU, driver, Python, torch, CUDA, gcc, nvcc, torch's build config
 #  2 install         .whl/*.whl into /tmp/site (skipped when the caller did it already)
-#  3 build-op        mmtransnext._C in place, CUDA kernels for this GPU's architecture
+#  3 build-op        mmtransnext._C in place, CUDA kernels for this GPU's architecture (a
+#                    later call on the same machine reuses it if the sources are unchanged)
 #  4 mmcv-ops        mmcv with CUDA ops: the wheel in .whl/mmcv-ops/ (built on a CPU
 #                    machine by `make device-wheels CUDA_TORCH_PYTHON=...`) when it imports and runs
 #                    there, else compiled from .whl/mmcv-*.tar.gz in the background of
@@ -49,6 +50,8 @@
 # skipped. DEVICE_CHECK_ONLY (below) runs a part; two calls that each fit:
 #   DEVICE_CHECK_ONLY=mmcv,backbone,pooled,benchmark-op,detector   (the speed figures)
 #   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,mask-rcnn               (correctness)
+# Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
+# that fits what is left; on a machine still warm it skips the op's rebuild.
 #
 # The device call: run(carry=[".whl"], timeout_s=600, command=
 #   'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 bash tools/device_check.sh $OUT')
@@ -124,7 +127,9 @@ skip_step() { ROWS+=("| $1 | skipped: $2 | 0 |"); }
 
 HAS_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 ARCH=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)}
-if command -v nvcc > /dev/null || [[ -n ${CUDA_HOME:-} ]]; then FORCE_CUDA=1; else FORCE_CUDA=0; fi
+if [[ -z ${FORCE_CUDA:-} ]]; then  # build the CUDA kernels where a CUDA toolkit is found
+    if command -v nvcc > /dev/null || [[ -n ${CUDA_HOME:-} ]]; then FORCE_CUDA=1; else FORCE_CUDA=0; fi
+fi
 
 # 1 ------------------------------------------------------------------------ environment
 run_step environment 30 "
@@ -149,11 +154,25 @@ else
 fi"
 
 # 3 --------------------------------------------------------------------------- build-op
+# A second call on a machine still warm reuses the library built from the same sources
+# for the same torch, arch and flags (their hash is kept beside it).
+BUILD_KEY=$(cat setup.py csrc/*.* csrc/*/* 2>/dev/null | sha256sum | cut -c1-16)-$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)-$ARCH-$FORCE_CUDA
 run_step build-op 240 "
-rm -rf build mmtransnext/_C*.so
-FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
-ls mmtransnext/_C*.so
-$PY -c 'import mmtransnext.ops as o; print(\"compiled kernels: cpu\", o.extension_available(\"cpu\"), \"cuda\", o.extension_available(\"cuda\"))'
+if [[ \$(cat build/.device_check_key 2>/dev/null) == '$BUILD_KEY' ]] && ls mmtransnext/_C*.so > /dev/null 2>&1; then
+    echo 'reusing mmtransnext/_C built from the same sources (key $BUILD_KEY)'
+else
+    rm -rf build mmtransnext/_C*.so
+    FORCE_CUDA=$FORCE_CUDA TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) $PY setup.py -q build_ext --inplace 2>&1 | grep -v -E '^(copying|creating|running)' | cut -c1-300 | tail -n 30
+    rc=\${PIPESTATUS[0]}
+    (( rc == 0 )) || { echo \"setup.py build_ext failed (exit \$rc)\"; exit \$rc; }
+    ls mmtransnext/_C*.so || exit 1
+    mkdir -p build && echo '$BUILD_KEY' > build/.device_check_key
+fi
+# The step fails unless the library serves the CPU, and CUDA where built for a GPU present.
+$PY -c 'import sys, mmtransnext.ops as o
+cpu, cuda = o.extension_available(\"cpu\"), o.extension_available(\"cuda\")
+print(\"compiled kernels from\", o.__file__, \": cpu\", cpu, \"cuda\", cuda)
+sys.exit(0 if cpu and (cuda or not ($FORCE_CUDA and $HAS_GPU)) else 1)'
 "
 
 # 4 -------------------------------------------- mmcv's ops: prebuilt, or in the background
