@@ -51,6 +51,15 @@ tar -xzf "$DEST/mmcv-$MMCV.tar.gz" -C "$work"
     --no-build-isolation -w "$DEST" .)
 
 if [[ -n ${CUDA_TORCH_PYTHON:-} ]]; then
+    # torch takes CUDA_HOME from nvcc's folder when it is unset, which is wrong for an nvcc
+    # that is a wrapper script elsewhere (/usr/local/bin/nvcc: the host compiler then
+    # misses crt/host_defines.h); nvcc names its real folder in a dry run.
+    if [[ -z ${CUDA_HOME:-} ]]; then
+        echo > "$work/empty.cu"
+        nvcc_bin=$(nvcc --dryrun "$work/empty.cu" 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1)
+        [[ -n $nvcc_bin ]] && export CUDA_HOME=$(cd "$nvcc_bin/.." && pwd)
+        echo "device_wheels: CUDA_HOME=${CUDA_HOME:-unset}"
+    fi
     # The CUDA wheels of torch carry the headers and runtime that nvcc's toolkit may lack
     # (cusparse.h, a linkable libcudart.so).
     cuda_dir=$("$CUDA_TORCH_PYTHON" -c 'import nvidia, os; p = os.path.dirname(nvidia.__path__[0] + "/"); print(next(os.path.join(p, d) for d in ("cu13", "cuda_runtime") if os.path.isdir(os.path.join(p, d))))')
