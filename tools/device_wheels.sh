@@ -73,7 +73,7 @@ if [[ -n ${CUDA_TORCH_PYTHON:-} ]]; then
     # Without its debug sections the library shrinks from about 110 MB to 27 MB (the
     # wheel from 38 MB to 6 MB), which the 64 MiB that travel need.
     (cd "$work" && "$CUDA_TORCH_PYTHON" -m wheel unpack -d unpacked mmcv-ops/mmcv-*.whl &&
-        strip --strip-debug unpacked/mmcv-*/mmcv/_ext*.so &&
+        strip --strip-debug unpacked/mmcv-*/mmcv/_ext*.so && mkdir -p "$DEST/mmcv-ops" &&
         "$CUDA_TORCH_PYTHON" -m wheel pack -d "$DEST/mmcv-ops" unpacked/mmcv-*)
 fi
 
