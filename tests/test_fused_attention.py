@@ -6,6 +6,7 @@ before it is first imported, and only those tests may run interpreted). Whether
 they compile for the GPU is checked here without one: Triton compiles them ahead
 of time to sm_80 and sm_90 machine code with the ``ptxas`` it ships.
 """
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from mmtransnext.models.position_bias import RowFactoredBias, bias_layout
 from mmtransnext.ops import DISABLE_ENV, use_fused_attention
 from mmtransnext.ops import fused_attention
 from mmtransnext.ops.fused_attention import fused_bias_attention
+from mmtransnext.version import torch_release
 
 TESTS = Path(__file__).resolve().parent
 
@@ -28,9 +30,8 @@ needs_triton_3 = pytest.mark.skipif(not fused_attention._TRITON,
 
 
 def _version(package):
-    import importlib.metadata
     try:
-        return tuple(int(part) for part in importlib.metadata.version(package).split('.')[:2])
+        return torch_release(importlib.metadata.version(package))
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return None
 
