@@ -43,15 +43,20 @@ def test_compiled_kernels_on_cuda(dtype, backward, monkeypatch):
         assert_near(got, ref, tol, name)
 
 
-def test_golden_gradients_on_cuda(dense_golden, monkeypatch):
+@pytest.mark.parametrize('precision', ['ieee', 'tf32x3'])
+def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision):
     """Compiled window op + fused kernels on CUDA against the golden file, in float32
-    (which the dispatch rule leaves on the banded path: the kernels are forced here)."""
+    (which the dispatch rule leaves on the banded path: the kernels are forced here),
+    their dots in float32 or as three TF32 products (:data:`TF32X3`'s launch)."""
     from conftest import golden_arch
     from mmtransnext.models import TransNeXt, attention
-    from mmtransnext.ops import DISABLE_ENV, extension_available
+    from mmtransnext.ops import DISABLE_ENV, extension_available, fused_attention
     from test_transnext import assert_grad_close
 
     monkeypatch.delenv(DISABLE_ENV, raising=False)
+    if precision == 'tf32x3':
+        monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
+                            (fused_attention.TF32X3, fused_attention.TF32X3))
     forced = []
     monkeypatch.setattr(attention, 'use_fused_attention', lambda q: forced.append(q) or True)
     # float32 all through: cuDNN's convolutions would otherwise use TF32

@@ -106,8 +106,24 @@ def test_backbone_runs_three_paths_on_cpu(tmp_path, capsys):
     assert rows['swin']['model'] == 'mmdet SwinTransformer'
     assert all(r['time_ms'] > 0 and r['peak_mb'] > 0 for r in rows.values())
     printed = capsys.readouterr().out
-    assert 'default path pooled attention: banded' in printed
+    assert 'default path pooled attention, fp32: banded' in printed
     assert printed.count('fp32  train') == 3
+    # each path's rows as they come, before the table
+    progress = [line.split(':')[0] for line in printed.splitlines()[:3]]
+    assert progress == ['reference fp32 train', 'default fp32 train', 'swin fp32 train']
+
+
+def test_backbone_fp32_only_path_skips_other_dtypes(tmp_path):
+    """default-fp32-fused makes float32 runs only; the other paths make every dtype's."""
+    out = tmp_path / 'rows.json'
+    bb.main(['--arch', 'micro', '--size', '48', '64', '--img-size', '64', '--modes', 'forward',
+             '--dtypes', 'fp32', 'bf16', '--paths', 'default', 'default-fp32-fused',
+             '--warmup', '0', '--threads', '1', '--json', str(out)])
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['path'], r['dtype']) for r in rows] == [
+        ('default', 'fp32'), ('default-fp32-fused', 'fp32'), ('default', 'bf16')]
+    assert not any('error' in r for r in rows), rows
+    assert not any(r['fused'] for r in rows)   # CPU tensors keep the banded path
 
 
 def test_backbone_worker_makes_several_runs():
@@ -168,7 +184,7 @@ def test_detector_table():
     assert lines[4].endswith('failed: OutOfMemoryError: CUDA')
 
 
-def test_detector_iteration_on_cpu(tmp_path):
+def test_detector_iteration_on_cpu(tmp_path, capsys):
     """Each detector in its own process, one row per dtype run there (two fp32 runs
     here: bf16 needs CUDA), each with a fresh optimizer."""
     out = tmp_path / 'rows.json'
@@ -177,6 +193,9 @@ def test_detector_iteration_on_cpu(tmp_path):
              '--json', str(out)])
     rows = json.loads(out.read_text())['rows']
     assert [r['detector'] for r in rows] == ['transnext', 'swin'] * 2
+    # each detector's rows as they come, before the table
+    progress = [line.split(':')[0] for line in capsys.readouterr().out.splitlines()[:4]]
+    assert progress == ['transnext fp32'] * 2 + ['swin fp32'] * 2
     for row in rows:
         assert 'error' not in row, row
         assert row['dtype'] == 'fp32' and row['loss'] > 0 and row['time_ms'] > 0
@@ -201,11 +220,14 @@ def test_pooled_attention_shapes_and_cpu_run(capsys):
     # the fused kernels refuse CPU tensors outside the interpreter: a failed row, exit 1
     with pytest.raises(SystemExit):
         bp.main(['--stage', '3', '--scale', '10', '--repeats', '1', '--warmup', '0'])
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out.splitlines()
+    # each row as it is measured (what a run stopped at a time limit keeps), then the table
+    progress, lines = printed[:3], printed[3:]
     assert lines[0].startswith('stage 3: 2 x 12 heads, queries 5x8, keys 2x4')
     assert lines[3].split()[:2] == ['fp32', 'whole'] and lines[4].split()[:2] == ['fp32', 'banded']
     assert lines[5].split()[:4] == ['fp32', 'fused', '32x32x8', 'failed:']
     assert 'run on CUDA, or on the CPU under TRITON_INTERPRET=1' in lines[5]
+    assert progress[:2] == [lines[3], lines[4]] and progress[2] == lines[5]
 
 
 def test_pooled_attention_tiles_reach_the_dispatcher(monkeypatch, capsys):
@@ -229,7 +251,7 @@ def test_pooled_attention_tiles_reach_the_dispatcher(monkeypatch, capsys):
     assert fused_attention.launch_meta(torch.float32, 24, 24)['BLOCK_M'] == 16
     tiles = dict(BLOCK_M=16, BLOCK_N=32, num_warps=2)
     assert fused_attention.LAUNCH[torch.float32] == (tiles, tiles)
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[2:]   # after the two rows' progress lines
     assert [line.split()[1:3] for line in lines[3:]] == [['fused', '64x64x4'],
                                                          ['fused', '16x32x2']]
     with pytest.raises(SystemExit):

@@ -14,6 +14,10 @@ machines are noisy; compare numbers from the same run only).
 * default-two-pass: the default path with the fused kernels' key and value gradients
   formed by their key-major pass (``fused_attention.BACKWARD_KV = 'two-pass'``; the
   same as default where the fused kernels do not run);
+* default-fp32-fused: the default path with float32 sent to the fused kernels too
+  (``fused_attention.FUSED_DTYPES``), their dots as three TF32 products
+  (``fused_attention.TF32X3``), the candidate to float32's banded path on CUDA; it
+  makes float32 runs only (in bfloat16 it is the default path);
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -41,7 +45,10 @@ import sys
 import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
-PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'swin': '0'}
+PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'default-fp32-fused': '0',
+         'swin': '0'}
+# Paths that make only some dtypes' runs.
+PATH_DTYPES = {'default-fp32-fused': ('fp32', )}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
 
@@ -129,6 +136,9 @@ def _worker(args) -> list:
     size = tuple(args.size)
     if args.path == 'default-two-pass':
         fused_attention.BACKWARD_KV = 'two-pass'
+    if args.path == 'default-fp32-fused':
+        fused_attention.FUSED_DTYPES += (torch.float32, )
+        fused_attention.LAUNCH[torch.float32] = (fused_attention.TF32X3, fused_attention.TF32X3)
     if args.path == 'swin':
         model, size, source = swin_tiny(size)
     else:
@@ -139,7 +149,7 @@ def _worker(args) -> list:
     x = torch.randn(args.batch, 3, *size, device=device)
     probe = x.new_zeros(1)
     info = dict(model=source, input=list(size), compiled=use_compiled_op(probe),
-                fused=use_fused_attention(probe), fused_backward=fused_attention.BACKWARD_KV)
+                fused_backward=fused_attention.BACKWARD_KV)
     cuda = device.type == 'cuda'
     if cuda:
         info['device_name'] = torch.cuda.get_device_name()
@@ -154,7 +164,9 @@ def _worker(args) -> list:
             torch.cuda.reset_peak_memory_stats()
         else:
             baseline = _rss_mb()
-        results.append(dict(info, dtype=dtype, mode=mode, baseline_mb=baseline,
+        # Whether the pooled attention takes the fused kernels in this run's dtype.
+        fused = use_fused_attention(probe.to(torch.bfloat16 if dtype == 'bf16' else torch.float32))
+        results.append(dict(info, dtype=dtype, mode=mode, baseline_mb=baseline, fused=fused,
                             **_time(args, model, x, dtype, mode)))
     return results
 
@@ -246,6 +258,9 @@ def run_path(args, path: str, runs) -> list:
         return [dict(row, error=f'{path} path did not run as asked (compiled op used: '
                                 f'{row["compiled"]}); build the extension with `make ext`')
                 for row in rows]
+    if path == 'default-fp32-fused' and args.device == 'cuda' and not all(r['fused'] for r in rows):
+        return [dict(row, error='the fused kernels did not take float32 (is Triton >= 3 there?)')
+                for row in rows]
     return rows
 
 
@@ -300,18 +315,26 @@ def main(argv=None):
     by_run = {}
     for path in args.paths:
         for batch in batches:
-            for row in run_path(args, path, batch):
+            batch = [(d, m) for d, m in batch if d in PATH_DTYPES.get(path, DTYPES)]
+            for row in run_path(args, path, batch) if batch else []:
                 by_run[(row['dtype'], row['mode'], path)] = row
-    rows = [by_run[(dtype, mode, path)] for dtype, mode in runs for path in args.paths]
+                # Each row as it comes, so that a run stopped at a time limit keeps them.
+                print(f'{path} {row["dtype"]} {row["mode"]}: ' + (
+                    f'failed: {row["error"]}' if 'error' in row else
+                    f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB'), flush=True)
+    rows = [by_run[(dtype, mode, path)] for dtype, mode in runs for path in args.paths
+            if (dtype, mode, path) in by_run]
     done = next((r for r in rows if 'error' not in r), {})
     where = done.get('device_name', args.device)
     print(f'{args.batch}x3x{args.size[0]}x{args.size[1]} on {where}, TransNeXt-{args.arch} '
           f'img_size {args.img_size}, with_cp={args.with_cp}, median of {args.repeats} after '
           f'{args.warmup} warm-up' + (f', {args.threads} threads' if args.device == 'cpu' else ''))
-    fused = {r['fused'] for r in rows if r.get('path') == 'default' and 'fused' in r}
-    if fused:
-        print('default path pooled attention: ' +
-              ('fused Triton kernels' if fused == {True} else 'banded'))
+    for dtype in args.dtypes:
+        fused = {r['fused'] for r in rows if r['path'] == 'default' and r['dtype'] == dtype
+                 and 'fused' in r}
+        if fused:
+            print(f'default path pooled attention, {dtype}: ' +
+                  ('fused Triton kernels' if fused == {True} else 'banded'))
     swin = next((r for r in rows if r['path'] == 'swin' and 'model' in r), None)
     if swin is not None:
         print(f'Swin-T: {swin["model"]}, input {swin["input"][0]}x{swin["input"][1]}')

@@ -218,7 +218,14 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-    by_detector = {detector: run_detector(args, detector) for detector in args.detectors}
+    by_detector = {}
+    for detector in args.detectors:
+        by_detector[detector] = run_detector(args, detector)
+        # Each row as it comes, so that a run stopped at a time limit keeps them.
+        for row in by_detector[detector]:
+            print(f'{detector} {row["dtype"]}: ' + (
+                f'failed: {row["error"]}' if 'error' in row else
+                f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB'), flush=True)
     rows = [by_detector[detector][index] for index in range(len(args.dtypes))
             for detector in args.detectors]
     where = next((r['device_name'] for r in rows if 'device_name' in r), args.device)

@@ -251,6 +251,8 @@ def main(argv=None):
                                          dtype=dtype_name, error=(
                                              f'{type(exc).__name__}: '
                                              f'{str(exc).splitlines()[0][:160]}')))
+                    # Each row as it comes, so that a run stopped at a time limit keeps them.
+                    print(format_table(rows).splitlines()[-1], flush=True)
     print(f'stage {args.stage}: {args.batch} x {shape["heads"]} heads, queries '
           f'{shape["query"][0]}x{shape["query"][1]}, keys {shape["key"][0]}x{shape["key"][1]}, '
           f'head dim {args.head_dim}, {args.device}, median of {args.repeats} after '

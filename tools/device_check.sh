@@ -23,20 +23,22 @@
 #                    plain ATen error raises, which library unwinds, the .so's ldd)
 #  6 tests           tests/test_ops*.py and tests/test_fused_attention_cuda.py on CUDA:
 #                    window kernels and fused Triton kernels in float32/float16/bfloat16,
-#                    dtype policy, golden cases, bad input (Mask R-CNN steps: step 7)
+#                    dtype policy, golden cases, bad input (Mask R-CNN steps: step 7);
+#                    over 6 pytest-xdist workers where installed (DEVICE_CHECK_TEST_WORKERS)
 #  7 mask-rcnn-amp   Mask R-CNN training steps, float16 (AmpOptimWrapper, dynamic loss
 #                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
 #  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default (the fused
-#                    backward both ways) and Swin-T side by side, fp32 and bf16 autocast,
-#                    forward and training step; a profile of one training step per path
+#                    backward both ways, and float32 through the fused kernels) and Swin-T
+#                    side by side, fp32 and bf16 autocast, forward and training step; a
+#                    profile of one training step per path
+#    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
+#                    one process
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and bf16
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
 #                    whole-matrix / banded / fused (key and value gradients by atomics or
 #                    by a key-major pass; with and without the bias table's gradient),
 #                    fp32 (IEEE and three-TF32 dots) and bf16
-#    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
-#                    one process
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
@@ -270,8 +272,10 @@ fi
 # The CPU-only tests of tests/test_ops.py are CI's; its CUDA ones run here.
 # The whole pytest output goes to OUT/pytest_cuda.log, with a line per test whatever its
 # outcome (-rA); the report keeps the failures' one-line summaries and the skip reasons.
+# pytest-xdist, where installed, spreads the tests over worker processes sharing the GPU.
+WORKERS=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${DEVICE_CHECK_TEST_WORKERS:-6}")
 run_step tests 200 "set -o pipefail
-$PY -m pytest tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --durations=15 --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed)|[0-9.]+s (call|setup|teardown) )' | cut -c1-400 | tail -n 80"
+$PY -m pytest $WORKERS tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --durations=15 --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed)|[0-9.]+s (call|setup|teardown) )' | cut -c1-400 | tail -n 80"
 
 # 7 ---------------------------------------------------------------- Mask R-CNN under AMP
 if [[ $MMCV_RC == 0 ]]; then
@@ -300,13 +304,14 @@ elif [[ $MMCV_RC != 0 ]]; then
     skip_step mask-rcnn-amp 'mmcv with CUDA ops was not built in time (see mmcv-ops)'
     FAILED=1
 else
-    run_step mask-rcnn-amp 120 "set -o pipefail; PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest tests/test_ops_cuda.py -q -rfs --tb=short -p no:cacheprovider -k mask_rcnn 2>&1 | tail -n 40"
+    run_step mask-rcnn-amp 120 "set -o pipefail; PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest ${WORKERS:+-n 2} tests/test_ops_cuda.py -q -rfs --tb=short -p no:cacheprovider -k mask_rcnn 2>&1 | tail -n 40"
 fi
 
 # 8 ------------------------------------------------------------------------ benchmarks
 # The whole backbone and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
-    run_step backbone 150 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default default-two-pass swin --repeats 3 --warmup 1 --profile 12"
+    run_step backbone 200 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin default-two-pass default-fp32-fused --repeats 3 --warmup 1 --profile 12"
+    run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
     if [[ $MMCV_RC == 0 ]]; then
         run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 bf16"
     else
@@ -317,7 +322,6 @@ if [[ $HAS_GPU == 1 ]]; then
     # table's atomics (fused-fixed-bias), to see what each costs.
     # float32 also with three TF32 products per dot (fused_attention.TF32X3's tiles).
     run_step pooled 150 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole banded fused fused-fixed-bias --backward atomic two-pass && $PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths whole fused --backward atomic two-pass --tiles 32x16x8:tf32x3"
-    run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
 else
     for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done
 fi

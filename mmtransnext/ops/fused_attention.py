@@ -51,7 +51,10 @@ from .sliding_window import reference_requested
 __all__ = ['fused_bias_attention', 'use_fused_attention']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take
-_RULE_DTYPES = (torch.float16, torch.bfloat16)             # what the rule sends them
+# The dtypes :func:`use_fused_attention` sends to the kernels on CUDA. Settable like
+# BACKWARD_KV, so that a benchmark can time float32 through them in a whole model
+# (``tools/benchmark_backbone.py --paths default-fp32-fused``).
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
 # Queries per program, keys per step and warps per program, per input dtype, for a
 # bias with a resized column axis (4 taps an entry) and for one without (1 tap): the
 # largest tiles with which neither kernel spills registers to local memory at head
@@ -128,9 +131,9 @@ _TRITON = _triton_usable()
 def use_fused_attention(tensor: Tensor) -> bool:
     """The one rule that picks the fused kernels for biased attention.
 
-    True when ``tensor`` is on a CUDA device, its dtype is float16 or bfloat16 (CUDA
-    autocast), Triton 3 or newer is installed and ``MMTRANSNEXT_DISABLE_EXT`` is not
-    ``1``. Otherwise (CPU, float32 or float64, no or older Triton, reference
+    True when ``tensor`` is on a CUDA device, its dtype is in :data:`FUSED_DTYPES`
+    (float16 and bfloat16, CUDA autocast), Triton 3 or newer is installed and
+    ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``. Otherwise (CPU, float32 or float64, no or older Triton, reference
     requested) the banded path runs: in float32 it was measured faster on the GPU
     too (the module docstring gives the figures).
 
@@ -140,7 +143,7 @@ def use_fused_attention(tensor: Tensor) -> bool:
     Returns:
         bool: True for :func:`fused_bias_attention`.
     """
-    return (tensor.device.type == 'cuda' and tensor.dtype in _RULE_DTYPES and _TRITON
+    return (tensor.device.type == 'cuda' and tensor.dtype in FUSED_DTYPES and _TRITON
             and not reference_requested())
 
 
