@@ -146,7 +146,7 @@ def test_bias_table_without_gradient():
         assert_near(got, ref, 1e-5, name)
 
 
-def test_pooled_benchmark_runs_fused_paths(capsys):
+def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
     """tools/benchmark_pooled_attention.py's fused rows, with and without the bias
     table's gradient, both backward ways, run end to end (interpreted: checked, not
     timed)."""
@@ -155,16 +155,18 @@ def test_pooled_benchmark_runs_fused_paths(capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
     import benchmark_pooled_attention as bp
     from mmtransnext.ops import fused_attention
-    try:
-        bp.main(['--stage', '1', '--scale', '20', '--batch', '1', '--paths', 'fused',
-                 'fused-fixed-bias', '--repeats', '1', '--warmup', '0', '--backward', 'atomic',
-                 'two-pass'])
-    finally:    # the tool leaves the last configuration it ran with
-        fused_attention.BACKWARD_KV = 'atomic'
-    rows = capsys.readouterr().out.splitlines()[3:]
+    # the tool leaves the last configuration it ran with; monkeypatch restores it
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', fused_attention.BACKWARD_KV)
+    bp.main(['--stage', '1', '--scale', '20', '--batch', '1', '--paths', 'fused',
+             'fused-fixed-bias', '--repeats', '1', '--warmup', '0', '--backward', 'atomic',
+             'two-pass'])
+    printed = capsys.readouterr().out.splitlines()
+    table = printed.index(next(line for line in printed if line.startswith('stage 1:')))
+    rows = printed[table + 3:]
     assert [row[6:39].strip() for row in rows] == [
         'fused 32x32x8', 'fused 32x32x8 two-pass', 'fused-fixed-bias 32x32x8',
         'fused-fixed-bias 32x32x8 two-pass'], rows
+    assert printed[:table] == rows     # each row was printed as it was measured
     assert not any('failed' in row for row in rows), rows
 
 

@@ -197,10 +197,9 @@ def test_dispatch_rule(monkeypatch):
     assert not use_fused_attention(cpu)           # the CPU keeps the banded path
     assert not use_fused_attention(cpu.to('meta'))
     if torch.cuda.is_available():
-        for low in (torch.float16, torch.bfloat16):
-            assert use_fused_attention(cpu.cuda().to(low)) is fused_attention._TRITON
-        assert not use_fused_attention(cpu.cuda())            # float32: measured slower
-        assert not use_fused_attention(cpu.cuda().double())
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert use_fused_attention(cpu.cuda().to(dtype)) is fused_attention._TRITON
+        assert not use_fused_attention(cpu.cuda().double())   # the kernels take no float64
         monkeypatch.setenv(DISABLE_ENV, '1')
         assert not use_fused_attention(cpu.cuda().half())
 

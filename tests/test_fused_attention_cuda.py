@@ -43,17 +43,20 @@ def test_compiled_kernels_on_cuda(dtype, backward, monkeypatch):
         assert_near(got, ref, tol, name)
 
 
+@pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
 @pytest.mark.parametrize('precision', ['ieee', 'tf32x3'])
-def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision):
+def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision, backward):
     """Compiled window op + fused kernels on CUDA against the golden file, in float32
-    (which the dispatch rule leaves on the banded path: the kernels are forced here),
-    their dots in float32 or as three TF32 products (:data:`TF32X3`'s launch)."""
+    (the dispatch rule's choice there, forced so that a missing Triton fails the test
+    instead of taking the banded path), their dots in float32 or as three TF32 products
+    (:data:`TF32X3`'s launch), the key and value gradients formed either way."""
     from conftest import golden_arch
     from mmtransnext.models import TransNeXt, attention
     from mmtransnext.ops import DISABLE_ENV, extension_available, fused_attention
     from test_transnext import assert_grad_close
 
     monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
     if precision == 'tf32x3':
         monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
                             (fused_attention.TF32X3, fused_attention.TF32X3))

@@ -11,13 +11,10 @@ machines are noisy; compare numbers from the same run only).
 * default: the compiled sliding-window op and biased attention that never builds
   the ``N x P`` bias (the fused Triton kernels on CUDA, the banded path on the CPU),
   softmaxes merged by their log-sum-exp;
-* default-two-pass: the default path with the fused kernels' key and value gradients
-  formed by their key-major pass (``fused_attention.BACKWARD_KV = 'two-pass'``; the
-  same as default where the fused kernels do not run);
-* default-fp32-fused: the default path with float32 sent to the fused kernels too
-  (``fused_attention.FUSED_DTYPES``), their dots as three TF32 products
-  (``fused_attention.TF32X3``), the candidate to float32's banded path on CUDA; it
-  makes float32 runs only (in bfloat16 it is the default path);
+* default-atomic: the default path with the fused kernels' key and value gradients
+  added by every query block with atomics (``fused_attention.BACKWARD_KV = 'atomic'``)
+  instead of the key-major pass; the same as default where the fused kernels do not
+  run (the CPU);
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -45,10 +42,7 @@ import sys
 import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
-PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'default-fp32-fused': '0',
-         'swin': '0'}
-# Paths that make only some dtypes' runs.
-PATH_DTYPES = {'default-fp32-fused': ('fp32', )}
+PATHS = {'reference': '1', 'default': '0', 'default-atomic': '0', 'swin': '0'}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
 
@@ -134,11 +128,8 @@ def _worker(args) -> list:
     torch.manual_seed(0)
     device = torch.device(args.device)
     size = tuple(args.size)
-    if args.path == 'default-two-pass':
-        fused_attention.BACKWARD_KV = 'two-pass'
-    if args.path == 'default-fp32-fused':
-        fused_attention.FUSED_DTYPES += (torch.float32, )
-        fused_attention.LAUNCH[torch.float32] = (fused_attention.TF32X3, fused_attention.TF32X3)
+    if args.path == 'default-atomic':
+        fused_attention.BACKWARD_KV = 'atomic'
     if args.path == 'swin':
         model, size, source = swin_tiny(size)
     else:
@@ -258,9 +249,6 @@ def run_path(args, path: str, runs) -> list:
         return [dict(row, error=f'{path} path did not run as asked (compiled op used: '
                                 f'{row["compiled"]}); build the extension with `make ext`')
                 for row in rows]
-    if path == 'default-fp32-fused' and args.device == 'cuda' and not all(r['fused'] for r in rows):
-        return [dict(row, error='the fused kernels did not take float32 (is Triton >= 3 there?)')
-                for row in rows]
     return rows
 
 
@@ -315,15 +303,17 @@ def main(argv=None):
     by_run = {}
     for path in args.paths:
         for batch in batches:
-            batch = [(d, m) for d, m in batch if d in PATH_DTYPES.get(path, DTYPES)]
-            for row in run_path(args, path, batch) if batch else []:
+            for row in run_path(args, path, batch):
                 by_run[(row['dtype'], row['mode'], path)] = row
-                # Each row as it comes, so that a run stopped at a time limit keeps them.
+                # Each row (and profile) as it comes, so that a run stopped at a time
+                # limit keeps what it measured.
                 print(f'{path} {row["dtype"]} {row["mode"]}: ' + (
                     f'failed: {row["error"]}' if 'error' in row else
                     f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB'), flush=True)
-    rows = [by_run[(dtype, mode, path)] for dtype, mode in runs for path in args.paths
-            if (dtype, mode, path) in by_run]
+                if 'profile' in row:
+                    print(f'\nprofile of one training step: {path}, {row["dtype"]}\n'
+                          f'{row["profile"]}\n', flush=True)
+    rows = [by_run[(dtype, mode, path)] for dtype, mode in runs for path in args.paths]
     done = next((r for r in rows if 'error' not in r), {})
     where = done.get('device_name', args.device)
     print(f'{args.batch}x3x{args.size[0]}x{args.size[1]} on {where}, TransNeXt-{args.arch} '
@@ -339,10 +329,6 @@ def main(argv=None):
     if swin is not None:
         print(f'Swin-T: {swin["model"]}, input {swin["input"][0]}x{swin["input"][1]}')
     print(format_table(rows))
-    for row in rows:
-        if 'profile' in row:
-            print(f'\nprofile of one training step: {row["path"]}, {row["dtype"]}')
-            print(row['profile'])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)

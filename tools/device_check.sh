@@ -23,18 +23,19 @@
 #                    plain ATen error raises, which library unwinds, the .so's ldd)
 #  6 tests           tests/test_ops*.py and tests/test_fused_attention_cuda.py on CUDA:
 #                    window kernels and fused Triton kernels in float32/float16/bfloat16,
-#                    dtype policy, golden cases, bad input (Mask R-CNN steps: step 7);
+#                    dtype policy, golden cases, bad input (training steps: step 7);
 #                    over 6 pytest-xdist workers where installed (DEVICE_CHECK_TEST_WORKERS)
-#  7 mask-rcnn-amp   Mask R-CNN training steps, float16 (AmpOptimWrapper, dynamic loss
-#                    scale) and bfloat16, once mmcv's ops are built (else reported skipped)
+#  7 amp-training    training steps under AmpOptimWrapper: Mask R-CNN in float16 (dynamic
+#                    loss scale, mmdet's --amp), UperNet in bfloat16 and float16, once
+#                    mmcv's ops are built (else reported skipped); whole log in
+#                    OUT/pytest_amp.log
 #  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default (the fused
-#                    backward both ways, and float32 through the fused kernels) and Swin-T
-#                    side by side, fp32 and bf16 autocast, forward and training step; a
-#                    profile of one training step per path
+#                    backward both ways) and Swin-T side by side, fp32 and bf16 autocast,
+#                    forward and training step; a profile of one training step per path
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
 #                    one process
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
-#                    TransNeXt-T against Swin-T, fp32 and bf16
+#                    TransNeXt-T against Swin-T, fp32 and fp16 (mmdet's --amp)
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
 #                    whole-matrix / banded / fused (key and value gradients by atomics or
 #                    by a key-major pass; with and without the bias table's gradient),
@@ -42,16 +43,16 @@
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
-# Seconds seen on an H100 (2026-11-26): environment 8, install 8, build-op 41-51,
-# mmcv-ops-prebuilt 14-17, bad-input 11-16 each, tests 115 to over 200, pooled 48,
-# benchmark-op about 45 per dtype; the backbone step, then 12 processes, did not fit.
-# Since then the benchmarks start fewer processes on CUDA (backbone: one per path,
-# detector: one per detector, op: one in all) and the fused kernels compile once per
-# dtype and tap count instead of once per size pattern. If everything still does not
-# fit one 8-minute budget, a later step that finds the budget spent is reported
+# Seconds seen on an H100 (2026-11-27, two calls): environment 10-12, install 12-13,
+# build-op 63 (21 when reused), mmcv-ops-prebuilt 21-23, bad-input 19-21 each, tests 90
+# (6 workers; 195 tests), training steps under AMP 61, backbone over 200 (five paths,
+# stopped at its limit after three), benchmark-op 22, detector 68, pooled 75. The first
+# call (speed) took 489 s, the second (correctness) 272 s, out of 900 s of device time
+# with the machine's start. If everything does not fit one budget, a later step that
+# finds the budget spent is reported
 # skipped. DEVICE_CHECK_ONLY (below) runs a part; two calls that each fit:
-#   DEVICE_CHECK_ONLY=mmcv,backbone,pooled,benchmark-op,detector   (the speed figures)
-#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,mask-rcnn               (correctness)
+#   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op,detector,pooled   (the speed figures)
+#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training            (correctness)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
 # that fits what is left; on a machine still warm it skips the op's rebuild.
 #
@@ -275,9 +276,9 @@ fi
 # pytest-xdist, where installed, spreads the tests over worker processes sharing the GPU.
 WORKERS=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${DEVICE_CHECK_TEST_WORKERS:-6}")
 run_step tests 200 "set -o pipefail
-$PY -m pytest $WORKERS tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --durations=15 --tb=short -p no:cacheprovider -k 'not mask_rcnn and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed)|[0-9.]+s (call|setup|teardown) )' | cut -c1-400 | tail -n 80"
+$PY -m pytest $WORKERS tests/test_ops_bad_input.py tests/test_ops_cuda.py tests/test_fused_attention_cuda.py tests/test_ops.py -q -rA --durations=15 --tb=short -p no:cacheprovider -k 'not amp_training_step and (cuda or not test_ops.py)' 2>&1 | tee $OUT/pytest_cuda.log | grep -E '^(FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed)|[0-9.]+s (call|setup|teardown) )' | cut -c1-400 | tail -n 80"
 
-# 7 ---------------------------------------------------------------- Mask R-CNN under AMP
+# 7 ------------------------------------------------------------ training steps under AMP
 if [[ $MMCV_RC == 0 ]]; then
     :  # the prebuilt wheel ran (step 4)
 elif [[ -n $MMCV_PID ]]; then
@@ -299,21 +300,21 @@ else
     skip_step 'mmcv-ops (background)' 'MMCV_BUILD=0, no nvcc, or no .whl/mmcv-*.tar.gz'
 fi
 if [[ $HAS_GPU != 1 ]]; then
-    skip_step mask-rcnn-amp 'no CUDA device'
+    skip_step amp-training 'no CUDA device'
 elif [[ $MMCV_RC != 0 ]]; then
-    skip_step mask-rcnn-amp 'mmcv with CUDA ops was not built in time (see mmcv-ops)'
+    skip_step amp-training 'mmcv with CUDA ops was not built in time (see mmcv-ops)'
     FAILED=1
 else
-    run_step mask-rcnn-amp 120 "set -o pipefail; PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest ${WORKERS:+-n 2} tests/test_ops_cuda.py -q -rfs --tb=short -p no:cacheprovider -k mask_rcnn 2>&1 | tail -n 40"
+    run_step amp-training 120 "set -o pipefail; PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest ${WORKERS:+-n 3} tests/test_ops_cuda.py -q -rA --tb=short -p no:cacheprovider -p no:warnings -k amp_training_step 2>&1 | tee $OUT/pytest_amp.log | tail -n 60"
 fi
 
 # 8 ------------------------------------------------------------------------ benchmarks
 # The whole backbone and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
-    run_step backbone 200 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin default-two-pass default-fp32-fused --repeats 3 --warmup 1 --profile 12"
+    run_step backbone 240 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin default-atomic --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
     if [[ $MMCV_RC == 0 ]]; then
-        run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 bf16"
+        run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
     else
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
     fi

@@ -26,12 +26,14 @@ as small as the reference's and the golden tolerances hold; for float16/bfloat16
 operands' rounding dominates and one walk is done.
 
 Dispatch follows one rule, :func:`use_fused_attention` (applied by
-``mmtransnext.models.attention``): float16 and bfloat16 CUDA tensors, the dtypes of
-mixed-precision training. Float32 keeps the banded path, measured faster on an H100
-(stage 1 of TransNeXt-T at 2x800x1333: forward 27.5 against 32.5 ms, forward and
-backward 152 against 446 ms, ``tools/benchmark_pooled_attention.py``, with an earlier
-tiling that spilled registers; see :data:`LAUNCH`); the kernels still take float32 when
-called directly. The CPU keeps the banded path, whose bands are sized for its caches.
+``mmtransnext.models.attention``): CUDA tensors in float32, float16 or bfloat16 take
+these kernels. An H100 measured them against the banded path and the released whole
+matrix at stage 1 of TransNeXt-T at 2x800x1333 (``tools/benchmark_pooled_attention.py``,
+2026-11-27): forward and backward 112 ms in float32 (banded 145, whole 89), 69 ms in
+bfloat16 with the key-major pass (banded 167, whole 82), with 43x (float32) and 23x
+(bfloat16) less memory than the whole matrix. Float32 dots stay in IEEE mode there:
+:data:`TF32X3` was slower (115 ms). The CPU keeps the banded path, whose bands are
+sized for its caches.
 """
 import contextlib
 import importlib.metadata
@@ -51,10 +53,8 @@ from .sliding_window import reference_requested
 __all__ = ['fused_bias_attention', 'use_fused_attention']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take
-# The dtypes :func:`use_fused_attention` sends to the kernels on CUDA. Settable like
-# BACKWARD_KV, so that a benchmark can time float32 through them in a whole model
-# (``tools/benchmark_backbone.py --paths default-fp32-fused``).
-FUSED_DTYPES = (torch.float16, torch.bfloat16)
+# The dtypes :func:`use_fused_attention` sends to the kernels on CUDA: all that they take.
+FUSED_DTYPES = _DTYPES
 # Queries per program, keys per step and warps per program, per input dtype, for a
 # bias with a resized column axis (4 taps an entry) and for one without (1 tap): the
 # largest tiles with which neither kernel spills registers to local memory at head
@@ -74,8 +74,9 @@ LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
           torch.float32: (_SMALL, _SMALL)}
 
 
-# How the backward forms the key and value gradients (chosen per run with
-# ``tools/benchmark_pooled_attention.py --backward``, which times both):
+# How the backward forms the key and value gradients (``tools/benchmark_pooled_attention.py
+# --backward`` times both; an H100 at stage 1, 2x800x1333, forward and backward: 'two-pass'
+# 68.9 ms against 82.5 in bfloat16, 112.1 against 112.3 in float32):
 # 'atomic': one query-major kernel adds every query block's share with atomics (1.5
 #     atomic adds per logit at 32-query blocks);
 # 'two-pass': the query-major kernel forms the query and bias gradients only, and a
@@ -83,7 +84,7 @@ LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
 #     keeps each key block's gradients in registers over KEY_PASS_ROWS queries, one
 #     atomic add per element and query range; it recomputes the probabilities a
 #     second time.
-BACKWARD_KV = 'atomic'
+BACKWARD_KV = 'two-pass'
 BACKWARD_KV_CHOICES = ('atomic', 'two-pass')
 # Queries a key-major program walks: enough programs to fill a GPU at stage 1
 # (2x800x1333: 33 key blocks x 6 image-heads x 66 ranges), few atomics per key.
@@ -132,10 +133,9 @@ def use_fused_attention(tensor: Tensor) -> bool:
     """The one rule that picks the fused kernels for biased attention.
 
     True when ``tensor`` is on a CUDA device, its dtype is in :data:`FUSED_DTYPES`
-    (float16 and bfloat16, CUDA autocast), Triton 3 or newer is installed and
-    ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``. Otherwise (CPU, float32 or float64, no or older Triton, reference
-    requested) the banded path runs: in float32 it was measured faster on the GPU
-    too (the module docstring gives the figures).
+    (float32, float16, bfloat16), Triton 3 or newer is installed and
+    ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``. Otherwise (the CPU, float64, no or
+    older Triton, reference requested) the banded path runs.
 
     Args:
         tensor (Tensor): the queries; only device and dtype matter.
