@@ -75,7 +75,8 @@ def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch)
     A kernel that keeps more live values than registers spills them to local memory
     and reloads them at every step of its key loop; the first tile sizes did (0.5 to
     2.8 KB per thread), so each launch configuration is held to none. Its dots run
-    on tensor cores unless they are float32 in IEEE precision.
+    on tensor cores unless they are float32 in IEEE precision, and the gradients'
+    atomic adds are relaxed: no GPU-wide memory barrier around each of them.
     """
     launch = fused_attention.TF32X3 if launch else None
     on_tensor_cores = dtype != torch.float32 or launch is not None
@@ -85,6 +86,7 @@ def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch)
         assert resources['instructions'] > 100, name
         assert resources['stack_bytes'] == 0, (name, resources)
         assert (resources['tensor_core'] > 0) == on_tensor_cores, (name, resources)
+        assert resources['memory_barriers'] == 0, (name, resources)
 
 
 @needs_triton_3
@@ -93,6 +95,28 @@ def test_spilling_is_seen():
     cubin = fused_attention.compile_for_gpu(
         90, torch.bfloat16, launch=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4))['backward']
     assert fused_attention.machine_code_resources(cubin)['stack_bytes'] > 0
+
+
+@needs_triton_3
+@pytest.mark.parametrize('sem, barriers', [('acq_rel', True), ('relaxed', False)])
+def test_atomic_ordering_in_machine_code(sem, barriers):
+    """The barrier check above can fail: Triton's default ordering of an atomic add
+    ('acq_rel') puts a GPU-wide memory barrier around it, 'relaxed' (the kernels'
+    :data:`~mmtransnext.ops._fused_attention_kernels.ADD`) none."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    @triton.jit
+    def add(X, Y, SEM: tl.constexpr):
+        offsets = tl.arange(0, 32)
+        tl.atomic_add(X + offsets, tl.load(Y + offsets), sem=SEM)
+
+    compiled = compile(ASTSource(add, {'X': '*fp32', 'Y': '*fp32', 'SEM': 'constexpr'},
+                                 {'SEM': sem}), target=GPUTarget('cuda', 90, 32))
+    found = fused_attention.machine_code_resources(compiled.asm['cubin'])['memory_barriers']
+    assert (found > 0) == barriers, found
 
 
 @needs_triton_3

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Registers and spills of the fused attention kernels, compiled for GPUs without one.
+"""Registers, spills and memory barriers of the fused attention kernels, built for GPUs
+without one.
 
     python tools/kernel_resources.py                          # the launch configuration
     python tools/kernel_resources.py --tiles 64x64x4 32x32x8  # BLOCK_M x BLOCK_N x warps
@@ -148,8 +149,8 @@ def main(argv=None):
     dtypes = dict(fp32=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)
     print(f'torch {torch.__version__}, head dim 24')
     print('| arch | dtype | tiles (M x N x warps) | taps | kernel | registers | stack bytes | '
-          'instructions | tensor-core instructions |')
-    print('|---|---|---|---|---|---|---|---|---|')
+          'instructions | tensor-core instructions | GPU-scope memory barriers |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for arch in args.arch:
         for name in args.dtypes:
             for tiles in args.tiles:
@@ -164,7 +165,8 @@ def main(argv=None):
                         found = fused_attention.machine_code_resources(cubin)
                         print(f'| sm_{arch} | {name} | {label} | {taps} | {kernel} | '
                               f'{found["registers"]} | {found["stack_bytes"]} | '
-                              f'{found["instructions"]} | {found["tensor_core"]} |', flush=True)
+                              f'{found["instructions"]} | {found["tensor_core"]} | '
+                              f'{found["memory_barriers"]} |', flush=True)
     return 0
 
 

@@ -236,8 +236,10 @@ def machine_code_resources(cubin: bytes) -> dict:
 
     Returns:
         dict[str, int]: ``registers``, ``stack_bytes`` (spilled registers live there),
-        ``instructions`` (SASS instructions of the kernel) and ``tensor_core``
-        (its matrix-multiply-accumulate instructions, HMMA and HGMMA).
+        ``instructions`` (SASS instructions of the kernel), ``tensor_core``
+        (its matrix-multiply-accumulate instructions, HMMA and HGMMA) and
+        ``memory_barriers`` (``MEMBAR`` of GPU scope, which ordered atomics bring; the
+        block-scope ones of Hopper's asynchronous matmuls are not counted).
     """
     import triton.backends.nvidia
     tool = str(Path(triton.backends.nvidia.__file__).parent / 'bin' / 'cuobjdump')
@@ -251,7 +253,8 @@ def machine_code_resources(cubin: bytes) -> dict:
     return dict(registers=int(re.search(r'REG:(\d+)', usage).group(1)),
                 stack_bytes=int(re.search(r'STACK:(\d+)', usage).group(1)),
                 instructions=len(re.findall(r'/\*[0-9a-f]{4,}\*/ ', sass)),
-                tensor_core=len(re.findall(r'\bH(?:G)?MMA\b', sass)))
+                tensor_core=len(re.findall(r'\bH(?:G)?MMA\b', sass)),
+                memory_barriers=len(re.findall(r'\bMEMBAR\.\S*GPU\b', sass)))
 
 
 def _launch_args(query, key, value, table, bias):
