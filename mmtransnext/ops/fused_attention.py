@@ -52,9 +52,8 @@ from .sliding_window import reference_requested
 
 __all__ = ['fused_bias_attention', 'use_fused_attention']
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take
-# The dtypes :func:`use_fused_attention` sends to the kernels on CUDA: all that they take.
-FUSED_DTYPES = _DTYPES
+# What the kernels take, and what use_fused_attention sends them on CUDA.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Queries per program, keys per step and warps per program, per input dtype, for a
 # bias with a resized column axis (4 taps an entry) and for one without (1 tap): the
 # largest tiles with which neither kernel spills registers to local memory at head
@@ -132,8 +131,8 @@ _TRITON = _triton_usable()
 def use_fused_attention(tensor: Tensor) -> bool:
     """The one rule that picks the fused kernels for biased attention.
 
-    True when ``tensor`` is on a CUDA device, its dtype is in :data:`FUSED_DTYPES`
-    (float32, float16, bfloat16), Triton 3 or newer is installed and
+    True when ``tensor`` is on a CUDA device, its dtype is float32, float16 or
+    bfloat16, Triton 3 or newer is installed and
     ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``. Otherwise (the CPU, float64, no or
     older Triton, reference requested) the banded path runs.
 
@@ -143,7 +142,7 @@ def use_fused_attention(tensor: Tensor) -> bool:
     Returns:
         bool: True for :func:`fused_bias_attention`.
     """
-    return (tensor.device.type == 'cuda' and tensor.dtype in FUSED_DTYPES and _TRITON
+    return (tensor.device.type == 'cuda' and tensor.dtype in _DTYPES and _TRITON
             and not reference_requested())
 
 
