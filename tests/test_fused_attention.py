@@ -101,8 +101,8 @@ def test_spilling_is_seen():
 @pytest.mark.parametrize('sem, barriers', [('acq_rel', True), ('relaxed', False)])
 def test_atomic_ordering_in_machine_code(sem, barriers):
     """The barrier check above can fail: Triton's default ordering of an atomic add
-    ('acq_rel') puts a GPU-wide memory barrier around it, 'relaxed' (the kernels'
-    :data:`~mmtransnext.ops._fused_attention_kernels.ADD`) none."""
+    ('acq_rel') puts a GPU-wide memory barrier around it, 'relaxed' (what the kernels
+    use) none."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget

@@ -45,12 +45,12 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', '
 #: compiles once per dtype, head dim and tap count.
 SPATIAL_ARGS = ('tokens', 'keys', 'width', 'pool_w', 's_head', 's_row', 's_pool_row')
 
-#: Memory ordering of the gradients' atomic adds. Nothing reads a gradient before the
-#: kernel ends, so no add needs to order other memory accesses: 'relaxed' compiles to
-#: plain reductions (sm_90: ``RED``), where Triton's default, 'acq_rel', wraps each
-#: add in a GPU-wide memory barrier and an invalidation of the L1 cache, which the
-#: bias table and the keys are read through (``MEMBAR.ALL.GPU``, ``CCTL.IVALL``).
-ADD = tl.constexpr('relaxed')
+# The gradients' atomic adds are relaxed (``sem='relaxed'``, as torch's Inductor emits
+# them): nothing reads a gradient before the kernel ends, so no add needs to order other
+# memory accesses. They compile to plain reductions (sm_90: ``REDG``); Triton's default,
+# 'acq_rel', wraps each add in a GPU-wide memory barrier and an invalidation of the L1
+# cache, which the bias table and the keys are read through (``MEMBAR.ALL.GPU``,
+# ``CCTL.IVALL``).
 
 
 @triton.jit
@@ -241,17 +241,17 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
         if KV_GRAD:
             tl.atomic_add(GRAD_K + k_offsets,
                           tl.dot(tl.trans(grad_logits.to(q.dtype)), q,
-                                 input_precision=DOT_PRECISION), mask=k_mask, sem=ADD)
+                                 input_precision=DOT_PRECISION), mask=k_mask, sem='relaxed')
             tl.atomic_add(GRAD_V + v_offsets,
                           tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
-                                 input_precision=DOT_PRECISION), mask=v_mask, sem=ADD)
+                                 input_precision=DOT_PRECISION), mask=v_mask, sem='relaxed')
         if BIAS_GRAD:
             for i in tl.static_range(Q_TAPS):
                 for j in tl.static_range(K_TAPS):
                     offset, weight = _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col,
                                           row_ok, col_ok, i, j, Q_TAPS, K_TAPS)
                     tl.atomic_add(GRAD_TABLE + table + offset, weight * grad_logits,
-                                  mask=valid & (weight != 0.0), sem=ADD)
+                                  mask=valid & (weight != 0.0), sem='relaxed')
 
     tl.store(GRAD_Q + q_offsets, grad_q.to(GRAD_Q.dtype.element_ty), mask=q_mask)
 
@@ -316,5 +316,5 @@ def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM,
         grad_k += tl.dot(tl.trans(grad_logits.to(q.dtype)), q, input_precision=DOT_PRECISION)
         grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
                          input_precision=DOT_PRECISION)
-    tl.atomic_add(GRAD_K + k_offsets, grad_k, mask=k_mask, sem=ADD)
-    tl.atomic_add(GRAD_V + v_offsets, grad_v, mask=v_mask, sem=ADD)
+    tl.atomic_add(GRAD_K + k_offsets, grad_k, mask=k_mask, sem='relaxed')
+    tl.atomic_add(GRAD_V + v_offsets, grad_v, mask=v_mask, sem='relaxed')
