@@ -49,8 +49,8 @@
 # stopped at its limit after three), benchmark-op 22, detector 68, pooled 75. The first
 # call (speed) took 489 s, the second (correctness) 272 s, out of 900 s of device time
 # with the machine's start. If everything does not fit one budget, a later step that
-# finds the budget spent is reported
-# skipped. DEVICE_CHECK_ONLY (below) runs a part; two calls that each fit:
+# finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
+# two calls that each fit:
 #   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op,detector,pooled   (the speed figures)
 #   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training            (correctness)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
@@ -309,7 +309,7 @@ else
 fi
 
 # 8 ------------------------------------------------------------------------ benchmarks
-# The whole backbone and the detector first: the figures users compare.
+# The whole backbone, the op and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
     run_step backbone 240 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin default-atomic --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
