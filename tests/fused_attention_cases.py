@@ -18,6 +18,8 @@ CASES = {
     # the last stage: keys on the queries' own map, P = N
     'full_attention_6x7': (((6, 7), (6, 7), (6, 7), (6, 7), (6, 7)), 1, 2, 24),
     'map2x2_below_window': (((2, 2), (1, 1), (2, 2), (2, 2), (1, 1)), 3, 1, 8),
+    # both column axes resized, a map below the window
+    'map2x3_resized_below_window': (((4, 4), (2, 2), (4, 4), (2, 3), (1, 3)), 3, 1, 8),
 }
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 

@@ -81,6 +81,8 @@ def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch)
     launch = fused_attention.TF32X3 if launch else None
     on_tensor_cores = dtype != torch.float32 or launch is not None
     built = fused_attention.compile_for_gpu(arch, dtype, resized=resized, launch=launch)
+    # the per-tile sum of the bias gradient where a column axis is resized (not TF32X3)
+    assert ('backward_reduced' in built) == (resized and launch is None)
     for name, cubin in built.items():
         resources = fused_attention.machine_code_resources(cubin)
         assert resources['instructions'] > 100, name
@@ -213,6 +215,80 @@ def test_taps_per_column_axis(case, taps):
     half = fused_attention.launch_meta(torch.float16, head_dim, head_dim, taps[0] == 2,
                                        taps[1] == 2)
     assert half['BLOCK_M'] == (64 if taps == (1, 1) else 32)
+
+
+# Stages 1 and 3 of TransNeXt-T at 800x1333 (built on the 800 px grids), a 512 px input
+# on the same build (resized down: more offsets a block), no resize, odd small maps.
+_SLOT_CASES = [((200, 200), (25, 25), (200, 334), (25, 41)),
+               ((50, 50), (25, 25), (50, 84), (25, 42)),
+               ((200, 200), (25, 25), (128, 128), (16, 16)),
+               ((5, 7), (2, 3), (5, 7), (2, 3)), ((9, 9), (3, 3), (5, 13), (1, 4))]
+
+
+@pytest.mark.parametrize('build_q, build_k, query, key', _SLOT_CASES)
+def test_bias_grad_slots_number_each_blocks_offsets(build_q, build_k, query, key):
+    """The 'reduced' backward's slots: each live tap's slot holds its table offset, a
+    block's slots hold distinct offsets, each reached by some tap, and taps of weight
+    zero take none."""
+    layout = bias_layout(build_q, build_k, build_q, query, key, torch.device('cpu'))
+    bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2]), layout)
+    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
+    row_stride, pool_row_stride = table.stride()[1:3]
+    found = fused_attention.bias_grad_slots(bias, 32, 16, row_stride, pool_row_stride)
+    assert fused_attention.bias_grad_slots(bias, 32, 16, row_stride, pool_row_stride) is found
+    q_term, q_weight, k_term, k_weight, _ = bias.separable_col_taps()
+    for (slot, addr, count), (length, size, stride, term, weight, block) in zip(
+            (found[:3], found[3:]),
+            ((query[0] * query[1], query[1], row_stride, q_term, q_weight, 32),
+             (key[0] * key[1], key[1], pool_row_stride, k_term, k_weight, 16))):
+        taps = slot.shape[1]
+        assert taps == (2 if weight[:, 1].any() else 1)
+        assert slot.dtype == addr.dtype == torch.int32 and count >= 16
+        assert count & (count - 1) == 0 and addr.shape == (-(-length // block), count)
+        position = torch.arange(length)
+        offset = (position // size)[:, None] * stride + term[position % size, :taps].long()
+        live = weight[position % size, :taps] != 0
+        assert (slot[~live] == count).all()
+        blocks = (position // block)[:, None].expand(-1, taps)
+        assert torch.equal(addr[blocks[live], slot[live].long()].long(), offset[live])
+        for b in range(addr.shape[0]):
+            used = addr[b][addr[b] >= 0]
+            assert used.unique().numel() == used.numel()
+            assert used.numel() == slot[b * block:(b + 1) * block][
+                live[b * block:(b + 1) * block]].unique().numel()
+    if query == (200, 334):     # the launch tiles' slot counts, as compile_for_gpu builds
+        at_launch = fused_attention.bias_grad_slots(bias, 32, 32, row_stride, pool_row_stride)
+        assert (at_launch[2], at_launch[5]) == (32, 32)
+
+
+@pytest.mark.parametrize('case, query, key, reduced', [
+    ('resized', (17, 23), (9, 10), True),
+    ('one tap', (20, 20), (5, 5), False),           # the size the bias is built for
+    ('downsized', (9, 11), (3, 3), False),          # 36-59 offsets a block
+    ('tf32x3', (17, 23), (9, 10), False)])
+def test_which_launches_sum_the_bias_gradient_per_tile(case, query, key, reduced,
+                                                       monkeypatch):
+    """'reduced' sums per tile where a column axis is resized, a block's offsets fit
+    MAX_BIAS_SLOTS and the dots are not TF32X3's; elsewhere the adds stay per logit, as
+    with 'atomic'."""
+    if case == 'tf32x3':
+        monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
+                            (fused_attention.TF32X3, fused_attention.TF32X3))
+    layout = bias_layout((20, 20), (5, 5), (20, 20), query, key, torch.device('cpu'))
+    bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2]), layout)
+    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
+    tokens, keys = query[0] * query[1], key[0] * key[1]
+    inputs = [torch.zeros(1, 1, n, 24) for n in (tokens, keys, keys)]
+    _, _, meta = fused_attention._launch_args(*inputs, table, bias)
+    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', 'atomic')
+    assert fused_attention._reduced_bias_slots(bias, table, meta) is None
+    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', 'reduced')
+    slots = fused_attention._reduced_bias_slots(bias, table, meta)
+    assert (slots is not None) == reduced
+    if case == 'downsized':
+        found = fused_attention.bias_grad_slots(bias, meta['BLOCK_M'], meta['BLOCK_N'],
+                                                *table.stride()[1:3])
+        assert found[2] > fused_attention.MAX_BIAS_SLOTS
 
 
 def test_dispatch_rule(monkeypatch):

@@ -125,7 +125,10 @@ def test_backbone_worker_makes_several_runs():
     assert all(r['time_ms'] > 0 and r['compiled'] for r in rows)
     # the fused kernels, where they run, add key/value gradients by query block
     assert {r['fused_backward'] for r in rows} == {'atomic'}
-    assert bb.run_path(args, 'default', [('fp32', 'forward')])[0]['fused_backward'] == 'two-pass'
+    default = bb.run_path(args, 'default', [('fp32', 'forward')])[0]
+    assert (default['fused_backward'], default['fused_bias_grad']) == ('two-pass', 'atomic')
+    reduced = bb.run_path(args, 'default-reduced', [('fp32', 'forward')])[0]
+    assert (reduced['fused_backward'], reduced['fused_bias_grad']) == ('two-pass', 'reduced')
 
 
 def test_backbone_profile_of_a_training_step(capsys):

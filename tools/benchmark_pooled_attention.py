@@ -19,13 +19,17 @@ of queries, keys, values and the bias table), and on CUDA the peak
 
 Fused rows run once per ``--backward`` way of forming the key and value gradients
 (:data:`~mmtransnext.ops.fused_attention.BACKWARD_KV`: ``atomic``, or ``two-pass``
-with a key-major kernel; default: the dispatcher's); the label names ``two-pass``.
+with a key-major kernel; default: the dispatcher's) and, for ``fused``, once per
+``--backward-bias`` way of adding the bias table's gradient
+(:data:`~mmtransnext.ops.fused_attention.BACKWARD_BIAS`: ``atomic`` per logit, or
+``reduced`` per tile); the label names ``two-pass`` and ``reduced``.
 
 Example::
 
     python tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 \\
         --dtypes fp32 bf16 --repeats 10 --tiles 32x32x8 64x64x4 \\
-        --paths whole banded fused fused-fixed-bias --backward atomic two-pass
+        --paths whole banded fused fused-fixed-bias --backward atomic two-pass \\
+        --backward-bias atomic reduced
 """
 import argparse
 import statistics
@@ -65,6 +69,10 @@ def parse_args(argv=None):
     parser.add_argument('--backward', nargs='+', default=None,
                         choices=['atomic', 'two-pass'],
                         help='fused path: how the key/value gradients are formed '
+                             '(default: the dispatcher\'s)')
+    parser.add_argument('--backward-bias', nargs='+', default=None,
+                        choices=['atomic', 'reduced'],
+                        help='fused path: how the bias table\'s gradient is added '
                              '(default: the dispatcher\'s)')
     args = parser.parse_args(argv)
     for name in ('scale', 'batch', 'head_dim', 'repeats'):
@@ -166,25 +174,39 @@ def backward_ways(args) -> list:
     return args.backward or [fused_attention.BACKWARD_KV]
 
 
-def path_label(path: str, tiles: dict = None, backward: str = 'atomic') -> str:
+def bias_ways(args, path: str) -> list:
+    """How the fused path adds the bias table's gradient: ``--backward-bias`` or the
+    default; ``fused-fixed-bias`` has none to add (run once, labelled as ``atomic``)."""
+    from mmtransnext.ops import fused_attention
+    if path == 'fused-fixed-bias':
+        return ['atomic']
+    return args.backward_bias or [fused_attention.BACKWARD_BIAS]
+
+
+def path_label(path: str, tiles: dict = None, backward: str = 'atomic',
+               bias: str = 'atomic') -> str:
     from mmtransnext.tools.common import tiles_label
     label = path if tiles is None else f'{path} {tiles_label(tiles)}'
-    return label if backward == 'atomic' else f'{label} {backward}'
+    for way in (backward, bias):
+        label = label if way == 'atomic' else f'{label} {way}'
+    return label
 
 
-def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'atomic') -> dict:
+def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'atomic',
+        bias: str = 'atomic') -> dict:
     """Forward and forward+backward of one path and dtype (fused: launched with ``tiles``,
-    key/value gradients formed the ``backward`` way)."""
+    key/value gradients formed the ``backward`` way, the bias table's the ``bias`` way)."""
     import torch
 
     from mmtransnext.ops import fused_attention
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[dtype_name])
     if tiles is not None:
-        # The fused path reads its launch configuration from LAUNCH and BACKWARD_KV at
-        # every call.
+        # The fused path reads its launch configuration from LAUNCH, BACKWARD_KV and
+        # BACKWARD_BIAS at every call.
         fused_attention.LAUNCH[dtype] = (tiles, tiles)
         fused_attention.BACKWARD_KV = backward
+        fused_attention.BACKWARD_BIAS = bias
     leaves, layout = make_inputs(args, dtype, device)
     if path == 'fused-fixed-bias':
         leaves[3].requires_grad_(False)
@@ -201,7 +223,7 @@ def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'a
         torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(),
                             [t for t in leaves if t.requires_grad])
 
-    row = dict(path=path_label(path, tiles, backward), dtype=dtype_name)
+    row = dict(path=path_label(path, tiles, backward, bias), dtype=dtype_name)
     for mode, step in (('forward', forward), ('train', train)):
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -243,11 +265,13 @@ def main(argv=None):
         for path in args.paths:
             fused = path in FUSED
             for tiles in (fused_runs(args, dtype_name) if fused else [None]):
-                for backward in (backward_ways(args) if fused else ['atomic']):
+                for backward, bias in ([(kv, way) for kv in backward_ways(args)
+                                        for way in bias_ways(args, path)]
+                                       if fused else [('atomic', 'atomic')]):
                     try:
-                        rows.append(run(args, path, dtype_name, tiles, backward))
+                        rows.append(run(args, path, dtype_name, tiles, backward, bias))
                     except (RuntimeError, ValueError) as exc:   # out of memory, bad dtype
-                        rows.append(dict(path=path_label(path, tiles, backward),
+                        rows.append(dict(path=path_label(path, tiles, backward, bias),
                                          dtype=dtype_name, error=(
                                              f'{type(exc).__name__}: '
                                              f'{str(exc).splitlines()[0][:160]}')))

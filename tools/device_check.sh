@@ -29,17 +29,18 @@
 #                    loss scale, mmdet's --amp), UperNet in bfloat16 and float16, once
 #                    mmcv's ops are built (else reported skipped); whole log in
 #                    OUT/pytest_amp.log
-#  8 backbone        tools/benchmark_backbone.py --device cuda: reference, default (the fused
-#                    backward both ways) and Swin-T side by side, fp32 and bf16 autocast,
-#                    forward and training step; a profile of one training step per path
+#  8 backbone        tools/benchmark_backbone.py --device cuda: default (the bias table's
+#                    gradient added per logit or per tile), reference and Swin-T side by
+#                    side, fp32 and bf16 autocast, forward and training step; a profile of
+#                    one training step per path
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
 #                    one process
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and fp16 (mmdet's --amp)
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
-#                    whole-matrix / banded / fused (key and value gradients by atomics or
-#                    by a key-major pass; with and without the bias table's gradient),
-#                    fp32 (IEEE and three-TF32 dots) and bf16
+#                    whole-matrix against fused (key and value gradients by atomics or by
+#                    a key-major pass; the bias table's added per logit or per tile, or
+#                    none), fp32 and bf16
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
@@ -51,8 +52,8 @@
 # with the machine's start. If everything does not fit one budget, a later step that
 # finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
 # two calls that each fit:
-#   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op,detector,pooled   (the speed figures)
-#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training            (correctness)
+#   DEVICE_CHECK_ONLY=mmcv,backbone,detector,pooled                (the speed figures)
+#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,benchmark-op   (correctness, the op)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
 # that fits what is left; on a machine still warm it skips the op's rebuild.
 #
@@ -311,18 +312,18 @@ fi
 # 8 ------------------------------------------------------------------------ benchmarks
 # The whole backbone, the op and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
-    run_step backbone 240 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths reference default swin default-atomic --repeats 3 --warmup 1 --profile 12"
+    # The fused paths first: a run stopped at its limit keeps the rows printed so far.
+    run_step backbone 270 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-reduced reference swin --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
     if [[ $MMCV_RC == 0 ]]; then
         run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
     else
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
     fi
-    # The fused kernels at the dispatcher's tiles and at the first tiles, which spilled.
-    # The fused kernels' backward both ways (atomic, two-pass), and without the bias
-    # table's atomics (fused-fixed-bias), to see what each costs.
-    # float32 also with three TF32 products per dot (fused_attention.TF32X3's tiles).
-    run_step pooled 150 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole banded fused fused-fixed-bias --backward atomic two-pass && $PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths whole fused --backward atomic two-pass --tiles 32x16x8:tf32x3"
+    # The fused backward's ways: key and value gradients by atomics or a key-major pass,
+    # the bias table's per logit or per tile, and none (fused-fixed-bias), to see what
+    # each costs.
+    run_step pooled 120 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole fused fused-fixed-bias --backward atomic two-pass --backward-bias atomic reduced"
 else
     for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done
 fi

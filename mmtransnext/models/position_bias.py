@@ -20,7 +20,7 @@ points) and expand afterwards:
 Both give the same numbers up to float rounding.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Tuple
 
@@ -106,6 +106,8 @@ class BiasLayout:
         index_w (Tensor): ``(Qw, Kw)`` long, likewise for columns.
         query_size (tuple[int, int]): ``(H, W)`` the bias is resized to.
         key_size (tuple[int, int]): ``(Hp, Wp)`` the bias is resized to.
+        derived (dict): what a kernel derives from the layout alone, kept with it
+            (:func:`~mmtransnext.ops.fused_attention.bias_grad_slots`).
     """
     offsets_h: Tensor
     offsets_w: Tensor
@@ -113,6 +115,7 @@ class BiasLayout:
     index_w: Tensor
     query_size: Size2d
     key_size: Size2d
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def coords(self) -> Tensor:

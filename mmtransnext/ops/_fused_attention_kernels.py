@@ -96,6 +96,22 @@ def _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, 
 
 
 @triton.jit
+def _slot_matrix(SLOT, WEIGHT, positions, cols, ok, BLOCK: tl.constexpr, SLOTS: tl.constexpr,
+                 TAPS: tl.constexpr):
+    """``(BLOCK, SLOTS)`` float32: row ``k`` holds position ``k``'s tap weights at its
+    taps' slots (``SLOT``, ``(length, TAPS)``; a slot of ``SLOTS`` matches none)."""
+    slots = tl.arange(0, SLOTS)
+    matrix = tl.zeros((BLOCK, SLOTS), dtype=tl.float32)
+    for i in tl.static_range(TAPS):
+        slot = tl.load(SLOT + positions * TAPS + i, mask=ok, other=SLOTS)
+        weight = 1.0
+        if TAPS == 2:
+            weight = tl.load(WEIGHT + cols * 2 + i, mask=ok, other=0.0)[:, None]
+        matrix += tl.where(slot[:, None] == slots[None, :], weight, 0.0)
+    return matrix
+
+
+@triton.jit
 def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
               rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w,
               s_head, s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -169,12 +185,14 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
 @triton.jit(do_not_specialize=SPATIAL_ARGS)
 def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_TERM, Q_WEIGHT,
                               K_TERM, K_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
+                              Q_SLOT, Q_SLOT_ADDR, K_SLOT, K_SLOT_ADDR,
                               heads, tokens, keys, head_dim, value_dim, width, pool_w,
                               s_head, s_row, s_pool_row,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
                               K_TAPS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                              Q_SLOTS: tl.constexpr, K_SLOTS: tl.constexpr,
                               ROW_RESIDUAL: tl.constexpr, KV_GRAD: tl.constexpr):
     """Gradients from ``BLOCK_M`` queries; same grid as the forward.
 
@@ -187,9 +205,14 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     and its gradient then stays as near zero as the reference has it (otherwise the
     rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
     in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_TABLE``
-    (float32, zeroed) collects every query block's share by ``tl.atomic_add`` (relaxed)
-    through the same taps as the forward, and so do ``GRAD_K`` and ``GRAD_V`` with
-    ``KV_GRAD``. Without it this kernel leaves them to
+    (float32, zeroed) collects every query block's share by ``tl.atomic_add`` (relaxed):
+    with ``Q_SLOTS = 0`` one add per logit and tap, through the same taps as the
+    forward; otherwise one per table entry a tile reaches, after two matmuls sum the
+    tile's logits over the distinct entries (see :func:`~mmtransnext.ops.fused_attention.
+    bias_grad_slots`: ``Q_SLOT``/``K_SLOT`` number each query's and key's taps among
+    the ``Q_SLOTS``/``K_SLOTS`` distinct table offsets of its block, ``Q_SLOT_ADDR``/
+    ``K_SLOT_ADDR`` hold those offsets). ``GRAD_K`` and ``GRAD_V`` are added to
+    likewise, per logit, with ``KV_GRAD``. Without it this kernel leaves them to
     :func:`pooled_attention_backward_keys` and stores each row's final shift
     (residual and ``GRAD_LSE`` included) over ``SHIFT`` for it.
     """
@@ -227,6 +250,12 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     if not KV_GRAD:
         tl.store(SHIFT + image_head * tokens + rows_m, shift, mask=row_ok)
 
+    if BIAS_GRAD and Q_SLOTS > 0:
+        # The block's queries by table offset (row and column taps), and those offsets.
+        query_slots = _slot_matrix(Q_SLOT, Q_WEIGHT, rows_m, rows_m % width, row_ok, BLOCK_M,
+                                   Q_SLOTS, Q_TAPS).to(q.dtype)
+        query_slot_addr = tl.load(Q_SLOT_ADDR + block * Q_SLOTS + tl.arange(0, Q_SLOTS))
+
     grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
         (k, v, logits, col_ok, valid, col, pool_col, table, k_offsets, v_offsets, k_mask,
@@ -245,7 +274,22 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
             tl.atomic_add(GRAD_V + v_offsets,
                           tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
                                  input_precision=DOT_PRECISION), mask=v_mask, sem='relaxed')
-        if BIAS_GRAD:
+        if BIAS_GRAD and Q_SLOTS > 0:
+            # (Q_SLOTS, K_SLOTS): the tile's gradient summed per (query offset, key
+            # offset); each sum goes to the entry at the sum of the offsets.
+            key_slots = _slot_matrix(K_SLOT, K_WEIGHT, start + tl.arange(0, BLOCK_N),
+                                     pool_col, col_ok, BLOCK_N, K_SLOTS, K_TAPS)
+            by_key = tl.dot(grad_logits.to(q.dtype), key_slots.to(q.dtype),
+                            input_precision=DOT_PRECISION)
+            by_slots = tl.dot(tl.trans(query_slots), by_key.to(q.dtype),
+                              input_precision=DOT_PRECISION)
+            key_slot_addr = tl.load(K_SLOT_ADDR + (start // BLOCK_N) * K_SLOTS
+                                    + tl.arange(0, K_SLOTS))
+            tl.atomic_add(GRAD_TABLE + head * s_head + query_slot_addr[:, None]
+                          + key_slot_addr[None, :], by_slots,
+                          mask=(query_slot_addr >= 0)[:, None] & (key_slot_addr >= 0)[None, :],
+                          sem='relaxed')
+        elif BIAS_GRAD:
             for i in tl.static_range(Q_TAPS):
                 for j in tl.static_range(K_TAPS):
                     offset, weight = _tap(Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col,

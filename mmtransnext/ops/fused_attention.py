@@ -19,7 +19,9 @@ TF32 products per dot instead, near float32's accuracy. The log-sum-exp is retur
 float32 whatever the input dtype. The backward adds the key, value and bias-table
 gradients with atomics (the key and value gradients either per query block or, with
 :data:`BACKWARD_KV` ``'two-pass'``, once per key block and query range from a
-key-major kernel), so those are not bitwise deterministic from run to run. For
+key-major kernel; the bias table's either per logit or, with :data:`BACKWARD_BIAS`
+``'reduced'``, once per table entry a tile reaches), so those are not bitwise
+deterministic from run to run. For
 float32 inputs it walks the keys twice, the first time for each query row's rounding
 residual, so that gradients that are zero in theory (a bias shared by all keys) stay
 as small as the reference's and the golden tolerances hold; for float16/bfloat16 the
@@ -91,6 +93,28 @@ KEY_PASS_ROWS = 1024
 # Queries per step of the key-major kernel where the launch's BLOCK_M would spill:
 # in float32 (FMA dots) 32 spills 80-88 bytes on sm_80/sm_90, 16 none.
 _KEY_PASS_BLOCK_M = {torch.float32: 16}
+
+
+# How the backward adds the bias table's gradient (``tools/benchmark_pooled_attention.py
+# --backward-bias`` times both):
+# 'atomic': one atomic add per logit and tap, 4 per logit where both column axes of the
+#     bias are resized. At stage 1 of TransNeXt-T (2x800x1333) a 32 x 32 tile adds about
+#     3,900 terms into about 200 distinct table entries, and an H100 spent two thirds of
+#     the bfloat16 backward there (with the then acq_rel adds).
+# 'reduced': each tile first sums its logits' gradients per table offset, in two matmuls
+#     with matrices of tap weights (:func:`bias_grad_slots`), then adds once per pair of a
+#     query offset and a key offset: about 21 x 21 adds a tile there. The matmuls' operands
+#     take the input dtype, so in float16/bfloat16 the tap weights round to it (2**-9 of
+#     a bfloat16 weight), as the gradients of the logits already do for the other matmuls.
+#     Where no column axis is resized (one tap), each query and key column reaches an
+#     offset of its own, so there is nothing to sum and the adds stay per logit; so they
+#     do where a block has more than MAX_BIAS_SLOTS offsets (inputs smaller than the
+#     size the bias is built for), beyond what the kernels are checked at without
+#     spilling (compile_for_gpu), and under TF32X3's launch, whose backward has no
+#     registers left for the two matmuls (it spills 8 bytes on sm_90).
+BACKWARD_BIAS = 'atomic'
+BACKWARD_BIAS_CHOICES = ('atomic', 'reduced')
+MAX_BIAS_SLOTS = 32
 
 
 def key_pass_meta(meta: dict, dtype: torch.dtype) -> dict:
@@ -179,7 +203,8 @@ def launch_meta(dtype: torch.dtype, head_dim: int, value_dim: int, query_resized
 # Element types of the kernels' pointer arguments: 'io' is the input dtype's.
 _POINTERS = dict(Q='io', K='io', V='io', TABLE='io', OUT='io', GRAD_OUT='io', GRAD_Q='io',
                  Q_TERM='i32', K_TERM='i32', Q_WEIGHT='fp32', K_WEIGHT='fp32', LSE='fp32',
-                 SHIFT='fp32', GRAD_LSE='fp32', GRAD_K='fp32', GRAD_V='fp32', GRAD_TABLE='fp32')
+                 SHIFT='fp32', GRAD_LSE='fp32', GRAD_K='fp32', GRAD_V='fp32', GRAD_TABLE='fp32',
+                 Q_SLOT='i32', Q_SLOT_ADDR='i32', K_SLOT='i32', K_SLOT_ADDR='i32')
 _TRITON_TYPES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
 
 
@@ -198,8 +223,11 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
 
     Returns:
         dict[str, bytes]: cubins of ``forward``, ``backward`` (with the bias, key and
-        value gradients, ``BACKWARD_KV='atomic'``) and ``backward_keys`` (the key-major
-        pass of ``'two-pass'``).
+        value gradients, ``BACKWARD_KV='atomic'``), ``backward_keys`` (the key-major
+        pass of ``'two-pass'``) and, where the launch may use it, ``backward_reduced``
+        (the query-major pass of ``'two-pass'`` with ``BACKWARD_BIAS='reduced'`` at
+        :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of TransNeXt-T at
+        detection sizes).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -208,11 +236,17 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
     options = dict(num_warps=meta.pop('num_warps'))
     kernels = _kernels()
     built = {}
-    for name, kernel, extra in (
-            ('forward', kernels.pooled_attention_forward, {}),
-            ('backward', kernels.pooled_attention_backward,
-             dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32, KV_GRAD=True)),
-            ('backward_keys', kernels.pooled_attention_backward_keys, {})):
+    residual = dtype == torch.float32
+    variants = [
+        ('forward', kernels.pooled_attention_forward, {}),
+        ('backward', kernels.pooled_attention_backward,
+         dict(BIAS_GRAD=True, Q_SLOTS=0, K_SLOTS=0, ROW_RESIDUAL=residual, KV_GRAD=True)),
+        ('backward_keys', kernels.pooled_attention_backward_keys, {})]
+    if _may_sum_bias_per_tile(meta):
+        variants.append(('backward_reduced', kernels.pooled_attention_backward,
+                         dict(BIAS_GRAD=True, Q_SLOTS=MAX_BIAS_SLOTS, K_SLOTS=MAX_BIAS_SLOTS,
+                              ROW_RESIDUAL=residual, KV_GRAD=False)))
+    for name, kernel, extra in variants:
         constants = dict(key_pass_meta(meta, dtype) if name == 'backward_keys' else meta,
                          **extra)
         signature = {}
@@ -268,16 +302,102 @@ def _launch_args(query, key, value, table, bias):
     return grid, shapes, meta
 
 
-def _backward_kv() -> str:
-    if BACKWARD_KV not in BACKWARD_KV_CHOICES:
-        raise ValueError(f'fused_attention.BACKWARD_KV is {BACKWARD_KV!r}, not one of '
-                         f'{BACKWARD_KV_CHOICES}')
-    return BACKWARD_KV
+def _may_sum_bias_per_tile(meta: dict) -> bool:
+    """Whether a launch may sum the bias table's gradient per tile: a column axis is
+    resized and the dots are not TF32X3's (see :data:`BACKWARD_BIAS`)."""
+    return (meta['Q_TAPS'] > 1 or meta['K_TAPS'] > 1) and meta['DOT_PRECISION'] != 'tf32x3'
+
+
+def _backward_way(name: str, choices: tuple) -> str:
+    """The module setting ``name`` (:data:`BACKWARD_KV`, :data:`BACKWARD_BIAS`), checked."""
+    way = globals()[name]
+    if way not in choices:
+        raise ValueError(f'fused_attention.{name} is {way!r}, not one of {choices}')
+    return way
+
+
+def _slots(address: Tensor, live: Tensor, block: int):
+    """Number each block's distinct live addresses (see :func:`bias_grad_slots`)."""
+    length, taps = address.shape
+    blocks = -(-length // block)
+    dead = torch.iinfo(torch.int64).max
+    address = torch.where(live, address, dead)
+    address = torch.cat([address, address.new_full((blocks * block - length, taps), dead)])
+    ordered, order = address.reshape(blocks, block * taps).sort(dim=1)
+    first = ordered != dead
+    first[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    rank = first.cumsum(1) - 1
+    count = max(16, 1 << (int(first.sum(1).max()) - 1).bit_length())
+    slot = torch.where(ordered != dead, rank, count)
+    slot = torch.empty_like(slot).scatter_(1, order, slot).reshape(-1, taps)[:length]
+    table = torch.full((blocks, count), -1, dtype=torch.int64)
+    block_index, position = first.nonzero(as_tuple=True)
+    table[block_index, rank[block_index, position]] = ordered[block_index, position]
+    return slot.to(torch.int32).contiguous(), table.to(torch.int32), count
+
+
+def bias_grad_slots(bias, block_m: int, block_n: int, row_stride: int,
+                    pool_row_stride: int) -> tuple:
+    """Where the backward's ``'reduced'`` bias gradient sums a tile's logits.
+
+    The table entry of tap ``(i, j)`` of query ``m = r * W + c`` and key ``p = a * Wp + b``
+    lies at ``r * row_stride + query_term[c, i]`` plus ``a * pool_row_stride +
+    key_term[b, j]`` (plus the head's offset): a query offset plus a key offset. A block
+    of ``block_m`` queries reaches few distinct query offsets (about 21 for 32 queries at
+    stage 1 of TransNeXt-T at 800x1333, against 64 taps), and likewise a block of keys, so
+    a tile's gradient summed per pair of offsets needs far fewer atomic adds than one per
+    logit and tap. Taps of weight zero take no slot. Computed once per layout and block
+    size on the CPU, kept in ``bias.layout.derived``.
+
+    Args:
+        bias (RowFactoredBias): the bias; its layout and column taps matter.
+        block_m (int): queries per block; ``block_n`` keys per block.
+        row_stride (int): the table's stride between query rows; ``pool_row_stride``
+            between key rows.
+
+    Returns:
+        tuple: ``query_slot (N, Q_TAPS)`` int32, each tap's number among its block's
+        distinct query offsets (``query_slots`` for a tap of weight zero);
+        ``query_addr (cdiv(N, block_m), query_slots)`` int32, those offsets (-1 past
+        the block's count); ``query_slots``, a power of two of at least 16; then the
+        same three for the keys.
+    """
+    cache = bias.layout.derived
+    key = ('bias_grad_slots', block_m, block_n, row_stride, pool_row_stride)
+    if key not in cache:
+        (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
+        built_w, built_pool_w = bias.layout.index_w.shape
+        query_term, query_weight, key_term, key_weight, _ = (
+            t.cpu() for t in bias.separable_col_taps())
+        found = []
+        for length, size, stride, term, weight, taps, block in (
+                (height * width, width, row_stride, query_term, query_weight,
+                 2 if built_w != width else 1, block_m),
+                (pool_h * pool_w, pool_w, pool_row_stride, key_term, key_weight,
+                 2 if built_pool_w != pool_w else 1, block_n)):
+            position = torch.arange(length)
+            address = ((position // size)[:, None] * stride
+                       + term[position % size, :taps].long())
+            live = weight[position % size, :taps] != 0
+            slot, table, count = _slots(address, live, block)
+            found += [slot.to(bias.by_rows.device), table.to(bias.by_rows.device), count]
+        cache[key] = tuple(found)
+    return cache[key]
 
 
 def _on_device(tensor: Tensor):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _reduced_bias_slots(bias, table: Tensor, meta: dict):
+    """:func:`bias_grad_slots` where the bias table's gradient is summed per tile
+    (:data:`BACKWARD_BIAS`), else None: the adds stay per logit."""
+    if (_backward_way('BACKWARD_BIAS', BACKWARD_BIAS_CHOICES) != 'reduced'
+            or not _may_sum_bias_per_tile(meta)):
+        return None
+    slots = bias_grad_slots(bias, meta['BLOCK_M'], meta['BLOCK_N'], *table.stride()[1:3])
+    return slots if max(slots[2], slots[5]) <= MAX_BIAS_SLOTS else None
 
 
 class _FusedBiasAttention(torch.autograd.Function):
@@ -320,11 +440,18 @@ class _FusedBiasAttention(torch.autograd.Function):
         grad_table = torch.zeros(table.shape if want_bias else (1, ), dtype=torch.float32,
                                  device=table.device)
         grid, shapes, meta = _launch_args(query, key, value, table, bias)
-        two_pass = _backward_kv() == 'two-pass'
+        two_pass = _backward_way('BACKWARD_KV', BACKWARD_KV_CHOICES) == 'two-pass'
+        slots = _reduced_bias_slots(bias, table, meta) if want_bias else None
+        if slots is not None:
+            query_slot, query_addr, query_slots, key_slot, key_addr, key_slots = slots
+        else:   # per-logit adds; the slot pointers are not read
+            query_slot = query_addr = key_slot = key_addr = taps[0]
+            query_slots = key_slots = 0
         with _on_device(query):
             _kernels().pooled_attention_backward[grid](
                 query, key, value, grad_out, lse, shift, grad_lse, table, *taps,
-                grad_query, grad_key, grad_value, grad_table, *shapes, BIAS_GRAD=want_bias,
+                grad_query, grad_key, grad_value, grad_table, query_slot, query_addr, key_slot,
+                key_addr, *shapes, BIAS_GRAD=want_bias, Q_SLOTS=query_slots, K_SLOTS=key_slots,
                 ROW_RESIDUAL=query.dtype == torch.float32, KV_GRAD=not two_pass, **meta)
             if two_pass:  # shift now holds each row's final shift
                 keys_grid = (-(-key.shape[2] // meta['BLOCK_N']), grid[1],
