@@ -99,19 +99,29 @@ def test_two_pass_backward_equals_whole_matrix(case, dtype, rows, monkeypatch):
         assert_near(got, ref, TOL[dtype], name)
 
 
+@pytest.fixture
+def slot_tiles(monkeypatch):
+    """The bias read by slots (``BIAS_TILE = 'slots'``), float32 included: on a GPU only
+    16-bit inputs take them, whose tolerance would hide what float32's shows."""
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setattr(fused_attention, 'BIAS_TILE', 'slots')
+    monkeypatch.setattr(fused_attention, '_SLOT_DTYPES', fused_attention._DTYPES)
+
+
 # Bias resized on both column axes, on one (each way); tiles over several rows and key
-# rows, an odd head dim, a map below the window.
+# rows, an odd head dim, a map below the window; key-major ranges of 32 queries.
 @pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize('case', ['interpolated_d13', 'interpolated_many_key_tiles',
                                   'query_columns_resized', 'key_columns_resized',
                                   'map2x3_resized_below_window'])
-def test_reduced_bias_gradient_equals_whole_matrix(case, dtype, backward, monkeypatch):
-    """The bias table's gradient summed per tile before its atomic adds
-    (``BACKWARD_BIAS = 'reduced'``), every gradient against the reference."""
+def test_slot_bias_tiles_equal_whole_matrix(case, dtype, backward, slot_tiles, monkeypatch):
+    """Every kernel reading the bias by slots (two matmuls a tile) and adding the
+    table's gradient per pair of slots: outputs and every gradient against the
+    reference."""
     from mmtransnext.ops import fused_attention
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', 'reduced')
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
+    monkeypatch.setattr(fused_attention, 'KEY_PASS_ROWS', 32)
     spec, batch, heads, head_dim = CASES[case]
     leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=8)
     ref_out, ref_lse = whole_matrix(*leaves, layout)
@@ -119,9 +129,11 @@ def test_reduced_bias_gradient_equals_whole_matrix(case, dtype, backward, monkey
     grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
     grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
     _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
-    layout.derived.clear()      # the layout is cached: see that this backward fills it
-    _, grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
-    assert any(key[0] == 'bias_grad_slots' for key in layout.derived), 'not reduced'
+    layout.derived.clear()      # the layout is cached: see that these launches fill it
+    (out, lse), grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
+    assert any(key[0] == 'bias_slots' for key in layout.derived), 'not read by slots'
+    assert_near(out, ref_out, TOL[dtype], 'out')
+    assert_near(lse, ref_lse, TOL[dtype], 'lse')
     for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
         assert got.dtype == dtype
         assert_near(got, ref, TOL[dtype], name)
@@ -149,14 +161,14 @@ def test_tf32x3_launch_equals_whole_matrix(case, backward, monkeypatch):
         assert_near(got, ref, TOL[torch.float32], name)
 
 
-@pytest.mark.parametrize('setting', ['BACKWARD_KV', 'BACKWARD_BIAS'])
+@pytest.mark.parametrize('setting', ['BACKWARD_KV', 'BIAS_TILE'])
 def test_unknown_backward_way_is_refused(setting, monkeypatch):
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, setting, 'key-major')
     spec, batch, heads, head_dim = CASES['pool1x1']
     leaves, layout = make_inputs(spec, batch, heads, head_dim)
-    out, _ = fused(*[t.float().requires_grad_() for t in leaves], layout)
     with pytest.raises(ValueError, match=f"{setting} is 'key-major', not one of"):
+        out, _ = fused(*[t.float().requires_grad_() for t in leaves], layout)
         out.sum().backward()
 
 
@@ -177,8 +189,8 @@ def test_bias_table_without_gradient():
 
 def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
     """tools/benchmark_pooled_attention.py's fused rows, with and without the bias
-    table's gradient, both ways of forming the key/value gradients and of adding the
-    bias table's, run end to end (interpreted: checked, not timed)."""
+    table's gradient, both ways of forming the key/value gradients and of reading the
+    bias, run end to end (interpreted: checked, not timed)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
@@ -186,17 +198,18 @@ def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
     from mmtransnext.ops import fused_attention
     # the tool leaves the last configuration it ran with; monkeypatch restores it
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', fused_attention.BACKWARD_KV)
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', fused_attention.BACKWARD_BIAS)
+    monkeypatch.setattr(fused_attention, 'BIAS_TILE', fused_attention.BIAS_TILE)
     bp.main(['--stage', '1', '--scale', '20', '--batch', '1', '--paths', 'fused',
              'fused-fixed-bias', '--repeats', '1', '--warmup', '0', '--backward', 'atomic',
-             'two-pass', '--backward-bias', 'atomic', 'reduced'])
+             'two-pass', '--bias-tile', 'taps', 'slots', '--dtypes', 'fp16'])
     printed = capsys.readouterr().out.splitlines()
     table = printed.index(next(line for line in printed if line.startswith('stage 1:')))
     rows = printed[table + 3:]
-    assert [row[6:39].strip() for row in rows] == [
-        'fused 32x32x8', 'fused 32x32x8 reduced', 'fused 32x32x8 two-pass',
-        'fused 32x32x8 two-pass reduced', 'fused-fixed-bias 32x32x8',
-        'fused-fixed-bias 32x32x8 two-pass'], rows
+    assert [row[6:46].strip() for row in rows] == [
+        'fused 32x32x8', 'fused 32x32x8 slots', 'fused 32x32x8 two-pass',
+        'fused 32x32x8 two-pass slots', 'fused-fixed-bias 32x32x8',
+        'fused-fixed-bias 32x32x8 slots', 'fused-fixed-bias 32x32x8 two-pass',
+        'fused-fixed-bias 32x32x8 two-pass slots'], rows
     assert printed[:table] == rows     # each row was printed as it was measured
     assert not any('failed' in row for row in rows), rows
 
@@ -237,18 +250,18 @@ def fused_in_the_model(monkeypatch):
     yield calls
 
 
-@pytest.mark.parametrize('bias_grad', ['atomic', 'reduced'])
-def test_golden_gradients_through_fused_kernels(dense_golden, fused_in_the_model, bias_grad,
-                                                monkeypatch):
+@pytest.mark.parametrize('bias_tile', ['taps', 'slots'])
+def test_golden_gradients_through_fused_kernels(dense_golden, fused_in_the_model, bias_tile,
+                                                request):
     """The released model's loss and gradients, with every biased attention fused, the
-    bias table's gradient added either way.
+    bias read by taps or by slots.
 
     Same data and tolerances as ``test_transnext.test_gradients_equal_reference``
     (maps from 38x53 down to 5x7, 1 to 8 heads, interpolation mode).
     """
     from test_transnext import assert_grad_close
-    from mmtransnext.ops import fused_attention
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', bias_grad)
+    if bias_tile == 'slots':
+        request.getfixturevalue('slot_tiles')
     data = dense_golden['cases']['interpolation_grad']
     model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
     model.load_state_dict(dense_golden['state_dict'], strict=True)

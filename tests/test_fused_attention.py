@@ -81,8 +81,10 @@ def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch)
     launch = fused_attention.TF32X3 if launch else None
     on_tensor_cores = dtype != torch.float32 or launch is not None
     built = fused_attention.compile_for_gpu(arch, dtype, resized=resized, launch=launch)
-    # the per-tile sum of the bias gradient where a column axis is resized (not TF32X3)
-    assert ('backward_reduced' in built) == (resized and launch is None)
+    # the bias read by slots where 16-bit inputs have a column axis resized
+    slots = resized and dtype != torch.float32
+    assert {'forward_slots', 'backward_slots', 'backward_keys_slots'} <= built.keys() or not slots
+    assert not any(name.endswith('_slots') for name in built) or slots
     for name, cubin in built.items():
         resources = fused_attention.machine_code_resources(cubin)
         assert resources['instructions'] > 100, name
@@ -226,16 +228,16 @@ _SLOT_CASES = [((200, 200), (25, 25), (200, 334), (25, 41)),
 
 
 @pytest.mark.parametrize('build_q, build_k, query, key', _SLOT_CASES)
-def test_bias_grad_slots_number_each_blocks_offsets(build_q, build_k, query, key):
-    """The 'reduced' backward's slots: each live tap's slot holds its table offset, a
+def test_bias_slots_number_each_blocks_offsets(build_q, build_k, query, key):
+    """The slots of the bias tiles: each live tap's slot holds its table offset, a
     block's slots hold distinct offsets, each reached by some tap, and taps of weight
     zero take none."""
     layout = bias_layout(build_q, build_k, build_q, query, key, torch.device('cpu'))
     bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2]), layout)
     table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
     row_stride, pool_row_stride = table.stride()[1:3]
-    found = fused_attention.bias_grad_slots(bias, 32, 16, row_stride, pool_row_stride)
-    assert fused_attention.bias_grad_slots(bias, 32, 16, row_stride, pool_row_stride) is found
+    found = fused_attention.bias_slots(bias, 32, 16, row_stride, pool_row_stride)
+    assert fused_attention.bias_slots(bias, 32, 16, row_stride, pool_row_stride) is found
     q_term, q_weight, k_term, k_weight, _ = bias.separable_col_taps()
     for (slot, addr, count), (length, size, stride, term, weight, block) in zip(
             (found[:3], found[3:]),
@@ -257,37 +259,34 @@ def test_bias_grad_slots_number_each_blocks_offsets(build_q, build_k, query, key
             assert used.numel() == slot[b * block:(b + 1) * block][
                 live[b * block:(b + 1) * block]].unique().numel()
     if query == (200, 334):     # the launch tiles' slot counts, as compile_for_gpu builds
-        at_launch = fused_attention.bias_grad_slots(bias, 32, 32, row_stride, pool_row_stride)
+        at_launch = fused_attention.bias_slots(bias, 32, 32, row_stride, pool_row_stride)
         assert (at_launch[2], at_launch[5]) == (32, 32)
 
 
-@pytest.mark.parametrize('case, query, key, reduced', [
-    ('resized', (17, 23), (9, 10), True),
-    ('one tap', (20, 20), (5, 5), False),           # the size the bias is built for
-    ('downsized', (9, 11), (3, 3), False),          # 36-59 offsets a block
-    ('tf32x3', (17, 23), (9, 10), False)])
-def test_which_launches_sum_the_bias_gradient_per_tile(case, query, key, reduced,
-                                                       monkeypatch):
-    """'reduced' sums per tile where a column axis is resized, a block's offsets fit
-    MAX_BIAS_SLOTS and the dots are not TF32X3's; elsewhere the adds stay per logit, as
-    with 'atomic'."""
-    if case == 'tf32x3':
-        monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
-                            (fused_attention.TF32X3, fused_attention.TF32X3))
+@pytest.mark.parametrize('case, query, key, dtype, by_slots', [
+    ('resized', (17, 23), (9, 10), torch.bfloat16, True),
+    ('one tap', (20, 20), (5, 5), torch.float16, False),    # the size the bias is built for
+    ('downsized', (9, 11), (3, 3), torch.float16, False),   # 36-59 offsets a block
+    ('float32', (17, 23), (9, 10), torch.float32, False)])
+def test_which_launches_read_the_bias_by_slots(case, query, key, dtype, by_slots, monkeypatch):
+    """With BIAS_TILE 'slots', 16-bit launches with a column axis resized read the bias
+    by slots where a block's offsets fit MAX_BIAS_SLOTS; the rest, and every launch with
+    'taps', read it by taps (no slot arguments)."""
     layout = bias_layout((20, 20), (5, 5), (20, 20), query, key, torch.device('cpu'))
-    bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2]), layout)
+    bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2], dtype=dtype), layout)
     table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
     tokens, keys = query[0] * query[1], key[0] * key[1]
-    inputs = [torch.zeros(1, 1, n, 24) for n in (tokens, keys, keys)]
+    inputs = [torch.zeros(1, 1, n, 24, dtype=dtype) for n in (tokens, keys, keys)]
     _, _, meta = fused_attention._launch_args(*inputs, table, bias)
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', 'atomic')
-    assert fused_attention._reduced_bias_slots(bias, table, meta) is None
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', 'reduced')
-    slots = fused_attention._reduced_bias_slots(bias, table, meta)
-    assert (slots is not None) == reduced
+    monkeypatch.setattr(fused_attention, 'BIAS_TILE', 'taps')
+    assert fused_attention._tile_slots(bias, table, meta)[1] == dict(Q_SLOTS=0, K_SLOTS=0)
+    monkeypatch.setattr(fused_attention, 'BIAS_TILE', 'slots')
+    tensors, slot_meta = fused_attention._tile_slots(bias, table, meta)
+    assert (slot_meta['Q_SLOTS'] > 0) == (slot_meta['K_SLOTS'] > 0) == by_slots
+    assert all(t.dtype == torch.int32 for t in tensors) == by_slots
     if case == 'downsized':
-        found = fused_attention.bias_grad_slots(bias, meta['BLOCK_M'], meta['BLOCK_N'],
-                                                *table.stride()[1:3])
+        found = fused_attention.bias_slots(bias, meta['BLOCK_M'], meta['BLOCK_N'],
+                                           *table.stride()[1:3])
         assert found[2] > fused_attention.MAX_BIAS_SLOTS
 
 

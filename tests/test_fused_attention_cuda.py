@@ -14,18 +14,19 @@ from fused_attention_cases import assert_near, fused, gradients, make_inputs, wh
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
 
-@pytest.mark.parametrize('bias_grad', ['atomic', 'reduced'])
+@pytest.mark.parametrize('bias_tile', ['taps', 'slots'])
 @pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
 @pytest.mark.parametrize('dtype', [torch.float32, 'tf32x3', torch.float16, torch.bfloat16],
                          ids=str)
-def test_compiled_kernels_on_cuda(dtype, backward, bias_grad, monkeypatch):
+def test_compiled_kernels_on_cuda(dtype, backward, bias_tile, monkeypatch):
     """On a GPU: the compiled kernels against the whole-matrix reference, with both
-    ways of forming the key and value gradients and of adding the bias table's;
-    ``tf32x3``: float32 launched with :data:`~mmtransnext.ops.fused_attention.TF32X3`
-    (three TF32 products per dot), held to float32's tolerance."""
+    ways of forming the key and value gradients and of reading the bias (slots: 16-bit
+    inputs only, float32 keeps taps); ``tf32x3``: float32 launched with
+    :data:`~mmtransnext.ops.fused_attention.TF32X3` (three TF32 products per dot), held
+    to float32's tolerance."""
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', bias_grad)
+    monkeypatch.setattr(fused_attention, 'BIAS_TILE', bias_tile)
     if dtype == 'tf32x3':
         dtype = torch.float32
         monkeypatch.setitem(fused_attention.LAUNCH, dtype,
@@ -45,15 +46,13 @@ def test_compiled_kernels_on_cuda(dtype, backward, bias_grad, monkeypatch):
         assert_near(got, ref, tol, name)
 
 
-@pytest.mark.parametrize('bias_grad', ['atomic', 'reduced'])
 @pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
 @pytest.mark.parametrize('precision', ['ieee', 'tf32x3'])
-def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision, backward, bias_grad):
+def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision, backward):
     """Compiled window op + fused kernels on CUDA against the golden file, in float32
     (the dispatch rule's choice there, forced so that a missing Triton fails the test
     instead of taking the banded path), their dots in float32 or as three TF32 products
-    (:data:`TF32X3`'s launch), the key and value gradients formed either way, the bias
-    table's too."""
+    (:data:`TF32X3`'s launch), the key and value gradients formed either way."""
     from conftest import golden_arch
     from mmtransnext.models import TransNeXt, attention
     from mmtransnext.ops import DISABLE_ENV, extension_available, fused_attention
@@ -61,7 +60,6 @@ def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision, backward
 
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
-    monkeypatch.setattr(fused_attention, 'BACKWARD_BIAS', bias_grad)
     if precision == 'tf32x3':
         monkeypatch.setitem(fused_attention.LAUNCH, torch.float32,
                             (fused_attention.TF32X3, fused_attention.TF32X3))

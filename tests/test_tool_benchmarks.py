@@ -126,9 +126,9 @@ def test_backbone_worker_makes_several_runs():
     # the fused kernels, where they run, add key/value gradients by query block
     assert {r['fused_backward'] for r in rows} == {'atomic'}
     default = bb.run_path(args, 'default', [('fp32', 'forward')])[0]
-    assert (default['fused_backward'], default['fused_bias_grad']) == ('two-pass', 'atomic')
-    reduced = bb.run_path(args, 'default-reduced', [('fp32', 'forward')])[0]
-    assert (reduced['fused_backward'], reduced['fused_bias_grad']) == ('two-pass', 'reduced')
+    assert (default['fused_backward'], default['fused_bias_tile']) == ('two-pass', 'taps')
+    slots = bb.run_path(args, 'default-slots', [('fp32', 'forward')])[0]
+    assert (slots['fused_backward'], slots['fused_bias_tile']) == ('two-pass', 'slots')
 
 
 def test_backbone_profile_of_a_training_step(capsys):

@@ -15,9 +15,9 @@ machines are noisy; compare numbers from the same run only).
   added by every query block with atomics (``fused_attention.BACKWARD_KV = 'atomic'``)
   instead of the key-major pass; the same as default where the fused kernels do not
   run (the CPU);
-* default-reduced: the default path with the bias table's gradient summed per tile
-  before its atomic adds (``fused_attention.BACKWARD_BIAS = 'reduced'``); likewise the
-  same as default on the CPU;
+* default-slots: the default path with the fused kernels reading the bias by slots
+  (``fused_attention.BIAS_TILE = 'slots'``: two small matmuls a tile, in float16 and
+  bfloat16); likewise the same as default on the CPU;
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -45,7 +45,7 @@ import sys
 import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
-PATHS = {'reference': '1', 'default': '0', 'default-atomic': '0', 'default-reduced': '0',
+PATHS = {'reference': '1', 'default': '0', 'default-atomic': '0', 'default-slots': '0',
          'swin': '0'}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
@@ -134,8 +134,8 @@ def _worker(args) -> list:
     size = tuple(args.size)
     if args.path == 'default-atomic':
         fused_attention.BACKWARD_KV = 'atomic'
-    if args.path == 'default-reduced':
-        fused_attention.BACKWARD_BIAS = 'reduced'
+    if args.path == 'default-slots':
+        fused_attention.BIAS_TILE = 'slots'
     if args.path == 'swin':
         model, size, source = swin_tiny(size)
     else:
@@ -147,7 +147,7 @@ def _worker(args) -> list:
     probe = x.new_zeros(1)
     info = dict(model=source, input=list(size), compiled=use_compiled_op(probe),
                 fused_backward=fused_attention.BACKWARD_KV,
-                fused_bias_grad=fused_attention.BACKWARD_BIAS)
+                fused_bias_tile=fused_attention.BIAS_TILE)
     cuda = device.type == 'cuda'
     if cuda:
         info['device_name'] = torch.cuda.get_device_name()

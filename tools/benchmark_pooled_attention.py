@@ -19,17 +19,17 @@ of queries, keys, values and the bias table), and on CUDA the peak
 
 Fused rows run once per ``--backward`` way of forming the key and value gradients
 (:data:`~mmtransnext.ops.fused_attention.BACKWARD_KV`: ``atomic``, or ``two-pass``
-with a key-major kernel; default: the dispatcher's) and, for ``fused``, once per
-``--backward-bias`` way of adding the bias table's gradient
-(:data:`~mmtransnext.ops.fused_attention.BACKWARD_BIAS`: ``atomic`` per logit, or
-``reduced`` per tile); the label names ``two-pass`` and ``reduced``.
+with a key-major kernel; default: the dispatcher's) and once per ``--bias-tile`` way of
+reading the bias and adding its gradient
+(:data:`~mmtransnext.ops.fused_attention.BIAS_TILE`: ``taps`` per logit, or ``slots``
+per tile, which float16/bfloat16 take); the label names ``two-pass`` and ``slots``.
 
 Example::
 
     python tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 \\
         --dtypes fp32 bf16 --repeats 10 --tiles 32x32x8 64x64x4 \\
         --paths whole banded fused fused-fixed-bias --backward atomic two-pass \\
-        --backward-bias atomic reduced
+        --bias-tile taps slots
 """
 import argparse
 import statistics
@@ -70,9 +70,8 @@ def parse_args(argv=None):
                         choices=['atomic', 'two-pass'],
                         help='fused path: how the key/value gradients are formed '
                              '(default: the dispatcher\'s)')
-    parser.add_argument('--backward-bias', nargs='+', default=None,
-                        choices=['atomic', 'reduced'],
-                        help='fused path: how the bias table\'s gradient is added '
+    parser.add_argument('--bias-tile', nargs='+', default=None, choices=['taps', 'slots'],
+                        help='fused path: how a tile reads the bias and adds its gradient '
                              '(default: the dispatcher\'s)')
     args = parser.parse_args(argv)
     for name in ('scale', 'batch', 'head_dim', 'repeats'):
@@ -174,28 +173,25 @@ def backward_ways(args) -> list:
     return args.backward or [fused_attention.BACKWARD_KV]
 
 
-def bias_ways(args, path: str) -> list:
-    """How the fused path adds the bias table's gradient: ``--backward-bias`` or the
-    default; ``fused-fixed-bias`` has none to add (run once, labelled as ``atomic``)."""
+def bias_tiles(args) -> list:
+    """How the fused path reads the bias: ``--bias-tile`` or the default."""
     from mmtransnext.ops import fused_attention
-    if path == 'fused-fixed-bias':
-        return ['atomic']
-    return args.backward_bias or [fused_attention.BACKWARD_BIAS]
+    return args.bias_tile or [fused_attention.BIAS_TILE]
 
 
 def path_label(path: str, tiles: dict = None, backward: str = 'atomic',
-               bias: str = 'atomic') -> str:
+               bias: str = 'taps') -> str:
     from mmtransnext.tools.common import tiles_label
     label = path if tiles is None else f'{path} {tiles_label(tiles)}'
     for way in (backward, bias):
-        label = label if way == 'atomic' else f'{label} {way}'
+        label = label if way in ('atomic', 'taps') else f'{label} {way}'
     return label
 
 
 def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'atomic',
-        bias: str = 'atomic') -> dict:
+        bias: str = 'taps') -> dict:
     """Forward and forward+backward of one path and dtype (fused: launched with ``tiles``,
-    key/value gradients formed the ``backward`` way, the bias table's the ``bias`` way)."""
+    key/value gradients formed the ``backward`` way, the bias read the ``bias`` way)."""
     import torch
 
     from mmtransnext.ops import fused_attention
@@ -203,10 +199,10 @@ def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'a
     dtype = getattr(torch, DTYPES[dtype_name])
     if tiles is not None:
         # The fused path reads its launch configuration from LAUNCH, BACKWARD_KV and
-        # BACKWARD_BIAS at every call.
+        # BIAS_TILE at every call.
         fused_attention.LAUNCH[dtype] = (tiles, tiles)
         fused_attention.BACKWARD_KV = backward
-        fused_attention.BACKWARD_BIAS = bias
+        fused_attention.BIAS_TILE = bias
     leaves, layout = make_inputs(args, dtype, device)
     if path == 'fused-fixed-bias':
         leaves[3].requires_grad_(False)
@@ -237,12 +233,12 @@ def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'a
 
 def format_table(rows) -> str:
     """Times (and CUDA memory) per path; ``x whole`` is the whole-matrix time over this one."""
-    header = (f'{"dtype":5} {"path":33} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
+    header = (f'{"dtype":5} {"path":40} {"forward ms":>10} {"x whole":>8} {"fwd+bwd ms":>10} '
               f'{"x whole":>8} {"fwd MB":>8} {"fwd+bwd MB":>10}')
     lines = [header, '-' * len(header)]
     whole = {r['dtype']: r for r in rows if r['path'] == 'whole' and 'error' not in r}
     for row in rows:
-        lead = f'{row["dtype"]:5} {row["path"]:33}'
+        lead = f'{row["dtype"]:5} {row["path"]:40}'
         if 'error' in row:
             lines.append(f'{lead} failed: {row["error"]}')
             continue
@@ -266,8 +262,8 @@ def main(argv=None):
             fused = path in FUSED
             for tiles in (fused_runs(args, dtype_name) if fused else [None]):
                 for backward, bias in ([(kv, way) for kv in backward_ways(args)
-                                        for way in bias_ways(args, path)]
-                                       if fused else [('atomic', 'atomic')]):
+                                        for way in bias_tiles(args)]
+                                       if fused else [('atomic', 'taps')]):
                     try:
                         rows.append(run(args, path, dtype_name, tiles, backward, bias))
                     except (RuntimeError, ValueError) as exc:   # out of memory, bad dtype

@@ -29,18 +29,18 @@
 #                    loss scale, mmdet's --amp), UperNet in bfloat16 and float16, once
 #                    mmcv's ops are built (else reported skipped); whole log in
 #                    OUT/pytest_amp.log
-#  8 backbone        tools/benchmark_backbone.py --device cuda: default (the bias table's
-#                    gradient added per logit or per tile), reference and Swin-T side by
-#                    side, fp32 and bf16 autocast, forward and training step; a profile of
-#                    one training step per path
+#  8 backbone        tools/benchmark_backbone.py --device cuda: default (the bias read by
+#                    taps, and by slots), reference and Swin-T side by side, fp32 and bf16
+#                    autocast, forward and training step; a profile of one training step
+#                    per path
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
 #                    one process
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
 #                    TransNeXt-T against Swin-T, fp32 and fp16 (mmdet's --amp)
 #    pooled          tools/benchmark_pooled_attention.py: stage 1's pooled attention alone,
 #                    whole-matrix against fused (key and value gradients by atomics or by
-#                    a key-major pass; the bias table's added per logit or per tile, or
-#                    none), fp32 and bf16
+#                    a key-major pass; the bias read by taps or by slots; with and
+#                    without the bias table's gradient), fp32 and bf16
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
@@ -313,17 +313,17 @@ fi
 # The whole backbone, the op and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
     # The fused paths first: a run stopped at its limit keeps the rows printed so far.
-    run_step backbone 270 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-reduced reference swin --repeats 3 --warmup 1 --profile 12"
+    run_step backbone 270 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-slots reference swin --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
     if [[ $MMCV_RC == 0 ]]; then
         run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
     else
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
     fi
-    # The fused backward's ways: key and value gradients by atomics or a key-major pass,
-    # the bias table's per logit or per tile, and none (fused-fixed-bias), to see what
-    # each costs.
-    run_step pooled 120 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 bf16 --repeats 5 --warmup 2 --paths whole fused fused-fixed-bias --backward atomic two-pass --backward-bias atomic reduced"
+    # The fused kernels' ways: key and value gradients by atomics or a key-major pass, the
+    # bias read by taps or by slots (bf16; fp32 keeps taps), and without the bias table's
+    # gradient (fused-fixed-bias), to see what each costs.
+    run_step pooled 120 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes bf16 --repeats 5 --warmup 2 --paths whole fused fused-fixed-bias --backward atomic two-pass --bias-tile taps slots && $PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths whole fused fused-fixed-bias --backward atomic two-pass"
 else
     for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done
 fi

@@ -107,7 +107,7 @@ class BiasLayout:
         query_size (tuple[int, int]): ``(H, W)`` the bias is resized to.
         key_size (tuple[int, int]): ``(Hp, Wp)`` the bias is resized to.
         derived (dict): what a kernel derives from the layout alone, kept with it
-            (:func:`~mmtransnext.ops.fused_attention.bias_grad_slots`).
+            (:func:`~mmtransnext.ops.fused_attention.bias_slots`).
     """
     offsets_h: Tensor
     offsets_w: Tensor

@@ -18,13 +18,19 @@ and
 
 so a tile reads four short vectors and, per entry and tap, one value of a table row
 (a few KB per query row and key row), not an index, a weight and a value from tables
-of ``W x Wp x 4`` entries; taps of weight zero (no resize) are not read.
+of ``W x Wp x 4`` entries; taps of weight zero (no resize) are not read. That is the
+bias read by taps (``Q_SLOTS = 0``). Read by slots (``Q_SLOTS``, ``K_SLOTS`` > 0), a
+tile gathers each table entry its queries and keys share once: ``Q_SLOT (N, Q_TAPS)``
+numbers each query tap's offset ``r * s_row + Q_TERM[c, i]`` among the distinct ones
+of its block of ``BLOCK_M`` queries, which ``Q_SLOT_ADDR (blocks, Q_SLOTS)`` lists
+(-1 past their count), and likewise ``K_SLOT``/``K_SLOT_ADDR`` for blocks of
+``BLOCK_N`` keys; the tile's bias is then two matmuls (:func:`_slot_bias`) and its
+gradient their transpose (:func:`_add_slot_grad`).
 
 Each program owns ``BLOCK_M`` queries of one (image, head) and walks the keys
 ``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers; the
 key-major backward kernel owns ``BLOCK_N`` keys and walks a range of queries
-``BLOCK_M`` at a time. Head dims
-are padded to the ``D_PAD``/``DV_PAD`` powers of two (at least 16, as ``tl.dot``
+``BLOCK_M`` at a time. Head dims are padded to the ``D_PAD``/``DV_PAD`` powers of two (at least 16, as ``tl.dot``
 needs) with masked loads. Logits, probabilities and statistics are float32; the
 matmul operands keep the input dtype (tensor cores for float16/bfloat16; float32
 operands use ``DOT_PRECISION``).
@@ -96,10 +102,14 @@ def _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, 
 
 
 @triton.jit
-def _slot_matrix(SLOT, WEIGHT, positions, cols, ok, BLOCK: tl.constexpr, SLOTS: tl.constexpr,
-                 TAPS: tl.constexpr):
-    """``(BLOCK, SLOTS)`` float32: row ``k`` holds position ``k``'s tap weights at its
-    taps' slots (``SLOT``, ``(length, TAPS)``; a slot of ``SLOTS`` matches none)."""
+def _slots_of(SLOT, SLOT_ADDR, WEIGHT, positions, cols, ok, block, BLOCK: tl.constexpr,
+              SLOTS: tl.constexpr, TAPS: tl.constexpr):
+    """A block's slot matrix and its slots' table offsets.
+
+    Returns ``(BLOCK, SLOTS)`` float32, row ``k`` holding position ``k``'s tap weights
+    at its taps' slots (``SLOT``, ``(length, TAPS)``; a slot of ``SLOTS`` matches
+    none), and ``(SLOTS, )`` offsets from ``SLOT_ADDR`` (-1 for an unused slot).
+    """
     slots = tl.arange(0, SLOTS)
     matrix = tl.zeros((BLOCK, SLOTS), dtype=tl.float32)
     for i in tl.static_range(TAPS):
@@ -108,16 +118,43 @@ def _slot_matrix(SLOT, WEIGHT, positions, cols, ok, BLOCK: tl.constexpr, SLOTS: 
         if TAPS == 2:
             weight = tl.load(WEIGHT + cols * 2 + i, mask=ok, other=0.0)[:, None]
         matrix += tl.where(slot[:, None] == slots[None, :], weight, 0.0)
-    return matrix
+    return matrix, tl.load(SLOT_ADDR + block * SLOTS + slots)
 
 
 @triton.jit
-def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
-              rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w,
-              s_head, s_row, s_pool_row, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              Q_TAPS: tl.constexpr, K_TAPS: tl.constexpr):
+def _slot_bias(TABLE, head_offset, query_slots, query_addr, key_slots, key_addr,
+               DOT_PRECISION: tl.constexpr):
+    """The bias of a tile from its slots, float32: ``query_slots @ E @ key_slots^T``
+    with ``E`` the table entries at each pair of a query and a key slot's offsets.
+    The slot matrices take the table's dtype."""
+    entries = tl.load(TABLE + head_offset + query_addr[:, None] + key_addr[None, :],
+                      mask=(query_addr >= 0)[:, None] & (key_addr >= 0)[None, :], other=0.0)
+    by_key = tl.dot(entries, tl.trans(key_slots), input_precision=DOT_PRECISION)
+    return tl.dot(query_slots, by_key.to(entries.dtype), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _add_slot_grad(GRAD_TABLE, head_offset, grad_logits, query_slots, query_addr, key_slots,
+                   key_addr, DOT_PRECISION: tl.constexpr):
+    """Adds a tile's logit gradients to the table: the transpose of :func:`_slot_bias`,
+    ``query_slots^T @ grad_logits @ key_slots``, one relaxed atomic add per pair of
+    slots in use."""
+    by_key = tl.dot(grad_logits.to(key_slots.dtype), key_slots, input_precision=DOT_PRECISION)
+    sums = tl.dot(tl.trans(query_slots), by_key.to(key_slots.dtype),
+                  input_precision=DOT_PRECISION)
+    tl.atomic_add(GRAD_TABLE + head_offset + query_addr[:, None] + key_addr[None, :], sums,
+                  mask=(query_addr >= 0)[:, None] & (key_addr >= 0)[None, :], sem='relaxed')
+
+
+@triton.jit
+def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, K_SLOT, K_SLOT_ADDR,
+              query_slots, query_addr, key_base, value_base, start, rows_m, row_ok, dims, vdims,
+              head, keys, head_dim, value_dim, width, pool_w, s_head, s_row, s_pool_row,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
+              K_TAPS: tl.constexpr, Q_SLOTS: tl.constexpr, K_SLOTS: tl.constexpr):
     """Keys ``start .. start + BLOCK_N``: their key and value rows, the biased logits
-    of the query block against them (float32), and the masks and bias geometry of the tile."""
+    of the query block against them (float32), and the masks and bias geometry of the
+    tile (its taps' offsets, or with ``Q_SLOTS`` its key slots)."""
     cols_n = start + tl.arange(0, BLOCK_N)
     col_ok = cols_n < keys
     k_offsets = key_base + cols_n[:, None] * head_dim + dims[None, :]
@@ -130,20 +167,46 @@ def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, valu
     col, pool_col, table = _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row,
                                       s_pool_row)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table, row_ok,
-                         col_ok, valid, Q_TAPS, K_TAPS)
+    if Q_SLOTS > 0:
+        key_slots, key_addr = _slots_of(K_SLOT, K_SLOT_ADDR, K_WEIGHT, cols_n, pool_col, col_ok,
+                                        start // BLOCK_N, BLOCK_N, K_SLOTS, K_TAPS)
+        key_slots = key_slots.to(q.dtype)
+        logits += _slot_bias(TABLE, head * s_head, query_slots, query_addr, key_slots, key_addr,
+                             DOT_PRECISION)
+    else:
+        key_slots = 0
+        key_addr = 0
+        logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table,
+                             row_ok, col_ok, valid, Q_TAPS, K_TAPS)
     return (k, v, logits, col_ok, valid, col, pool_col, table, k_offsets, v_offsets, k_mask,
-            v_mask)
+            v_mask, key_slots, key_addr)
+
+
+@triton.jit
+def _query_block_slots(Q_SLOT, Q_SLOT_ADDR, Q_WEIGHT, rows_m, row_ok, width, block,
+                       BLOCK_M: tl.constexpr, Q_SLOTS: tl.constexpr, Q_TAPS: tl.constexpr,
+                       dtype_like):
+    """A query block's slot matrix in ``dtype_like``'s dtype and its slots' offsets, or
+    placeholders without slots (``Q_SLOTS = 0``)."""
+    if Q_SLOTS > 0:
+        query_slots, query_addr = _slots_of(Q_SLOT, Q_SLOT_ADDR, Q_WEIGHT, rows_m, rows_m % width,
+                                            row_ok, block, BLOCK_M, Q_SLOTS, Q_TAPS)
+        query_slots = query_slots.to(dtype_like.dtype)
+    else:
+        query_slots = 0
+        query_addr = 0
+    return query_slots, query_addr
 
 
 @triton.jit(do_not_specialize=SPATIAL_ARGS)
-def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, OUT, LSE,
+def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, Q_SLOT,
+                             Q_SLOT_ADDR, K_SLOT, K_SLOT_ADDR, OUT, LSE,
                              heads, tokens, keys, head_dim, value_dim, width, pool_w,
                              s_head, s_row, s_pool_row,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
-                             K_TAPS: tl.constexpr):
+                             K_TAPS: tl.constexpr, Q_SLOTS: tl.constexpr, K_SLOTS: tl.constexpr):
     """Output and log-sum-exp of ``BLOCK_M`` queries; grid ``(cdiv(N, BLOCK_M), B*heads)``."""
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
@@ -156,15 +219,18 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
                 mask=row_ok[:, None] & (dims[None, :] < head_dim), other=0.0)
     key_base = image_head * keys * head_dim
     value_base = image_head * keys * value_dim
+    query_slots, query_addr = _query_block_slots(Q_SLOT, Q_SLOT_ADDR, Q_WEIGHT, rows_m, row_ok,
+                                                 width, block, BLOCK_M, Q_SLOTS, Q_TAPS, q)
 
     row_max = tl.full((BLOCK_M, ), float('-inf'), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M, ), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
-        k, v, logits, col_ok, _, _, _, _, _, _, _, _ = _key_tile(
-            q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_base, value_base, start,
-            rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width, pool_w, s_head,
-            s_row, s_pool_row, BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS)
+        k, v, logits, col_ok, _, _, _, _, _, _, _, _, _, _ = _key_tile(
+            q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, K_SLOT, K_SLOT_ADDR,
+            query_slots, query_addr, key_base, value_base, start, rows_m, row_ok, dims, vdims,
+            head, keys, head_dim, value_dim, width, pool_w, s_head, s_row, s_pool_row, BLOCK_N,
+            DOT_PRECISION, Q_TAPS, K_TAPS, Q_SLOTS, K_SLOTS)
         logits = tl.where(col_ok[None, :], logits, float('-inf'))
         # Every tile holds at least one key, so the new maximum is finite.
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -184,8 +250,8 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
 
 @triton.jit(do_not_specialize=SPATIAL_ARGS)
 def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_TERM, Q_WEIGHT,
-                              K_TERM, K_WEIGHT, GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
-                              Q_SLOT, Q_SLOT_ADDR, K_SLOT, K_SLOT_ADDR,
+                              K_TERM, K_WEIGHT, Q_SLOT, Q_SLOT_ADDR, K_SLOT, K_SLOT_ADDR,
+                              GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
                               heads, tokens, keys, head_dim, value_dim, width, pool_w,
                               s_head, s_row, s_pool_row,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -205,14 +271,11 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     and its gradient then stays as near zero as the reference has it (otherwise the
     rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
     in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_TABLE``
-    (float32, zeroed) collects every query block's share by ``tl.atomic_add`` (relaxed):
-    with ``Q_SLOTS = 0`` one add per logit and tap, through the same taps as the
-    forward; otherwise one per table entry a tile reaches, after two matmuls sum the
-    tile's logits over the distinct entries (see :func:`~mmtransnext.ops.fused_attention.
-    bias_grad_slots`: ``Q_SLOT``/``K_SLOT`` number each query's and key's taps among
-    the ``Q_SLOTS``/``K_SLOTS`` distinct table offsets of its block, ``Q_SLOT_ADDR``/
-    ``K_SLOT_ADDR`` hold those offsets). ``GRAD_K`` and ``GRAD_V`` are added to
-    likewise, per logit, with ``KV_GRAD``. Without it this kernel leaves them to
+    (float32, zeroed) collects every query block's share by ``tl.atomic_add`` (relaxed),
+    per logit and tap where the bias is read by taps, per pair of slots where it is
+    read by slots (``Q_SLOTS``: the transpose of how the forward reads it), and so do
+    ``GRAD_K`` and ``GRAD_V``, per logit, with ``KV_GRAD``. Without it this kernel
+    leaves them to
     :func:`pooled_attention_backward_keys` and stores each row's final shift
     (residual and ``GRAD_LSE`` included) over ``SHIFT`` for it.
     """
@@ -235,13 +298,17 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     key_offset = image_head * keys * head_dim
     value_offset = image_head * keys * value_dim
 
+    query_slots, query_addr = _query_block_slots(Q_SLOT, Q_SLOT_ADDR, Q_WEIGHT, rows_m, row_ok,
+                                                 width, block, BLOCK_M, Q_SLOTS, Q_TAPS, q)
+
     if ROW_RESIDUAL:
         residual = tl.zeros((BLOCK_M, ), dtype=tl.float32)
         for start in range(0, keys, BLOCK_N):
-            k, v, logits, _, valid, _, _, _, _, _, _, _ = _key_tile(
-                q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_offset, value_offset,
-                start, rows_m, row_ok, dims, vdims, head, keys, head_dim, value_dim, width,
-                pool_w, s_head, s_row, s_pool_row, BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS)
+            k, v, logits, _, valid, _, _, _, _, _, _, _, _, _ = _key_tile(
+                q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, K_SLOT, K_SLOT_ADDR,
+                query_slots, query_addr, key_offset, value_offset, start, rows_m, row_ok, dims,
+                vdims, head, keys, head_dim, value_dim, width, pool_w, s_head, s_row,
+                s_pool_row, BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS, Q_SLOTS, K_SLOTS)
             probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
             grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
             residual += tl.sum(probs * (grad_probs - shift[:, None]), axis=1)
@@ -250,19 +317,14 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     if not KV_GRAD:
         tl.store(SHIFT + image_head * tokens + rows_m, shift, mask=row_ok)
 
-    if BIAS_GRAD and Q_SLOTS > 0:
-        # The block's queries by table offset (row and column taps), and those offsets.
-        query_slots = _slot_matrix(Q_SLOT, Q_WEIGHT, rows_m, rows_m % width, row_ok, BLOCK_M,
-                                   Q_SLOTS, Q_TAPS).to(q.dtype)
-        query_slot_addr = tl.load(Q_SLOT_ADDR + block * Q_SLOTS + tl.arange(0, Q_SLOTS))
-
     grad_q = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     for start in range(0, keys, BLOCK_N):
         (k, v, logits, col_ok, valid, col, pool_col, table, k_offsets, v_offsets, k_mask,
-         v_mask) = _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, key_offset,
-                             value_offset, start, rows_m, row_ok, dims, vdims, head, keys,
-                             head_dim, value_dim, width, pool_w, s_head, s_row, s_pool_row,
-                             BLOCK_N, DOT_PRECISION, Q_TAPS, K_TAPS)
+         v_mask, key_slots, key_addr) = _key_tile(
+            q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, K_SLOT, K_SLOT_ADDR, query_slots,
+            query_addr, key_offset, value_offset, start, rows_m, row_ok, dims, vdims, head, keys,
+            head_dim, value_dim, width, pool_w, s_head, s_row, s_pool_row, BLOCK_N,
+            DOT_PRECISION, Q_TAPS, K_TAPS, Q_SLOTS, K_SLOTS)
         probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
         grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_logits = probs * (grad_probs - shift[:, None])
@@ -275,20 +337,8 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
                           tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out,
                                  input_precision=DOT_PRECISION), mask=v_mask, sem='relaxed')
         if BIAS_GRAD and Q_SLOTS > 0:
-            # (Q_SLOTS, K_SLOTS): the tile's gradient summed per (query offset, key
-            # offset); each sum goes to the entry at the sum of the offsets.
-            key_slots = _slot_matrix(K_SLOT, K_WEIGHT, start + tl.arange(0, BLOCK_N),
-                                     pool_col, col_ok, BLOCK_N, K_SLOTS, K_TAPS)
-            by_key = tl.dot(grad_logits.to(q.dtype), key_slots.to(q.dtype),
-                            input_precision=DOT_PRECISION)
-            by_slots = tl.dot(tl.trans(query_slots), by_key.to(q.dtype),
-                              input_precision=DOT_PRECISION)
-            key_slot_addr = tl.load(K_SLOT_ADDR + (start // BLOCK_N) * K_SLOTS
-                                    + tl.arange(0, K_SLOTS))
-            tl.atomic_add(GRAD_TABLE + head * s_head + query_slot_addr[:, None]
-                          + key_slot_addr[None, :], by_slots,
-                          mask=(query_slot_addr >= 0)[:, None] & (key_slot_addr >= 0)[None, :],
-                          sem='relaxed')
+            _add_slot_grad(GRAD_TABLE, head * s_head, grad_logits, query_slots, query_addr,
+                           key_slots, key_addr, DOT_PRECISION)
         elif BIAS_GRAD:
             for i in tl.static_range(Q_TAPS):
                 for j in tl.static_range(K_TAPS):
@@ -302,13 +352,15 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
 
 @triton.jit(do_not_specialize=SPATIAL_ARGS)
 def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM, Q_WEIGHT,
-                                   K_TERM, K_WEIGHT, GRAD_K, GRAD_V,
+                                   K_TERM, K_WEIGHT, Q_SLOT, Q_SLOT_ADDR, K_SLOT, K_SLOT_ADDR,
+                                   GRAD_K, GRAD_V,
                                    heads, tokens, keys, head_dim, value_dim, width, pool_w,
                                    s_head, s_row, s_pool_row, split_rows,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                                    DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
-                                   K_TAPS: tl.constexpr):
+                                   K_TAPS: tl.constexpr, Q_SLOTS: tl.constexpr,
+                                   K_SLOTS: tl.constexpr):
     """Key and value gradients of ``BLOCK_N`` keys from ``split_rows`` queries;
     grid ``(cdiv(P, BLOCK_N), B*heads, cdiv(N, split_rows))``.
 
@@ -318,7 +370,8 @@ def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM,
     while it walks its share of the queries ``BLOCK_M`` at a time, recomputing the
     probabilities, and adds them to ``GRAD_K``/``GRAD_V`` (float32, zeroed) once,
     so there is one atomic add per key element and split instead of one per query
-    block.
+    block. With slots, ``split_rows`` is a multiple of ``BLOCK_M`` and the query slots
+    are numbered per ``BLOCK_M`` queries.
     """
     key_block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
@@ -335,6 +388,10 @@ def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM,
     v_mask = col_ok[:, None] & (vdims[None, :] < value_dim)
     k = tl.load(K + k_offsets, mask=k_mask, other=0.0)
     v = tl.load(V + v_offsets, mask=v_mask, other=0.0)
+    if Q_SLOTS > 0:
+        key_slots, key_addr = _slots_of(K_SLOT, K_SLOT_ADDR, K_WEIGHT, cols_n, cols_n % pool_w,
+                                        col_ok, key_block, BLOCK_N, K_SLOTS, K_TAPS)
+        key_slots = key_slots.to(k.dtype)
     grad_k = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
     grad_v = tl.zeros((BLOCK_N, DV_PAD), dtype=tl.float32)
     for start in range(first, end, BLOCK_M):
@@ -349,11 +406,18 @@ def pooled_attention_backward_keys(Q, K, V, GRAD_OUT, LSE, SHIFT, TABLE, Q_TERM,
         lse = tl.load(LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
         shift = tl.load(SHIFT + image_head * tokens + rows_m, mask=row_ok, other=0.0)
         valid = row_ok[:, None] & col_ok[None, :]
-        col, pool_col, table = _tile_rows(rows_m, cols_n, head, width, pool_w, s_head, s_row,
-                                          s_pool_row)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table,
-                             row_ok, col_ok, valid, Q_TAPS, K_TAPS)
+        if Q_SLOTS > 0:
+            query_slots, query_addr = _query_block_slots(
+                Q_SLOT, Q_SLOT_ADDR, Q_WEIGHT, rows_m, row_ok, width, start // BLOCK_M,
+                BLOCK_M, Q_SLOTS, Q_TAPS, k)
+            logits += _slot_bias(TABLE, head * s_head, query_slots, query_addr, key_slots,
+                                 key_addr, DOT_PRECISION)
+        else:
+            col, pool_col, table = _tile_rows(rows_m, cols_n, head, width, pool_w, s_head,
+                                              s_row, s_pool_row)
+            logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col,
+                                 table, row_ok, col_ok, valid, Q_TAPS, K_TAPS)
         probs = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
         grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_logits = probs * (grad_probs - shift[:, None])

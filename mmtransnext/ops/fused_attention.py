@@ -19,8 +19,8 @@ TF32 products per dot instead, near float32's accuracy. The log-sum-exp is retur
 float32 whatever the input dtype. The backward adds the key, value and bias-table
 gradients with atomics (the key and value gradients either per query block or, with
 :data:`BACKWARD_KV` ``'two-pass'``, once per key block and query range from a
-key-major kernel; the bias table's either per logit or, with :data:`BACKWARD_BIAS`
-``'reduced'``, once per table entry a tile reaches), so those are not bitwise
+key-major kernel; the bias table's either per logit and tap or, with :data:`BIAS_TILE`
+``'slots'``, per pair of a query and a key offset a tile reaches), so those are not bitwise
 deterministic from run to run. For
 float32 inputs it walks the keys twice, the first time for each query row's rounding
 residual, so that gradients that are zero in theory (a bias shared by all keys) stay
@@ -95,26 +95,31 @@ KEY_PASS_ROWS = 1024
 _KEY_PASS_BLOCK_M = {torch.float32: 16}
 
 
-# How the backward adds the bias table's gradient (``tools/benchmark_pooled_attention.py
-# --backward-bias`` times both):
-# 'atomic': one atomic add per logit and tap, 4 per logit where both column axes of the
-#     bias are resized. At stage 1 of TransNeXt-T (2x800x1333) a 32 x 32 tile adds about
-#     3,900 terms into about 200 distinct table entries, and an H100 spent two thirds of
-#     the bfloat16 backward there (with the then acq_rel adds).
-# 'reduced': each tile first sums its logits' gradients per table offset, in two matmuls
-#     with matrices of tap weights (:func:`bias_grad_slots`), then adds once per pair of a
-#     query offset and a key offset: about 21 x 21 adds a tile there. The matmuls' operands
-#     take the input dtype, so in float16/bfloat16 the tap weights round to it (2**-9 of
-#     a bfloat16 weight), as the gradients of the logits already do for the other matmuls.
-#     Where no column axis is resized (one tap), each query and key column reaches an
-#     offset of its own, so there is nothing to sum and the adds stay per logit; so they
-#     do where a block has more than MAX_BIAS_SLOTS offsets (inputs smaller than the
-#     size the bias is built for), beyond what the kernels are checked at without
-#     spilling (compile_for_gpu), and under TF32X3's launch, whose backward has no
-#     registers left for the two matmuls (it spills 8 bytes on sm_90).
-BACKWARD_BIAS = 'atomic'
-BACKWARD_BIAS_CHOICES = ('atomic', 'reduced')
+# How a tile reads the bias from the table, and adds the table's gradient
+# (``tools/benchmark_pooled_attention.py --bias-tile`` times both):
+# 'taps': per logit, each of its taps (4 where both column axes of the bias are resized)
+#     gathers one table entry in the forward and every recomputation, and adds one term
+#     in the backward. At stage 1 of TransNeXt-T (2x800x1333) a 32 x 32 tile gathers and
+#     adds about 3,900 terms over about 200 distinct table entries; an H100 spent two
+#     thirds of the bfloat16 backward on those adds (then acq_rel).
+# 'slots': a block of 32 queries reaches few distinct table offsets (about 21 there), and
+#     so does a block of keys (:func:`bias_slots` numbers them), so the tile's bias is
+#     ``A_q E A_k^T``: E the table entries at each pair of a query and a key offset
+#     (about 21 x 21 gathered), A_q and A_k each position's tap weights at its offsets'
+#     slots; two small matmuls. The gradient is the transpose, ``A_q^T G A_k``, one add
+#     per pair. The matmuls' operands take the input dtype, so in float16/bfloat16 the
+#     tap weights round to it (2**-9 of a bfloat16 weight), as the probabilities and the
+#     logits' gradients already do for the other matmuls.
+#     Taps serve where no column axis is resized (one tap: each query and key column
+#     reaches an offset of its own, so slots save nothing), where a block has more than
+#     MAX_BIAS_SLOTS offsets (inputs smaller than the size the bias is built for), beyond
+#     what the kernels are checked at without spilling (compile_for_gpu), and in float32
+#     (not in _SLOT_DTYPES), whose matmuls are loops of multiply-adds: the two more
+#     spill 48 to 112 bytes on sm_80/sm_90.
+BIAS_TILE = 'taps'
+BIAS_TILE_CHOICES = ('taps', 'slots')
 MAX_BIAS_SLOTS = 32
+_SLOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def key_pass_meta(meta: dict, dtype: torch.dtype) -> dict:
@@ -223,11 +228,12 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
 
     Returns:
         dict[str, bytes]: cubins of ``forward``, ``backward`` (with the bias, key and
-        value gradients, ``BACKWARD_KV='atomic'``), ``backward_keys`` (the key-major
-        pass of ``'two-pass'``) and, where the launch may use it, ``backward_reduced``
-        (the query-major pass of ``'two-pass'`` with ``BACKWARD_BIAS='reduced'`` at
+        value gradients, ``BACKWARD_KV='atomic'``) and ``backward_keys`` (the key-major
+        pass of ``'two-pass'``), the bias read by taps; where the launch may read it by
+        slots (:data:`BIAS_TILE`), also ``forward_slots``, ``backward_slots`` (the
+        query-major pass of ``'two-pass'``) and ``backward_keys_slots``, at
         :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of TransNeXt-T at
-        detection sizes).
+        detection sizes.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -237,15 +243,19 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
     kernels = _kernels()
     built = {}
     residual = dtype == torch.float32
+    taps, slots = dict(Q_SLOTS=0, K_SLOTS=0), dict(Q_SLOTS=MAX_BIAS_SLOTS,
+                                                   K_SLOTS=MAX_BIAS_SLOTS)
     variants = [
-        ('forward', kernels.pooled_attention_forward, {}),
+        ('forward', kernels.pooled_attention_forward, taps),
         ('backward', kernels.pooled_attention_backward,
-         dict(BIAS_GRAD=True, Q_SLOTS=0, K_SLOTS=0, ROW_RESIDUAL=residual, KV_GRAD=True)),
-        ('backward_keys', kernels.pooled_attention_backward_keys, {})]
-    if _may_sum_bias_per_tile(meta):
-        variants.append(('backward_reduced', kernels.pooled_attention_backward,
-                         dict(BIAS_GRAD=True, Q_SLOTS=MAX_BIAS_SLOTS, K_SLOTS=MAX_BIAS_SLOTS,
-                              ROW_RESIDUAL=residual, KV_GRAD=False)))
+         dict(taps, BIAS_GRAD=True, ROW_RESIDUAL=residual, KV_GRAD=True)),
+        ('backward_keys', kernels.pooled_attention_backward_keys, taps)]
+    if _may_use_slots(meta, dtype):
+        variants += [
+            ('forward_slots', kernels.pooled_attention_forward, slots),
+            ('backward_slots', kernels.pooled_attention_backward,
+             dict(slots, BIAS_GRAD=True, ROW_RESIDUAL=residual, KV_GRAD=False)),
+            ('backward_keys_slots', kernels.pooled_attention_backward_keys, slots)]
     for name, kernel, extra in variants:
         constants = dict(key_pass_meta(meta, dtype) if name == 'backward_keys' else meta,
                          **extra)
@@ -302,14 +312,14 @@ def _launch_args(query, key, value, table, bias):
     return grid, shapes, meta
 
 
-def _may_sum_bias_per_tile(meta: dict) -> bool:
-    """Whether a launch may sum the bias table's gradient per tile: a column axis is
-    resized and the dots are not TF32X3's (see :data:`BACKWARD_BIAS`)."""
-    return (meta['Q_TAPS'] > 1 or meta['K_TAPS'] > 1) and meta['DOT_PRECISION'] != 'tf32x3'
+def _may_use_slots(meta: dict, dtype: torch.dtype) -> bool:
+    """Whether a launch may read the bias by slots: 16-bit inputs and a column axis
+    resized (see :data:`BIAS_TILE`)."""
+    return dtype in _SLOT_DTYPES and (meta['Q_TAPS'] > 1 or meta['K_TAPS'] > 1)
 
 
 def _backward_way(name: str, choices: tuple) -> str:
-    """The module setting ``name`` (:data:`BACKWARD_KV`, :data:`BACKWARD_BIAS`), checked."""
+    """The module setting ``name`` (:data:`BACKWARD_KV`, :data:`BIAS_TILE`), checked."""
     way = globals()[name]
     if way not in choices:
         raise ValueError(f'fused_attention.{name} is {way!r}, not one of {choices}')
@@ -317,7 +327,7 @@ def _backward_way(name: str, choices: tuple) -> str:
 
 
 def _slots(address: Tensor, live: Tensor, block: int):
-    """Number each block's distinct live addresses (see :func:`bias_grad_slots`)."""
+    """Number each block's distinct live addresses (see :func:`bias_slots`)."""
     length, taps = address.shape
     blocks = -(-length // block)
     dead = torch.iinfo(torch.int64).max
@@ -336,18 +346,17 @@ def _slots(address: Tensor, live: Tensor, block: int):
     return slot.to(torch.int32).contiguous(), table.to(torch.int32), count
 
 
-def bias_grad_slots(bias, block_m: int, block_n: int, row_stride: int,
-                    pool_row_stride: int) -> tuple:
-    """Where the backward's ``'reduced'`` bias gradient sums a tile's logits.
+def bias_slots(bias, block_m: int, block_n: int, row_stride: int,
+               pool_row_stride: int) -> tuple:
+    """Each block's distinct table offsets, for the kernels' ``'slots'`` bias tiles.
 
     The table entry of tap ``(i, j)`` of query ``m = r * W + c`` and key ``p = a * Wp + b``
     lies at ``r * row_stride + query_term[c, i]`` plus ``a * pool_row_stride +
     key_term[b, j]`` (plus the head's offset): a query offset plus a key offset. A block
     of ``block_m`` queries reaches few distinct query offsets (about 21 for 32 queries at
-    stage 1 of TransNeXt-T at 800x1333, against 64 taps), and likewise a block of keys, so
-    a tile's gradient summed per pair of offsets needs far fewer atomic adds than one per
-    logit and tap. Taps of weight zero take no slot. Computed once per layout and block
-    size on the CPU, kept in ``bias.layout.derived``.
+    stage 1 of TransNeXt-T at 800x1333, against 64 taps), and likewise a block of keys
+    (:data:`BIAS_TILE`). Taps of weight zero take no slot. Computed once per layout and
+    block size on the CPU, kept in ``bias.layout.derived``.
 
     Args:
         bias (RowFactoredBias): the bias; its layout and column taps matter.
@@ -363,7 +372,7 @@ def bias_grad_slots(bias, block_m: int, block_n: int, row_stride: int,
         same three for the keys.
     """
     cache = bias.layout.derived
-    key = ('bias_grad_slots', block_m, block_n, row_stride, pool_row_stride)
+    key = ('bias_slots', block_m, block_n, row_stride, pool_row_stride)
     if key not in cache:
         (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
         built_w, built_pool_w = bias.layout.index_w.shape
@@ -390,14 +399,18 @@ def _on_device(tensor: Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _reduced_bias_slots(bias, table: Tensor, meta: dict):
-    """:func:`bias_grad_slots` where the bias table's gradient is summed per tile
-    (:data:`BACKWARD_BIAS`), else None: the adds stay per logit."""
-    if (_backward_way('BACKWARD_BIAS', BACKWARD_BIAS_CHOICES) != 'reduced'
-            or not _may_sum_bias_per_tile(meta)):
-        return None
-    slots = bias_grad_slots(bias, meta['BLOCK_M'], meta['BLOCK_N'], *table.stride()[1:3])
-    return slots if max(slots[2], slots[5]) <= MAX_BIAS_SLOTS else None
+def _tile_slots(bias, table: Tensor, meta: dict) -> tuple:
+    """The slot arguments of a launch with ``meta``: four tensors and ``Q_SLOTS``/
+    ``K_SLOTS`` meta-parameters, these 0 (with placeholder tensors, not read) where the
+    bias is read by taps (:data:`BIAS_TILE`)."""
+    if (_backward_way('BIAS_TILE', BIAS_TILE_CHOICES) == 'slots'
+            and _may_use_slots(meta, table.dtype)):
+        query_slot, query_addr, query_slots, key_slot, key_addr, key_slots = bias_slots(
+            bias, meta['BLOCK_M'], meta['BLOCK_N'], *table.stride()[1:3])
+        if max(query_slots, key_slots) <= MAX_BIAS_SLOTS:
+            return ((query_slot, query_addr, key_slot, key_addr),
+                    dict(Q_SLOTS=query_slots, K_SLOTS=key_slots))
+    return (table, ) * 4, dict(Q_SLOTS=0, K_SLOTS=0)
 
 
 class _FusedBiasAttention(torch.autograd.Function):
@@ -412,9 +425,10 @@ class _FusedBiasAttention(torch.autograd.Function):
         out = query.new_empty(query.shape[:3] + value.shape[3:])
         lse = query.new_empty(query.shape[:3], dtype=torch.float32)
         grid, shapes, meta = _launch_args(query, key, value, table, bias)
+        slots, slot_meta = _tile_slots(bias, table, meta)
         with _on_device(query):
-            _kernels().pooled_attention_forward[grid](query, key, value, table, *taps, out, lse,
-                                                      *shapes, **meta)
+            _kernels().pooled_attention_forward[grid](query, key, value, table, *taps, *slots,
+                                                      out, lse, *shapes, **meta, **slot_meta)
         ctx.save_for_backward(query, key, value, table, out, lse)
         ctx.bias = bias
         return out, lse
@@ -441,24 +455,24 @@ class _FusedBiasAttention(torch.autograd.Function):
                                  device=table.device)
         grid, shapes, meta = _launch_args(query, key, value, table, bias)
         two_pass = _backward_way('BACKWARD_KV', BACKWARD_KV_CHOICES) == 'two-pass'
-        slots = _reduced_bias_slots(bias, table, meta) if want_bias else None
-        if slots is not None:
-            query_slot, query_addr, query_slots, key_slot, key_addr, key_slots = slots
-        else:   # per-logit adds; the slot pointers are not read
-            query_slot = query_addr = key_slot = key_addr = taps[0]
-            query_slots = key_slots = 0
+        slots, slot_meta = _tile_slots(bias, table, meta)
         with _on_device(query):
             _kernels().pooled_attention_backward[grid](
-                query, key, value, grad_out, lse, shift, grad_lse, table, *taps,
-                grad_query, grad_key, grad_value, grad_table, query_slot, query_addr, key_slot,
-                key_addr, *shapes, BIAS_GRAD=want_bias, Q_SLOTS=query_slots, K_SLOTS=key_slots,
-                ROW_RESIDUAL=query.dtype == torch.float32, KV_GRAD=not two_pass, **meta)
+                query, key, value, grad_out, lse, shift, grad_lse, table, *taps, *slots,
+                grad_query, grad_key, grad_value, grad_table, *shapes, BIAS_GRAD=want_bias,
+                ROW_RESIDUAL=query.dtype == torch.float32, KV_GRAD=not two_pass, **meta,
+                **slot_meta)
             if two_pass:  # shift now holds each row's final shift
+                keys_meta = key_pass_meta(meta, query.dtype)
                 keys_grid = (-(-key.shape[2] // meta['BLOCK_N']), grid[1],
                              -(-query.shape[2] // KEY_PASS_ROWS))
+                # Query slots are numbered per block: ranges must start on one.
+                slots, slot_meta = (_tile_slots(bias, table, keys_meta)
+                                    if KEY_PASS_ROWS % keys_meta['BLOCK_M'] == 0 else
+                                    ((table, ) * 4, dict(Q_SLOTS=0, K_SLOTS=0)))
                 _kernels().pooled_attention_backward_keys[keys_grid](
-                    query, key, value, grad_out, lse, shift, table, *taps, grad_key,
-                    grad_value, *shapes, KEY_PASS_ROWS, **key_pass_meta(meta, query.dtype))
+                    query, key, value, grad_out, lse, shift, table, *taps, *slots, grad_key,
+                    grad_value, *shapes, KEY_PASS_ROWS, **keys_meta, **slot_meta)
         return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype),
                 grad_table.to(table.dtype) if want_bias else None, None)
 
@@ -485,7 +499,8 @@ def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tup
     _check_args(query, key, value, bias)
     # Spread to the even numbering outside the Function: autograd sums the gradient
     # of each offset's copies back (copies of an offset that never occurs get none).
-    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
+    # The kernels read the table in the queries' dtype (the model builds it so).
+    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4]).to(query.dtype)
     return _FusedBiasAttention.apply(query, key, value, table, bias)
 
 
