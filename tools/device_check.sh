@@ -52,8 +52,10 @@
 # with the machine's start. If everything does not fit one budget, a later step that
 # finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
 # two calls that each fit:
-#   DEVICE_CHECK_ONLY=mmcv,backbone,detector,pooled                (the speed figures)
-#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,benchmark-op   (correctness, the op)
+#   DEVICE_CHECK_ONLY=mmcv,backbone,pooled         (the speed figures that decide the rule)
+#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,benchmark-op,detector
+#                                                  (correctness; the op and Mask R-CNN last,
+#                                                  as far as the budget reaches)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
 # that fits what is left; on a machine still warm it skips the op's rebuild.
 #

@@ -30,10 +30,10 @@ gradient their transpose (:func:`_add_slot_grad`).
 Each program owns ``BLOCK_M`` queries of one (image, head) and walks the keys
 ``BLOCK_N`` at a time, so no ``N x P`` tensor exists outside registers; the
 key-major backward kernel owns ``BLOCK_N`` keys and walks a range of queries
-``BLOCK_M`` at a time. Head dims are padded to the ``D_PAD``/``DV_PAD`` powers of two (at least 16, as ``tl.dot``
-needs) with masked loads. Logits, probabilities and statistics are float32; the
-matmul operands keep the input dtype (tensor cores for float16/bfloat16; float32
-operands use ``DOT_PRECISION``).
+``BLOCK_M`` at a time. Head dims are padded to the ``D_PAD``/``DV_PAD`` powers of two
+(at least 16, as ``tl.dot`` needs) with masked loads. Logits, probabilities and
+statistics are float32; the matmul operands keep the input dtype (tensor cores for
+float16/bfloat16; float32 operands use ``DOT_PRECISION``).
 """
 import os
 
