@@ -186,6 +186,18 @@ def test_separable_col_taps_give_the_product_taps(build_q, build_k, width, pool_
     assert int(q_term.max() + k_term.max()) < spread.numel()
 
 
+def test_column_taps_are_built_once_per_layout():
+    """Every forward builds a new RowFactoredBias; its column taps come from the layout
+    (on CUDA building them waits for the GPU, once per attention layer otherwise)."""
+    layout = bias_layout((9, 9), (3, 3), (9, 9), (5, 13), (1, 4), torch.device('cpu'))
+    first, second = (RowFactoredBias(torch.randn(2, *layout.coords.shape[:2]), layout)
+                     for _ in range(2))
+    assert all(a is b for a, b in zip(first.separable_col_taps(), second.separable_col_taps()))
+    assert all(a is b for a, b in zip(first.col_taps(torch.float32),
+                                      second.col_taps(torch.float32)))
+    assert first.col_taps(torch.float64)[1].dtype == torch.float64
+
+
 def test_even_numbering_that_misses_an_offset_is_refused(monkeypatch):
     from mmtransnext.models import position_bias
 

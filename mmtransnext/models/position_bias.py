@@ -106,8 +106,9 @@ class BiasLayout:
         index_w (Tensor): ``(Qw, Kw)`` long, likewise for columns.
         query_size (tuple[int, int]): ``(H, W)`` the bias is resized to.
         key_size (tuple[int, int]): ``(Hp, Wp)`` the bias is resized to.
-        derived (dict): what a kernel derives from the layout alone, kept with it
-            (:func:`~mmtransnext.ops.fused_attention.bias_slots`).
+        derived (dict): what is derived from the layout alone, kept with it: the
+            column taps of :class:`RowFactoredBias`, the slots of
+            :func:`~mmtransnext.ops.fused_attention.bias_slots`.
     """
     offsets_h: Tensor
     offsets_w: Tensor
@@ -327,7 +328,9 @@ class RowFactoredBias:
         by_rows = table[:, layout.index_h].permute(0, 3, 1, 2)   # (h, Uw, Qh, Kh)
         by_rows = _resize(by_rows, (height, pool_h))               # (h, Uw, H, Hp)
         self.by_rows = by_rows.permute(0, 2, 3, 1).contiguous()    # (h, H, Hp, Uw)
-        self._col_taps = {}
+        # The column taps below depend on the layout alone: kept in layout.derived, they
+        # are built and copied to its device once, not in every forward (building them
+        # on CUDA reads the offsets' numbering back from the GPU, which waits for it).
 
     def _column_resizes(self, dtype):
         """Source columns and weights of the query-column and key-column resizes."""
@@ -338,16 +341,17 @@ class RowFactoredBias:
 
     def col_taps(self, dtype) -> Tuple[Tensor, Tensor]:
         """``(W, Wp, 4)`` indices into ``Uw`` and their weights, for the CPU band kernels."""
-        if dtype not in self._col_taps:
+        key = ('col_taps', dtype)
+        if key not in self.layout.derived:
             (_, width), (_, pool_w) = self.layout.query_size, self.layout.key_size
             cols, col_w, keys, key_w = self._column_resizes(dtype)   # (W, 2), (Wp, 2)
             index_w = self.layout.index_w.cpu()
             index = index_w[cols[:, None, :, None], keys[None, :, None, :]]   # (W, Wp, 2, 2)
             weight = col_w[:, None, :, None] * key_w[None, :, None, :]
-            device = self.by_rows.device
-            self._col_taps[dtype] = (index.reshape(width, pool_w, 4).to(device),
-                                     weight.reshape(width, pool_w, 4).to(device, dtype))
-        return self._col_taps[dtype]
+            device = self.layout.index_w.device
+            self.layout.derived[key] = (index.reshape(width, pool_w, 4).to(device),
+                                   weight.reshape(width, pool_w, 4).to(device, dtype))
+        return self.layout.derived[key]
 
     def separable_col_taps(self) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The column taps as two factors, for the fused GPU kernels.
@@ -363,16 +367,16 @@ class RowFactoredBias:
             float32, ``key_term (Wp, 2)`` int32, ``key_weight (Wp, 2)`` float32 and
             ``spread (Ue,)`` long, all on the bias's device.
         """
-        if 'separable' not in self._col_taps:
+        if 'separable_col_taps' not in self.layout.derived:
             cols, col_w, keys, key_w = self._column_resizes(torch.float32)
             query_term, key_term, spread = (t.cpu() for t in self.layout.even_columns)
-            device = self.by_rows.device
+            device = self.layout.index_w.device
             taps = (query_term[cols].to(device, torch.int32).contiguous(),
                     col_w.to(device).contiguous(),
                     key_term[keys].to(device, torch.int32).contiguous(),
                     key_w.to(device).contiguous(), spread.to(device))
-            self._col_taps['separable'] = taps
-        return self._col_taps['separable']
+            self.layout.derived['separable_col_taps'] = taps
+        return self.layout.derived['separable_col_taps']
 
     def rows(self, start: int, stop: int, by_rows: Tensor = None) -> Tensor:
         """The bias of query rows ``start:stop``, in plain PyTorch.
