@@ -278,14 +278,16 @@ def test_pooled_attention_tiles_reach_the_dispatcher(monkeypatch, capsys):
 
 
 def test_kernel_resources_table(capsys):
-    """The machine code of the launch configuration: one row per kernel, no spills."""
+    """The machine code of the launch configuration: one row per kernel (the bias read
+    by taps, and by slots), no spills."""
     pytest.importorskip('triton')
     import kernel_resources
     assert kernel_resources.main(['--arch', '90', '--dtypes', 'bf16']) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith('| sm_90 | bf16 | 32 x 32 x 8 | 4 |')]
-    assert [row.split('|')[5].strip() for row in rows] == ['forward', 'backward',
-                                                            'backward_keys']
+    assert [row.split('|')[5].strip() for row in rows] == [
+        'forward', 'backward', 'backward_keys', 'forward_slots', 'backward_slots',
+        'backward_keys_slots']
     assert all(row.split('|')[7].strip() == '0' for row in rows), rows
 
 
