@@ -43,7 +43,7 @@ def _offset_mlp(layout, fc1, fc2, dtype):
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_offset_mlp_equals_linear_layers(monkeypatch, chunk_elements, dtype, tol):
     # 1 element per chunk: one grid row per step; 100: several rows and a remainder.
-    monkeypatch.setattr(position_bias, '_MLP_CHUNK_ELEMENTS', chunk_elements)
+    monkeypatch.setitem(position_bias._MLP_CHUNK_ELEMENTS, 'cpu', chunk_elements)
     layout = bias_layout((13, 11), (3, 2), (14, 14), (13, 11), (3, 2), torch.device('cpu'))
     fc1, fc2 = _mlp(dtype)
     params = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
@@ -58,8 +58,17 @@ def test_offset_mlp_equals_linear_layers(monkeypatch, chunk_elements, dtype, tol
         assert (got - want).abs().max() <= tol * max(want.abs().max(), 1)
 
 
+def test_offset_mlp_chunks_by_device():
+    """Stage 1 of TransNeXt-T at 800x1333 (392 x 392 offsets, 512 hidden): chunks sized
+    for a CPU's cache there, for launches on a GPU; every grid row in one chunk."""
+    for device, count in (('cpu', 79), ('cuda', 10), ('meta', 79)):
+        chunks = OffsetMLP._chunks(392, 392, 512, torch.device(device))
+        assert len(chunks) == count and chunks[0][0] == 0 and chunks[-1][1] == 392
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+
+
 def test_offset_mlp_gradcheck(monkeypatch):
-    monkeypatch.setattr(position_bias, '_MLP_CHUNK_ELEMENTS', 8)
+    monkeypatch.setitem(position_bias._MLP_CHUNK_ELEMENTS, 'cpu', 8)
     torch.manual_seed(0)
     offsets_h = torch.randn(5, dtype=torch.float64)
     offsets_w = torch.randn(3, dtype=torch.float64)

@@ -176,9 +176,13 @@ def bias_layout(build_query: Size2d, build_key: Size2d, pretrain: Size2d,
                       query_size=tuple(query_size), key_size=tuple(key_size))
 
 
-# Rows of the offset grid per step of OffsetMLP: about 1 Mi hidden values (4 MB in
-# float32), so that a chunk's hidden layer stays in the cache between its uses.
-_MLP_CHUNK_ELEMENTS = 1 << 20
+# Hidden values per step of OffsetMLP, by device type. On the CPU about 1 Mi (4 MB in
+# float32), so that a chunk's hidden layer stays in the cache between its uses. On a GPU
+# such a chunk is a few microseconds of work, less than launching its kernels: stage 1
+# of TransNeXt-T at 800x1333 (392 x 392 offsets, 512 hidden) took 79 chunks of about ten
+# launches each, forward and backward, in each of its layers; 8 Mi (32 MB, a few
+# transient copies in the backward) take 10.
+_MLP_CHUNK_ELEMENTS = {'cpu': 1 << 20, 'cuda': 1 << 23}
 
 
 class OffsetMLP(torch.autograd.Function):
@@ -205,8 +209,9 @@ class OffsetMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def _chunks(rows: int, cols: int, hidden: int):
-        step = max(1, _MLP_CHUNK_ELEMENTS // (cols * hidden))
+    def _chunks(rows: int, cols: int, hidden: int, device: torch.device):
+        elements = _MLP_CHUNK_ELEMENTS.get(device.type, _MLP_CHUNK_ELEMENTS['cpu'])
+        step = max(1, elements // (cols * hidden))
         return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
     @staticmethod
@@ -218,7 +223,7 @@ class OffsetMLP(torch.autograd.Function):
         row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
         rows, cols, heads = offsets_h.numel(), offsets_w.numel(), w2.shape[0]
         table = w2.new_empty(rows, cols, heads)
-        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0]):
+        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0], w1.device):
             hidden = (row_part[start:stop, None] + col_part[None]).relu_()
             torch.matmul(hidden, w2.t(), out=table[start:stop])
         table += b2
@@ -242,7 +247,7 @@ class OffsetMLP(torch.autograd.Function):
         # of hundreds of additions shows in fc1's gradient.
         grad_cols = torch.zeros_like(col_part, dtype=torch.float64)
         grad_w2 = torch.zeros_like(w2)
-        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0]):
+        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0], w1.device):
             hidden = (row_part[start:stop, None] + col_part[None]).relu_()
             chunk = grad[start:stop]
             grad_w2.addmm_(chunk.reshape(-1, heads).t(), hidden.reshape(-1, hidden.shape[-1]))
