@@ -20,12 +20,12 @@ float32 whatever the input dtype. The backward adds the key, value and bias-tabl
 gradients with atomics (the key and value gradients either per query block or, with
 :data:`BACKWARD_KV` ``'two-pass'``, once per key block and query range from a
 key-major kernel; the bias table's either per logit and tap or, with :data:`BIAS_TILE`
-``'slots'``, per pair of a query and a key offset a tile reaches), so those are not bitwise
-deterministic from run to run. For
-float32 inputs it walks the keys twice, the first time for each query row's rounding
-residual, so that gradients that are zero in theory (a bias shared by all keys) stay
-as small as the reference's and the golden tolerances hold; for float16/bfloat16 the
-operands' rounding dominates and one walk is done.
+``'slots'``, per pair of a query and a key offset a tile reaches), so those are not
+bitwise deterministic from run to run. For float32 inputs it walks the keys twice,
+the first time for each query row's rounding residual, so that gradients that are
+zero in theory (a bias shared by all keys) stay as small as the reference's and the
+golden tolerances hold; for float16/bfloat16 the operands' rounding dominates and one
+walk is done.
 
 Dispatch follows one rule, :func:`use_fused_attention` (applied by
 ``mmtransnext.models.attention``): CUDA tensors in float32, float16 or bfloat16 take
@@ -257,8 +257,8 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
              dict(slots, BIAS_GRAD=True, ROW_RESIDUAL=residual, KV_GRAD=False)),
             ('backward_keys_slots', kernels.pooled_attention_backward_keys, slots)]
     for name, kernel, extra in variants:
-        constants = dict(key_pass_meta(meta, dtype) if name == 'backward_keys' else meta,
-                         **extra)
+        constants = dict(key_pass_meta(meta, dtype) if name.startswith('backward_keys')
+                         else meta, **extra)
         signature = {}
         for arg in inspect.signature(kernel.fn).parameters:
             if arg in constants:
