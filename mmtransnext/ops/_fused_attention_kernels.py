@@ -173,7 +173,7 @@ def _key_tile(q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, K_SLOT, K_SLOT
         key_slots = key_slots.to(q.dtype)
         logits += _slot_bias(TABLE, head * s_head, query_slots, query_addr, key_slots, key_addr,
                              DOT_PRECISION)
-    else:
+    else:   # read by taps; the key slots are placeholders, not used
         key_slots = 0
         key_addr = 0
         logits += _bias_tile(TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT, col, pool_col, table,
