@@ -52,7 +52,10 @@ def peak_rss_bytes():
 
 def measure(path, mode, shape, repeats, threads, device, dtype_name):
     """Median time and peak extra memory of one (path, mode) in one dtype, as a dict."""
-    sys.path.insert(0, ROOT)
+    try:     # the installed package (with its compiled op), else this checkout
+        import mmtransnext  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, ROOT)
     import torch
 
     from mmtransnext.ops import sliding_window as sw
