@@ -41,23 +41,34 @@ def test_kernels_are_interpreted():
     assert _fused_attention_kernels.INTERPRETED
 
 
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize('case', list(CASES))
-def test_forward_and_gradients_equal_whole_matrix(case, dtype):
+def _with_reference(case, seed, grad_seed):
+    """A case's float64 leaves and layout, random incoming gradients of both outputs,
+    and what the whole-matrix reference gives: ``(out, lse)`` and the leaves' gradients."""
     spec, batch, heads, head_dim = CASES[case]
-    leaves, layout = make_inputs(spec, batch, heads, head_dim)
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=seed)
     ref_out, ref_lse = whole_matrix(*leaves, layout)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(grad_seed)
     grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
     grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
     _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
-    (out, lse), grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert_near(out, ref_out, TOL[dtype], 'out')
-    assert_near(lse, ref_lse, TOL[dtype], 'lse')
+    return leaves, layout, (grad_out, grad_lse), (ref_out, ref_lse), ref_grads
+
+
+def _assert_gradients_near(grads, ref_grads, dtype):
     for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
         assert got.dtype == dtype
         assert_near(got, ref, TOL[dtype], name)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize('case', list(CASES))
+def test_forward_and_gradients_equal_whole_matrix(case, dtype):
+    leaves, layout, incoming, (ref_out, ref_lse), ref_grads = _with_reference(case, 0, 1)
+    (out, lse), grads = gradients(fused, leaves, layout, *incoming, dtype)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_near(out, ref_out, TOL[dtype], 'out')
+    assert_near(lse, ref_lse, TOL[dtype], 'lse')
+    _assert_gradients_near(grads, ref_grads, dtype)
 
 
 @pytest.mark.parametrize('used', ['out', 'lse'])
@@ -86,17 +97,9 @@ def test_two_pass_backward_equals_whole_matrix(case, dtype, rows, monkeypatch):
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', 'two-pass')
     monkeypatch.setattr(fused_attention, 'KEY_PASS_ROWS', rows)
-    spec, batch, heads, head_dim = CASES[case]
-    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=6)
-    ref_out, ref_lse = whole_matrix(*leaves, layout)
-    gen = torch.Generator().manual_seed(2)
-    grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
-    grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
-    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
-    _, grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
-    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
-        assert got.dtype == dtype
-        assert_near(got, ref, TOL[dtype], name)
+    leaves, layout, incoming, _, ref_grads = _with_reference(case, 6, 2)
+    _, grads = gradients(fused, leaves, layout, *incoming, dtype)
+    _assert_gradients_near(grads, ref_grads, dtype)
 
 
 @pytest.fixture
@@ -122,21 +125,13 @@ def test_slot_bias_tiles_equal_whole_matrix(case, dtype, backward, slot_tiles, m
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
     monkeypatch.setattr(fused_attention, 'KEY_PASS_ROWS', 32)
-    spec, batch, heads, head_dim = CASES[case]
-    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=8)
-    ref_out, ref_lse = whole_matrix(*leaves, layout)
-    gen = torch.Generator().manual_seed(5)
-    grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
-    grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
-    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
+    leaves, layout, incoming, (ref_out, ref_lse), ref_grads = _with_reference(case, 8, 5)
     layout.derived.clear()      # the layout is cached: see that these launches fill it
-    (out, lse), grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
+    (out, lse), grads = gradients(fused, leaves, layout, *incoming, dtype)
     assert any(key[0] == 'bias_slots' for key in layout.derived), 'not read by slots'
     assert_near(out, ref_out, TOL[dtype], 'out')
     assert_near(lse, ref_lse, TOL[dtype], 'lse')
-    for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):
-        assert got.dtype == dtype
-        assert_near(got, ref, TOL[dtype], name)
+    _assert_gradients_near(grads, ref_grads, dtype)
 
 
 @pytest.mark.parametrize('backward', ['atomic', 'two-pass'])

@@ -300,13 +300,18 @@ def machine_code_resources(cubin: bytes) -> dict:
                 memory_barriers=len(re.findall(r'\bMEMBAR\.\S*GPU\b', sass)))
 
 
+def _resized_columns(layout) -> tuple:
+    """Whether the bias's query columns and its key columns are resized (2 taps each)."""
+    built_w, built_pool_w = layout.index_w.shape
+    return built_w != layout.query_size[1], built_pool_w != layout.key_size[1]
+
+
 def _launch_args(query, key, value, table, bias):
     """The shape arguments and meta-parameters shared by both kernels."""
     batch, heads, tokens, head_dim = query.shape
     keys, value_dim = key.shape[2], value.shape[3]
     width, pool_w = bias.layout.query_size[1], bias.layout.key_size[1]
-    built_w, built_pool_w = bias.layout.index_w.shape
-    meta = launch_meta(query.dtype, head_dim, value_dim, built_w != width, built_pool_w != pool_w)
+    meta = launch_meta(query.dtype, head_dim, value_dim, *_resized_columns(bias.layout))
     grid = (-(-tokens // meta['BLOCK_M']), batch * heads)
     shapes = (heads, tokens, keys, head_dim, value_dim, width, pool_w, *table.stride()[:3])
     return grid, shapes, meta
@@ -375,15 +380,15 @@ def bias_slots(bias, block_m: int, block_n: int, row_stride: int,
     key = ('bias_slots', block_m, block_n, row_stride, pool_row_stride)
     if key not in cache:
         (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
-        built_w, built_pool_w = bias.layout.index_w.shape
+        query_resized, key_resized = _resized_columns(bias.layout)
         query_term, query_weight, key_term, key_weight, _ = (
             t.cpu() for t in bias.separable_col_taps())
         found = []
         for length, size, stride, term, weight, taps, block in (
                 (height * width, width, row_stride, query_term, query_weight,
-                 2 if built_w != width else 1, block_m),
+                 1 + query_resized, block_m),
                 (pool_h * pool_w, pool_w, pool_row_stride, key_term, key_weight,
-                 2 if built_pool_w != pool_w else 1, block_n)):
+                 1 + key_resized, block_n)):
             position = torch.arange(length)
             address = ((position // size)[:, None] * stride
                        + term[position % size, :taps].long())
@@ -399,11 +404,11 @@ def _on_device(tensor: Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _tile_slots(bias, table: Tensor, meta: dict) -> tuple:
+def _tile_slots(bias, table: Tensor, meta: dict, allowed: bool = True) -> tuple:
     """The slot arguments of a launch with ``meta``: four tensors and ``Q_SLOTS``/
     ``K_SLOTS`` meta-parameters, these 0 (with placeholder tensors, not read) where the
-    bias is read by taps (:data:`BIAS_TILE`)."""
-    if (_backward_way('BIAS_TILE', BIAS_TILE_CHOICES) == 'slots'
+    bias is read by taps (:data:`BIAS_TILE`, or not ``allowed``)."""
+    if (_backward_way('BIAS_TILE', BIAS_TILE_CHOICES) == 'slots' and allowed
             and _may_use_slots(meta, table.dtype)):
         query_slot, query_addr, query_slots, key_slot, key_addr, key_slots = bias_slots(
             bias, meta['BLOCK_M'], meta['BLOCK_N'], *table.stride()[1:3])
@@ -467,9 +472,8 @@ class _FusedBiasAttention(torch.autograd.Function):
                 keys_grid = (-(-key.shape[2] // meta['BLOCK_N']), grid[1],
                              -(-query.shape[2] // KEY_PASS_ROWS))
                 # Query slots are numbered per block: ranges must start on one.
-                slots, slot_meta = (_tile_slots(bias, table, keys_meta)
-                                    if KEY_PASS_ROWS % keys_meta['BLOCK_M'] == 0 else
-                                    ((table, ) * 4, dict(Q_SLOTS=0, K_SLOTS=0)))
+                slots, slot_meta = _tile_slots(
+                    bias, table, keys_meta, allowed=KEY_PASS_ROWS % keys_meta['BLOCK_M'] == 0)
                 _kernels().pooled_attention_backward_keys[keys_grid](
                     query, key, value, grad_out, lse, shift, table, *taps, *slots, grad_key,
                     grad_value, *shapes, KEY_PASS_ROWS, **keys_meta, **slot_meta)
