@@ -120,6 +120,9 @@ def torch_cxx_runtime():
 def make_extension():
     sources = rel([os.path.join(HERE, 'csrc', 'sliding_window.cpp')] +
                   glob.glob(os.path.join(HERE, 'csrc', 'cpu', '*.cpp')))
+    # Headers too, so that an edit of one rebuilds the extension without ninja.
+    headers = rel(glob.glob(os.path.join(HERE, 'csrc', '*.h')) +
+                  glob.glob(os.path.join(HERE, 'csrc', '*', '*.h')))
     std = '-std=' + VERSION['cxx_standard'](torch.__version__)
     cxx_flags = ['-O3', '-fopenmp', std]
     link_flags = ['-fopenmp']  # pulls in libgomp, which at::parallel_for then uses
@@ -142,8 +145,8 @@ def make_extension():
             'mmtransnext._C', sources,
             extra_compile_args={'cxx': cxx_flags,
                                 'nvcc': ['-O3', '--use_fast_math', std]},
-            extra_link_args=link_flags)
-    return CppExtension('mmtransnext._C', sources,
+            extra_link_args=link_flags, depends=headers)
+    return CppExtension('mmtransnext._C', sources, depends=headers,
                         extra_compile_args={'cxx': cxx_flags}, extra_link_args=link_flags)
 
 

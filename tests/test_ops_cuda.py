@@ -149,8 +149,16 @@ def _op_inputs(shape, dtype, seed=0):
                 v=rnd(B, h, N, d), gl=rnd(B, h, N, L), go=rnd(B, h, N, d))
 
 
-def _run(x, H, W, ws, fn_logits, fn_aggregate):
-    q, k, b, w, v = (x[n].detach().clone().requires_grad_() for n in ('q', 'k', 'bias', 'w', 'v'))
+def _leaf(t, misaligned=False):
+    """A leaf copy of ``t``; misaligned: one value into its storage (no 16-byte accesses)."""
+    if not misaligned:
+        return t.detach().clone().requires_grad_()
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t.detach()).requires_grad_()
+
+
+def _run(x, H, W, ws, fn_logits, fn_aggregate, misaligned=False):
+    q, k, b, w, v = (_leaf(x[n], misaligned) for n in ('q', 'k', 'bias', 'w', 'v'))
     logits = fn_logits(q, k, b, H, W, ws)
     agg = fn_aggregate(w, v, H, W, ws)
     grads = torch.autograd.grad(logits, (q, k, b), x['gl']) + torch.autograd.grad(
@@ -162,12 +170,15 @@ def _run(x, H, W, ws, fn_logits, fn_aggregate):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('shape', [(2, 3, 5, 6, 8, 3), (1, 2, 9, 1, 24, 7),
                                    (2, 3, 40, 67, 24, 3), (1, 4, 14, 14, 32, 5)], ids=str)
-def test_cuda_kernels_match_float32_reference(shape, dtype):
+@pytest.mark.parametrize('misaligned', [False, True], ids=['aligned', 'misaligned'])
+def test_cuda_kernels_match_float32_reference(shape, dtype, misaligned):
+    # Aligned inputs whose head dim fills 16 bytes take the vector accesses; misaligned
+    # ones (and head dims that do not) one value at a time.
     assert ops.extension_available('cuda'), 'mmtransnext._C was built without CUDA kernels'
     B, h, H, W, d, ws = shape
     x = _op_inputs(shape, dtype)
     outs, grads = _run(x, H, W, ws, torch.ops.mmtransnext.sliding_window_logits,
-                       torch.ops.mmtransnext.sliding_window_aggregate)
+                       torch.ops.mmtransnext.sliding_window_aggregate, misaligned)
     # The reference in float32 on the same rounded inputs.
     x32 = {k: v.float() for k, v in x.items()}
     ref_outs, ref_grads = _run(x32, H, W, ws, ops.sliding_window_logits_reference,
