@@ -51,8 +51,19 @@ def test_op_runs_both_paths_on_cpu(capsys):
     assert [line.split('|')[2].strip() for line in lines[3:]] == ['forward', 'forward+backward']
 
 
+def test_op_profile_names_the_compiled_kernels(capsys):
+    assert bo.main(['--shape', '1', '2', '5', '7', '8', '3', '--repeats', '1',
+                    '--threads', '1', '--profile', '100']) == 0
+    out = capsys.readouterr().out
+    profile = out.split('profile of one compiled forward+backward, float32', 1)[1]
+    # The compiled op's forward and backward are what the compiled path runs.
+    assert 'mmtransnext::sliding_window_logits' in profile
+    assert 'mmtransnext::sliding_window_aggregate_backward' in profile
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--repeats', '0'], '--repeats must be at least 1'),
+    (['--profile', '-1'], '--profile must not be negative'),
     (['--dtype', 'float64'], 'invalid choice'),
     (['--device', 'xla'], 'invalid choice'),
 ])

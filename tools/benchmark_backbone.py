@@ -172,6 +172,8 @@ def _worker(args) -> list:
 def _time(args, model, x, dtype: str, mode: str) -> dict:
     """Median time and peak memory of one mode and dtype of ``model`` on ``x``."""
     import torch
+
+    from mmtransnext.tools.profiling import profile_table
     cuda = x.device.type == 'cuda'
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16')
 
@@ -209,26 +211,8 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
     if args.profile and mode == 'train' and args.path != 'swin':
-        result['profile'] = _profile(step, cuda, args.profile)
+        result['profile'] = profile_table(step, cuda, args.profile)
     return result
-
-
-def _profile(step, cuda: bool, top: int) -> str:
-    """The ``top`` operators and kernels of one ``step()`` by self time, as a table."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    averages = prof.key_averages()
-    if not cuda:
-        key = 'self_cpu_time_total'
-    else:   # torch 2.4 renamed the CUDA columns
-        key = ('self_device_time_total' if hasattr(averages[0], 'self_device_time_total')
-               else 'self_cuda_time_total')
-    return averages.table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
 def _worker_command(args, path, runs):

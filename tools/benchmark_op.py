@@ -24,6 +24,7 @@ several dtypes give a table each, in one run.
 Usage:
     python tools/benchmark_op.py [--repeats 5] [--threads 2]
         [--shape B HEADS HEIGHT WIDTH DIM WS] [--device cpu] [--dtype float32 ...]
+        [--profile K]
 """
 import argparse
 import json
@@ -50,8 +51,12 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def measure(path, mode, shape, repeats, threads, device, dtype_name):
-    """Median time and peak extra memory of one (path, mode) in one dtype, as a dict."""
+def measure(path, mode, shape, repeats, threads, device, dtype_name, profile=0):
+    """Median time and peak extra memory of one (path, mode) in one dtype, as a dict.
+
+    With ``profile`` > 0, the compiled path's forward+backward also returns a
+    ``torch.profiler`` table of one more run (its ``profile`` costliest entries).
+    """
     try:     # the installed package (with its compiled op), else this checkout
         import mmtransnext  # noqa: F401
     except ImportError:
@@ -108,14 +113,19 @@ def measure(path, mode, shape, repeats, threads, device, dtype_name):
         step()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if on_cuda else peak_rss_bytes()
-    return dict(path=path, mode=mode, dtype=dtype_name, median_s=statistics.median(times),
-                times_s=times, peak_extra_mib=(peak - baseline) / 2**20)
+    result = dict(path=path, mode=mode, dtype=dtype_name, median_s=statistics.median(times),
+                  times_s=times, peak_extra_mib=(peak - baseline) / 2**20)
+    if profile and path == 'compiled' and backward:
+        from mmtransnext.tools.profiling import profile_table
+        result['profile'] = profile_table(step, on_cuda, profile)
+    return result
 
 
 def run_worker(path, mode, args, dtype_name):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', path, mode,
            '--repeats', str(args.repeats), '--threads', str(args.threads),
-           '--device', args.device, '--dtype', dtype_name, '--shape', *map(str, args.shape)]
+           '--device', args.device, '--dtype', dtype_name, '--shape', *map(str, args.shape),
+           '--profile', str(args.profile)]
     # A fixed mmap threshold makes glibc return every large freed block to the OS at
     # once, so the resident high-water mark follows live tensor memory instead of heap
     # fragmentation (the default threshold adapts to freed sizes up to 32 MiB).
@@ -155,13 +165,19 @@ def main(argv=None):
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--dtype', nargs='+', default=['float32'],
                         choices=('float32', 'float16', 'bfloat16'))
+    parser.add_argument('--profile', type=int, default=0, metavar='K',
+                        help='after the compiled path\'s timed forward+backward runs, profile '
+                             'one more (torch.profiler) and print its K costliest operators '
+                             'and kernels (default: 0, no profile)')
     parser.add_argument('--worker', nargs=2, metavar=('PATH', 'MODE'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error('--repeats must be at least 1')
+    if args.profile < 0:
+        parser.error('--profile must not be negative')
     if args.worker:
         print(json.dumps(measure(*args.worker, tuple(args.shape), args.repeats, args.threads,
-                                 args.device, args.dtype[0])))
+                                 args.device, args.dtype[0], args.profile)))
         return 0
 
     B, h, H, W, d, ws = args.shape
@@ -176,8 +192,12 @@ def main(argv=None):
                     results.append(run_worker(p, m, args, dtype_name))
                 else:
                     results.append(measure(p, m, tuple(args.shape), args.repeats, args.threads,
-                                           args.device, dtype_name))
+                                           args.device, dtype_name, args.profile))
     print(format_table(results))
+    for result in results:
+        if 'profile' in result:
+            print(f'\nprofile of one compiled forward+backward, {result["dtype"]}\n'
+                  f'{result["profile"]}')
     return 0
 
 

@@ -316,7 +316,7 @@ fi
 if [[ $HAS_GPU == 1 ]]; then
     # The fused paths first: a run stopped at its limit keeps the rows printed so far.
     run_step backbone 270 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-slots reference swin --repeats 3 --warmup 1 --profile 12"
-    run_step benchmark-op 60 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16"
+    run_step benchmark-op 75 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16 --profile 8"
     if [[ $MMCV_RC == 0 ]]; then
         run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
     else
