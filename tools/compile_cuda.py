@@ -3,11 +3,18 @@
 
 A build check for machines without a GPU: it proves the CUDA kernels compile for
 sm_80 and sm_90 (one ``-gencode`` per architecture, one nvcc call per file) against the
-installed torch's headers, with the flags ``torch.utils.cpp_extension`` would use. The
-objects are not linked or loaded.
+installed torch's headers, with the flags ``setup.py`` builds them with. The objects
+are not linked or loaded.
+
+``--resources`` also prints, per kernel and architecture, what its machine code needs
+(read with ``cuobjdump``, the one Triton ships or one on PATH): registers and stack
+bytes per thread, SASS instructions, subroutines (``RET``: the integer division
+routines of a runtime ``/`` or ``%``, among others; a ``CALL`` alone may also be the
+compiler's reconvergence idiom, so calls are not counted) and global loads.
 
 Usage:
     python tools/compile_cuda.py [--out-dir DIR] [--arch 80 --arch 90] [--nvcc PATH]
+        [--resources]
 
 Exits 0 when every file compiles; otherwise prints nvcc's message and exits 1
 (2 when nvcc or torch is missing).
@@ -15,6 +22,7 @@ Exits 0 when every file compiles; otherwise prints nvcc's message and exits 1
 import argparse
 import glob
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -56,10 +64,69 @@ def torch_flags(shim_dir):
     flags += list(cpp_extension.COMMON_NVCC_FLAGS)
     # The standard setup.py compiles the op with, for this torch.
     cxx_standard = runpy.run_path(os.path.join(ROOT, 'mmtransnext', 'version.py'))['cxx_standard']
-    flags += [f'-std={cxx_standard(torch.__version__)}', '-O3', '-Xcompiler', '-fPIC',
+    flags += [f'-std={cxx_standard(torch.__version__)}', '-O3', '--use_fast_math',
+              '-Xcompiler', '-fPIC',
               f'-D_GLIBCXX_USE_CXX11_ABI={abi}',
               '-DTORCH_API_INCLUDE_EXTENSION_H', '-DTORCH_EXTENSION_NAME=_C']
     return flags
+
+
+def _cuobjdump():
+    try:
+        import triton.backends.nvidia
+        bundled = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), 'bin',
+                               'cuobjdump')
+        if os.path.exists(bundled):
+            return bundled
+    except ImportError:
+        pass
+    return shutil.which('cuobjdump')
+
+
+def _short_name(mangled):
+    """``for_each_element<DotElement<BFloat16, 8>>`` from a kernel's mangled name."""
+    name = subprocess.run(['c++filt', mangled], capture_output=True, text=True).stdout.strip()
+    for scope in ('mmtransnext::', '(anonymous namespace)::', 'window::', 'c10::'):
+        name = name.replace(scope, '')
+    name = name.split('(')[0]
+    return re.sub(r'^void ', '', name).replace(' >', '>') or mangled
+
+
+def machine_code_table(objects, tool):
+    """A markdown table of each kernel's resources in the given objects, per arch."""
+    rows = []
+    for obj in objects:
+        usage = subprocess.run([tool, '-res-usage', obj], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, '-sass', obj], capture_output=True, text=True,
+                              check=True).stdout
+        code = {}   # (arch, mangled) -> SASS text
+        for arch_block in re.split(r'\n(?=\s*arch = sm_)', sass):
+            arch = re.search(r'arch = (sm_\d+)', arch_block)
+            for function in re.split(r'\n\s+Function : ', arch_block)[1:]:
+                mangled, body = function.split('\n', 1)
+                code[(arch.group(1) if arch else '?', mangled.strip())] = body
+        arch = '?'
+        for line in usage.splitlines():
+            arch_match = re.search(r'arch = (sm_\d+)', line)
+            if arch_match:
+                arch = arch_match.group(1)
+            function = re.match(r'\s*Function (\S+):', line)
+            if function:
+                current = function.group(1)
+            resources = re.search(r'REG:(\d+) STACK:(\d+)', line)
+            if resources:
+                body = code.get((arch, current), '')
+                ops = re.findall(r'/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)', body)
+                rows.append((_short_name(current), arch, int(resources.group(1)),
+                             int(resources.group(2)), sum(op != 'NOP' for op in ops),
+                             sum(op.startswith('RET') for op in ops),
+                             sum(op.startswith('LDG') for op in ops)))
+    lines = ['| kernel | arch | registers | stack B | instructions | subroutines | LDG |',
+             '|---|---|---|---|---|---|---|']
+    lines += [f'| `{k}` | {a} | {r} | {st} | {n} | {c} | {ld} |'
+              for k, a, r, st, n, c, ld in sorted(rows)]
+    return '\n'.join(lines)
 
 
 def main(argv=None):
@@ -71,6 +138,9 @@ def main(argv=None):
                         help='compute capability without the dot; repeatable '
                         '(default: 80 and 90)')
     parser.add_argument('--nvcc', default=os.environ.get('NVCC', 'nvcc'))
+    parser.add_argument('--resources', action='store_true',
+                        help='print each kernel\'s registers, stack, instructions, '
+                        'subroutines and global loads per architecture (needs cuobjdump)')
     args = parser.parse_args(argv)
 
     nvcc = shutil.which(args.nvcc)
@@ -90,6 +160,7 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(tmp.name, 'obj')
     os.makedirs(out_dir, exist_ok=True)
     failed = 0
+    objects = []
     try:
         flags = torch_flags(os.path.join(tmp.name, 'shim'))
         for src in sources:
@@ -103,7 +174,15 @@ def main(argv=None):
                       f'{proc.stdout}{proc.stderr}', file=sys.stderr)
             else:
                 size = os.path.getsize(obj)
+                objects.append(obj)
                 print(f'ok {rel} -> {obj} ({size} bytes, sm_{", sm_".join(archs)})')
+        if args.resources and not failed:
+            tool = _cuobjdump()
+            if tool is None:
+                print('compile_cuda: --resources needs cuobjdump (Triton ships one)',
+                      file=sys.stderr)
+                return 2
+            print(machine_code_table(objects, tool))
     finally:
         tmp.cleanup()
     return 1 if failed else 0
