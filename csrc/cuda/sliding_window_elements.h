@@ -6,7 +6,7 @@
 // (sliding_window_cuda.cu) passes one that launches `for_each_element`; the host test
 // build (tests/csrc/cuda_elements_on_cpu.cpp) passes a plain loop, so that the index
 // arithmetic, the map borders, the vector loads and the launch split of the CUDA path
-// are checked against the CPU kernels on machines without a GPU.
+// are checked against the released op's reference on machines without a GPU.
 //
 // Functors (thread per output element or per vector of channels):
 //   DotElement    (bt, n, j)     out[n, j] = <a[n], b[nbr_j(n)]> (+ bias[t, j])
@@ -18,8 +18,8 @@
 //
 // Indices are 32-bit: a launch covers whole images, as many as keep every index below
 // 2^31, and every division by a size fixed per launch is a multiply-high and a shift
-// (Divisor). The 64-bit divisions of a plain `/` cost tens of instructions each, and each
-// element needs four of them.
+// (Divisor): a plain 64-bit `/` or `%` calls a division routine of about a hundred
+// instructions, and each element needs several.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -33,8 +33,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace mmtransnext {
 namespace window {
@@ -260,7 +262,8 @@ inline int64_t images_per_launch(int64_t batch, int64_t per_image, int64_t index
   TORCH_CHECK(per_image <= index_limit, "sliding_window: one image needs ", per_image,
               " indexable elements, more than the 32-bit kernels handle (", index_limit,
               "); use smaller maps or fewer heads per call");
-  return std::max<int64_t>(1, std::min<int64_t>(batch, index_limit / std::max<int64_t>(per_image, 1)));
+  const int64_t fit = index_limit / std::max<int64_t>(per_image, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(batch, fit));
 }
 
 inline Geometry make_geometry(int64_t heads, int64_t height, int64_t width, int64_t ws,
@@ -323,7 +326,8 @@ at::Tensor logits(const at::Tensor& query, const at::Tensor& key, const at::Tens
   const int64_t batch = query.size(0), heads = query.size(1), d = query.size(3);
   const int64_t tokens = height * width, window = ws * ws;
   auto out = at::empty({batch, heads, tokens, window}, query.options());
-  const int64_t step = images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
+  const int64_t step =
+      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, query.scalar_type(), "sliding_window_logits_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -386,7 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward(
   const int64_t tokens = height * width, window = ws * ws;
   auto grad_query = at::empty_like(query);
   auto grad_key = at::empty_like(key);
-  const int64_t step = images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
+  const int64_t step =
+      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, query.scalar_type(), "sliding_window_logits_backward_cuda",
       [&] {
@@ -402,10 +407,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward(
             const scalar_t* g_logits =
                 grad.const_data_ptr<scalar_t>() + image_offset(first, heads, tokens, window);
             const int64_t total = images * heads * tokens * (d / kVec);
-            run(total, AxpyElement<scalar_t, kVec>{g_logits, key.const_data_ptr<scalar_t>() + qk,
-                                                   grad_query.mutable_data_ptr<scalar_t>() + qk, g});
-            run(total, BackElement<scalar_t, kVec>{g_logits, query.const_data_ptr<scalar_t>() + qk,
-                                                   grad_key.mutable_data_ptr<scalar_t>() + qk, g});
+            // grad_query gathers grad x key over the window; grad_key receives the
+            // transposed gather of grad x query.
+            run(total, AxpyElement<scalar_t, kVec>{
+                           g_logits, key.const_data_ptr<scalar_t>() + qk,
+                           grad_query.mutable_data_ptr<scalar_t>() + qk, g});
+            run(total, BackElement<scalar_t, kVec>{
+                           g_logits, query.const_data_ptr<scalar_t>() + qk,
+                           grad_key.mutable_data_ptr<scalar_t>() + qk, g});
           }
         });
       });
@@ -419,7 +428,8 @@ at::Tensor aggregate(const at::Tensor& weights, const at::Tensor& value, int64_t
   const int64_t batch = value.size(0), heads = value.size(1), d = value.size(3);
   const int64_t tokens = height * width, window = ws * ws;
   auto out = at::empty_like(value);
-  const int64_t step = images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
+  const int64_t step =
+      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "sliding_window_aggregate_cuda", [&] {
         const int vec = pick_vec<scalar_t>(d, {value.const_data_ptr(), out.const_data_ptr()});
@@ -449,7 +459,8 @@ std::tuple<at::Tensor, at::Tensor> aggregate_backward(
   const int64_t tokens = height * width, window = ws * ws;
   auto grad_weights = at::empty_like(weights);
   auto grad_value = at::empty_like(value);
-  const int64_t step = images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
+  const int64_t step =
+      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "sliding_window_aggregate_backward_cuda",
       [&] {

@@ -33,8 +33,9 @@ at::Tensor quotients(const at::Tensor& numerators, int64_t divisor) {
 
 int64_t vector_width(const at::Tensor& t) {
   int64_t vec = 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "vector_width",
-                                  [&] { vec = pick_vec<scalar_t>(t.size(-1), {t.const_data_ptr()}); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, t.scalar_type(), "vector_width",
+      [&] { vec = pick_vec<scalar_t>(t.size(-1), {t.const_data_ptr()}); });
   return vec;
 }
 
