@@ -76,7 +76,8 @@ struct Divisor {
   }
 };
 
-// One launch's sizes: `images` images of `heads` heads, maps of height x width tokens.
+// The sizes every functor of a launch shares: heads per image, the height x width map
+// of `tokens` tokens, the window, and the head dim `d` read `vec` values at a time.
 struct Geometry {
   int32_t heads, height, width, ws, pad, d, window, tokens;  // window = ws^2, tokens = H*W
   Divisor by_heads, by_width, by_ws, by_window, by_tokens, by_chunks;  // chunks = d / vec
