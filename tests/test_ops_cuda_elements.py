@@ -11,7 +11,7 @@ reference of the released op, forward and gradients, in every dtype:
   rounded to the dtype, so the tolerance measures the kernels' float32 accumulation
   and one rounding of the output, not the inputs' rounding.
 * Shapes with head dims the vector path takes (8, 16) and does not (5), misaligned
-  inputs, maps below the window, window 1 and 7.
+  inputs, maps below the window, window 1 and 7, an empty batch.
 
 On a GPU, ``tests/test_ops_cuda.py`` runs the device build against the same reference.
 """
@@ -40,6 +40,7 @@ SHAPES = [
     (2, 1, 1, 1, 4, 3),     # a single token: every neighbour but the centre outside
     (1, 2, 2, 3, 16, 7),    # window larger than the map
     (3, 2, 4, 4, 8, 1),     # window 1: the token itself
+    (0, 2, 3, 4, 8, 3),     # an empty batch: no launch, a zero bias gradient
 ]
 
 
@@ -116,7 +117,7 @@ def test_cuda_elements_match_the_reference(host_kernels, shape, dtype):
     expected = _reference(exact, shape)
     results = _host_results(host_kernels, low, shape, host_kernels.INDEX_LIMIT)
     for name, value in results.items():
-        assert value.dtype == (dtype), name
+        assert value.dtype == dtype and value.shape == expected[name].shape, name
         _assert_close(value, expected[name], dtype, name)
 
 
