@@ -18,8 +18,8 @@
 //
 // Indices are 32-bit: a launch covers whole images, as many as keep every index below
 // 2^31, and every division by a size fixed per launch is a multiply-high and a shift
-// (Divisor): a plain 64-bit `/` or `%` calls a division routine of about a hundred
-// instructions, and each element needs several.
+// (Divisor): a plain 64-bit `/` or `%` calls a division routine of 70-80 instructions,
+// and each element needs several.
 #pragma once
 
 #include <ATen/Dispatch.h>
