@@ -141,83 +141,68 @@ struct DotElement {
   }
 };
 
+// out[token, ch..ch+vec) = sum over the window of w * x[source, ch..]: the gather
+// (source = token + off_j, weight w[token, j]) or, transposed, what token m receives as
+// neighbour j of token m - off_j (source = m - off_j, weight w[source, j]). Element
+// idx = (bt * N + token) * chunks + chunk, channels chunk * vec + [0, vec).
+template <bool transposed, typename scalar_t, int vec>
+C10_HOST_DEVICE void gather_rows(int32_t idx, const scalar_t* w, const scalar_t* x,
+                                 scalar_t* out, const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int32_t token, chunk, bt, n, r, c;
+  g.by_chunks.divmod(idx, token, chunk);
+  g.by_tokens.divmod(token, bt, n);
+  g.by_width.divmod(n, r, c);
+  const int32_t ch = chunk * vec;
+  const scalar_t* own_weights = w + token * g.window;  // the gather's, fixed per element
+  acc_t s[vec];
+#pragma unroll
+  for (int i = 0; i < vec; ++i) s[i] = 0;
+  for (int32_t ki = 0; ki < g.ws; ++ki) {
+    const int32_t dr = transposed ? g.pad - ki : ki - g.pad;
+    if (r + dr < 0 || r + dr >= g.height) continue;
+    for (int32_t kj = 0; kj < g.ws; ++kj) {
+      const int32_t dc = transposed ? g.pad - kj : kj - g.pad;
+      if (c + dc < 0 || c + dc >= g.width) continue;
+      const int32_t source = token + dr * g.width + dc;
+      const scalar_t* weights = transposed ? w + source * g.window : own_weights;
+      const acc_t weight = static_cast<acc_t>(weights[ki * g.ws + kj]);
+      const Pack<scalar_t, vec> row = load<scalar_t, vec>(x + source * g.d + ch);
+#pragma unroll
+      for (int i = 0; i < vec; ++i) s[i] += weight * static_cast<acc_t>(row.v[i]);
+    }
+  }
+  Pack<scalar_t, vec> o;
+#pragma unroll
+  for (int i = 0; i < vec; ++i) o.v[i] = static_cast<scalar_t>(s[i]);
+  *reinterpret_cast<Pack<scalar_t, vec>*>(out + token * g.d + ch) = o;
+}
+
 // The aggregate (w = weights, v = value) and the logits' query gradient (w = grad,
-// v = key). Element idx = (bt * N + n) * chunks + chunk, channels chunk * vec + [0, vec).
+// v = key).
 template <typename scalar_t, int vec>
 struct AxpyElement {
-  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* w;
   const scalar_t* v;
   scalar_t* out;
   Geometry g;
 
   C10_HOST_DEVICE void operator()(int32_t idx) const {
-    int32_t token, chunk, bt, n, r, c;
-    g.by_chunks.divmod(idx, token, chunk);
-    g.by_tokens.divmod(token, bt, n);
-    g.by_width.divmod(n, r, c);
-    const scalar_t* wn = w + token * g.window;
-    const int32_t ch = chunk * vec;
-    acc_t s[vec];
-#pragma unroll
-    for (int i = 0; i < vec; ++i) s[i] = 0;
-    for (int32_t ki = 0; ki < g.ws; ++ki) {
-      const int32_t dr = ki - g.pad;
-      if (r + dr < 0 || r + dr >= g.height) continue;
-      for (int32_t kj = 0; kj < g.ws; ++kj) {
-        const int32_t dc = kj - g.pad;
-        if (c + dc < 0 || c + dc >= g.width) continue;
-        const acc_t weight = static_cast<acc_t>(wn[ki * g.ws + kj]);
-        const Pack<scalar_t, vec> x =
-            load<scalar_t, vec>(v + (token + dr * g.width + dc) * g.d + ch);
-#pragma unroll
-        for (int i = 0; i < vec; ++i) s[i] += weight * static_cast<acc_t>(x.v[i]);
-      }
-    }
-    Pack<scalar_t, vec> o;
-#pragma unroll
-    for (int i = 0; i < vec; ++i) o.v[i] = static_cast<scalar_t>(s[i]);
-    *reinterpret_cast<Pack<scalar_t, vec>*>(out + token * g.d + ch) = o;
+    gather_rows<false, scalar_t, vec>(idx, w, v, out, g);
   }
 };
 
 // The logits' key gradient (w = grad, x = query) and the aggregate's value gradient
-// (w = weights, x = grad): what token m receives as neighbour j of token m - off_j.
-// Element idx = (bt * N + m) * chunks + chunk.
+// (w = weights, x = grad): the transposed gather, so nothing needs atomics.
 template <typename scalar_t, int vec>
 struct BackElement {
-  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* w;
   const scalar_t* x;
   scalar_t* out;
   Geometry g;
 
   C10_HOST_DEVICE void operator()(int32_t idx) const {
-    int32_t token, chunk, bt, m, rm, cm;
-    g.by_chunks.divmod(idx, token, chunk);
-    g.by_tokens.divmod(token, bt, m);
-    g.by_width.divmod(m, rm, cm);
-    const int32_t ch = chunk * vec;
-    acc_t s[vec];
-#pragma unroll
-    for (int i = 0; i < vec; ++i) s[i] = 0;
-    for (int32_t ki = 0; ki < g.ws; ++ki) {
-      const int32_t dr = g.pad - ki;  // source token n = m + (dr, dc)
-      if (rm + dr < 0 || rm + dr >= g.height) continue;
-      for (int32_t kj = 0; kj < g.ws; ++kj) {
-        const int32_t dc = g.pad - kj;
-        if (cm + dc < 0 || cm + dc >= g.width) continue;
-        const int32_t source = token + dr * g.width + dc;
-        const acc_t weight = static_cast<acc_t>(w[source * g.window + ki * g.ws + kj]);
-        const Pack<scalar_t, vec> v = load<scalar_t, vec>(x + source * g.d + ch);
-#pragma unroll
-        for (int i = 0; i < vec; ++i) s[i] += weight * static_cast<acc_t>(v.v[i]);
-      }
-    }
-    Pack<scalar_t, vec> o;
-#pragma unroll
-    for (int i = 0; i < vec; ++i) o.v[i] = static_cast<scalar_t>(s[i]);
-    *reinterpret_cast<Pack<scalar_t, vec>*>(out + token * g.d + ch) = o;
+    gather_rows<true, scalar_t, vec>(idx, w, x, out, g);
   }
 };
 
