@@ -123,6 +123,8 @@ def test_backbone_runs_three_paths_on_cpu(tmp_path, capsys):
     # each path's rows as they come, before the table
     progress = [line.split(':')[0] for line in printed.splitlines()[:3]]
     assert progress == ['reference fp32 train', 'default fp32 train', 'swin fp32 train']
+    # Swin-T's line names which Swin it is (the table comes only after every path)
+    assert printed.splitlines()[2].endswith(' MB (mmdet SwinTransformer)')
 
 
 def test_backbone_worker_makes_several_runs():

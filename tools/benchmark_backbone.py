@@ -300,7 +300,9 @@ def main(argv=None):
                 # limit keeps what it measured.
                 print(f'{path} {row["dtype"]} {row["mode"]}: ' + (
                     f'failed: {row["error"]}' if 'error' in row else
-                    f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB'), flush=True)
+                    f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB')
+                    + (f' ({row["model"]})' if path == 'swin' and 'model' in row else ''),
+                    flush=True)
                 if 'profile' in row:
                     print(f'\nprofile of one training step: {path}, {row["dtype"]}\n'
                           f'{row["profile"]}\n', flush=True)

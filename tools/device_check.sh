@@ -17,7 +17,8 @@
 #  4 mmcv-ops        mmcv with CUDA ops: the wheel in .whl/mmcv-ops/ (built on a CPU
 #                    machine by `make device-wheels CUDA_TORCH_PYTHON=...`) when it imports and runs
 #                    there, else compiled from .whl/mmcv-*.tar.gz in the background of
-#                    steps 5-6 (MMCV_BUILD=0 skips the compile)
+#                    steps 5-6 where a step that needs it runs (amp-training, detector;
+#                    MMCV_BUILD=0 skips the compile)
 #  5 bad-input-*     every op with bad arguments in a child process (CPU, then CUDA);
 #                    after a crash, what tells its cause (faulthandler stack, whether a
 #                    plain ATen error raises, which library unwinds, the .so's ldd)
@@ -30,7 +31,8 @@
 #                    mmcv's ops are built (else reported skipped); whole log in
 #                    OUT/pytest_amp.log
 #  8 backbone        tools/benchmark_backbone.py --device cuda: default (the bias read by
-#                    taps, and by slots), reference and Swin-T side by side, fp32 and bf16
+#                    taps, and by slots), reference and Swin-T (mmdet's where mmcv's ops
+#                    from step 4 load, else timm's) side by side, fp32 and bf16
 #                    autocast, forward and training step; a profile of one training step
 #                    per path
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
@@ -186,6 +188,11 @@ MMCV_SDIST=$(ls .whl/mmcv-*.tar.gz 2>/dev/null | head -n 1)
 MMCV_WHEEL=$(ls .whl/mmcv-ops/mmcv-*.whl 2>/dev/null | head -n 1)
 MMCV_PID=
 MMCV_RC=1
+# Only the training steps under AMP and the detector benchmark wait for a compile.
+NEEDS_MMCV_OPS=0
+if [[ $HAS_GPU == 1 ]] && { selected amp-training || selected detector; }; then
+    NEEDS_MMCV_OPS=1
+fi
 if [[ -n $MMCV_WHEEL && $HAS_GPU == 1 ]]; then
     # A wheel built elsewhere must load against this torch and run its kernels here.
     run_step mmcv-ops-prebuilt 60 "
@@ -203,7 +210,8 @@ print('mmcv', mmcv.__version__, 'from', mmcv.__file__, ': nms and roi_align ran 
 "
     MMCV_RC=$?
 fi
-if [[ $MMCV_RC != 0 && ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST && $FORCE_CUDA == 1 ]]; then
+if [[ $MMCV_RC != 0 && $NEEDS_MMCV_OPS == 1 && ${MMCV_BUILD:-1} == 1 && -n $MMCV_SDIST
+      && $FORCE_CUDA == 1 ]]; then
     MMCV_LIMIT=$(( $(remaining) - 75 ))  # what the Mask R-CNN steps need after it
     MMCV_T0=$(date +%s)
     MMCV_JOBS=${MMCV_JOBS:-$(( $(nproc) > 6 ? $(nproc) - 4 : 2 ))}  # leaves cores to steps 5-8
@@ -299,26 +307,31 @@ elif [[ -n $MMCV_PID ]]; then
         ROWS+=("| mmcv-ops (background) | FAIL or TIMEOUT (exit $MMCV_RC) | $MMCV_S |")
         FAILED=1
     fi
+elif [[ $NEEDS_MMCV_OPS == 0 ]]; then
+    skip_step 'mmcv-ops (background)' 'no GPU, or neither amp-training nor detector selected'
 else
     skip_step 'mmcv-ops (background)' 'MMCV_BUILD=0, no nvcc, or no .whl/mmcv-*.tar.gz'
 fi
+# Where mmcv's CUDA ops loaded, the steps that import mmdet's models take them first.
+MMCV_ENV=
+[[ $MMCV_RC == 0 ]] && MMCV_ENV='PYTHONPATH=/tmp/site-mmcv:$PYTHONPATH '
 if [[ $HAS_GPU != 1 ]]; then
     skip_step amp-training 'no CUDA device'
 elif [[ $MMCV_RC != 0 ]]; then
     skip_step amp-training 'mmcv with CUDA ops was not built in time (see mmcv-ops)'
     FAILED=1
 else
-    run_step amp-training 120 "set -o pipefail; PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY -m pytest ${WORKERS:+-n 3} tests/test_ops_cuda.py -q -rA --tb=short -p no:cacheprovider -p no:warnings -k amp_training_step 2>&1 | tee $OUT/pytest_amp.log | tail -n 60"
+    run_step amp-training 120 "set -o pipefail; ${MMCV_ENV}$PY -m pytest ${WORKERS:+-n 3} tests/test_ops_cuda.py -q -rA --tb=short -p no:cacheprovider -p no:warnings -k amp_training_step 2>&1 | tee $OUT/pytest_amp.log | tail -n 60"
 fi
 
 # 8 ------------------------------------------------------------------------ benchmarks
 # The whole backbone, the op and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
     # The fused paths first: a run stopped at its limit keeps the rows printed so far.
-    run_step backbone 270 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-slots reference swin --repeats 3 --warmup 1 --profile 12"
+    run_step backbone 270 "${MMCV_ENV}$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-slots reference swin --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 75 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16 --profile 8"
     if [[ $MMCV_RC == 0 ]]; then
-        run_step detector 90 "PYTHONPATH=/tmp/site-mmcv:\$PYTHONPATH $PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
+        run_step detector 90 "${MMCV_ENV}$PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
     else
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
     fi
