@@ -10,8 +10,10 @@ reference of the released op, forward and gradients, in every dtype:
   1.6e-2, relative to the largest reference value. The reference takes the inputs as
   rounded to the dtype, so the tolerance measures the kernels' float32 accumulation
   and one rounding of the output, not the inputs' rounding.
-* Shapes with head dims the vector path takes (8, 16) and does not (5), misaligned
-  inputs, maps below the window, window 1 and 7, an empty batch.
+* Shapes with head dims the vector path takes (8, 16) and does not (5), maps below the
+  window, window 1 and 7, an empty batch.
+* Misaligned inputs, all of them or one alone. A GPU faults on a misaligned vector
+  access; the host build checks the address of every one and raises instead.
 
 On a GPU, ``tests/test_ops_cuda.py`` runs the device build against the same reference.
 """
@@ -133,8 +135,22 @@ def test_vector_width_follows_head_dim_and_alignment(host_kernels, dtype):
     assert host_kernels.vector_width(misaligned) == 1
 
 
+def test_misaligned_vector_access_is_refused_on_the_host(host_kernels):
+    """What would fault on a GPU fails the host build with a message."""
+    values = torch.arange(16, dtype=torch.float32)
+    assert host_kernels.vector_load_sum(values, 0) == 6
+    assert host_kernels.vector_load_sum(values, 4) == 22
+    with pytest.raises(RuntimeError, match='16-byte vector access at a misaligned address'):
+        host_kernels.vector_load_sum(values, 1)
+
+
+@pytest.mark.parametrize('which', ['every input', 'query', 'key', 'value', 'grad_out',
+                                   'weights', 'grad_logits', 'bias'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
-def test_misaligned_inputs_take_the_scalar_path(host_kernels, dtype):
+def test_misaligned_inputs_take_the_scalar_path(host_kernels, dtype, which):
+    """Inputs one value into their storage, all of them or one alone (the others
+    aligned): every launcher must see it and read one value at a time, which the host
+    build's alignment check holds it to."""
     shape = (2, 2, 3, 5, 8, 3)
     low, exact = _inputs(shape, dtype, seed=1)
 
@@ -144,8 +160,10 @@ def test_misaligned_inputs_take_the_scalar_path(host_kernels, dtype):
         view.copy_(t)
         return view
 
-    low = {name: shifted(t) for name, t in low.items()}
-    assert host_kernels.vector_width(low['query']) == 1
+    low = {name: shifted(t) if which in ('every input', name) else t
+           for name, t in low.items()}
+    if which in ('every input', 'query'):
+        assert host_kernels.vector_width(low['query']) == 1
     expected = _reference(exact, shape)
     for name, value in _host_results(host_kernels, low, shape,
                                      host_kernels.INDEX_LIMIT).items():

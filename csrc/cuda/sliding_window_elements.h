@@ -89,9 +89,31 @@ struct alignas(sizeof(T) * vec) Pack {
   T v[vec];
 };
 
+// A GPU faults on a vector access whose address is not a multiple of its size (and the
+// fault ends the process's CUDA context). The host build checks every address instead,
+// so that a launcher that picks a vector width its pointers do not allow fails the
+// tests on the CPU, with this message.
+template <typename T, int vec>
+C10_HOST_DEVICE void check_aligned(const T* p) {
+#if defined(__CUDA_ARCH__)
+  (void)p;
+#else
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, vec>) == 0,
+              "sliding_window: a ", sizeof(Pack<T, vec>),
+              "-byte vector access at a misaligned address");
+#endif
+}
+
 template <typename T, int vec>
 C10_HOST_DEVICE Pack<T, vec> load(const T* p) {
+  check_aligned<T, vec>(p);
   return *reinterpret_cast<const Pack<T, vec>*>(p);
+}
+
+template <typename T, int vec>
+C10_HOST_DEVICE void store(T* p, const Pack<T, vec>& value) {
+  check_aligned<T, vec>(p);
+  *reinterpret_cast<Pack<T, vec>*>(p) = value;
 }
 
 C10_HOST_DEVICE inline bool inside(int32_t r, int32_t c, const Geometry& g) {
@@ -175,7 +197,7 @@ C10_HOST_DEVICE void gather_rows(int32_t idx, const scalar_t* w, const scalar_t*
   Pack<scalar_t, vec> o;
 #pragma unroll
   for (int i = 0; i < vec; ++i) o.v[i] = static_cast<scalar_t>(s[i]);
-  *reinterpret_cast<Pack<scalar_t, vec>*>(out + token * g.d + ch) = o;
+  store<scalar_t, vec>(out + token * g.d + ch, o);
 }
 
 // The aggregate (w = weights, v = value) and the logits' query gradient (w = grad,

@@ -39,6 +39,15 @@ int64_t vector_width(const at::Tensor& t) {
   return vec;
 }
 
+// One 16-byte load of four floats, `offset` values into `t`: the host build's alignment
+// check on its own.
+double vector_load_sum(const at::Tensor& t, int64_t offset) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && offset >= 0 && offset + 4 <= t.numel(),
+              "vector_load_sum: four floats from a float tensor");
+  const Pack<float, 4> values = load<float, 4>(t.const_data_ptr<float>() + offset);
+  return values.v[0] + values.v[1] + values.v[2] + values.v[3];
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -62,5 +71,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         });
   m.def("quotients", &quotients);
   m.def("vector_width", &vector_width);
+  m.def("vector_load_sum", &vector_load_sum);
   m.attr("INDEX_LIMIT") = kIndexLimit;
 }
