@@ -45,7 +45,6 @@ from torch import Tensor, nn
 LOGITS_OP = 'mmtransnext::sliding_window_logits'
 AGGREGATE_OP = 'mmtransnext::sliding_window_aggregate'
 BANDED_OP = 'prim::PythonOp._BandedBiasAttention'
-SIZES = {'224x224': (224, 224), '512x512': (512, 512), '800x1333': (800, 1333)}
 
 
 def _prod(shape) -> int:
