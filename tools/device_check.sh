@@ -53,11 +53,11 @@
 # call (speed) took 489 s, the second (correctness) 272 s, out of 900 s of device time
 # with the machine's start. If everything does not fit one budget, a later step that
 # finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
-# two calls that each fit:
-#   DEVICE_CHECK_ONLY=mmcv,backbone,pooled         (the speed figures that decide the rule)
-#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,benchmark-op,detector
-#                                                  (correctness; the op and Mask R-CNN last,
-#                                                  as far as the budget reaches)
+# two calls that each fit (about 430-480 s and 280-370 s by the figures above):
+#   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op,pooled   DEVICE_CHECK_BUDGET_S=520
+#       (the speed figures: those that decide the rule, and the op's own)
+#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,detector
+#       (correctness, then Mask R-CNN against Swin-T as far as the budget reaches)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
 # that fits what is left; on a machine still warm it skips the op's rebuild.
 #
