@@ -317,7 +317,7 @@ MMCV_ENV=
 [[ $MMCV_RC == 0 ]] && MMCV_ENV='PYTHONPATH=/tmp/site-mmcv:$PYTHONPATH '
 if [[ $HAS_GPU != 1 ]]; then
     skip_step amp-training 'no CUDA device'
-elif [[ $MMCV_RC != 0 ]]; then
+elif [[ $MMCV_RC != 0 ]] && selected amp-training; then
     skip_step amp-training 'mmcv with CUDA ops was not built in time (see mmcv-ops)'
     FAILED=1
 else
@@ -330,7 +330,7 @@ if [[ $HAS_GPU == 1 ]]; then
     # The fused paths first: a run stopped at its limit keeps the rows printed so far.
     run_step backbone 270 "${MMCV_ENV}$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-slots reference swin --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 75 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16 --profile 8"
-    if [[ $MMCV_RC == 0 ]]; then
+    if [[ $MMCV_RC == 0 ]] || ! selected detector; then
         run_step detector 90 "${MMCV_ENV}$PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"
     else
         skip_step detector 'mmcv with CUDA ops is missing (see mmcv-ops)'
