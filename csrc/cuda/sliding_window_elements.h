@@ -13,8 +13,8 @@
 //   AxpyElement   (bt, n, ch)    out[n, ch] = sum_j w[n, j] * v[nbr_j(n), ch]
 //   BackElement   (bt, m, ch)    out[m, ch] = sum_j w[m - off_j, j] * x[m - off_j, ch]
 //   BiasPartial   (t, j, slice)  a strided slice of sum_(b, n) grad[b, t, n, j], inside only
-// BackElement is the transposed gather, so nothing uses atomics. Accumulation in
-// at::opmath_type (float32 for float16/bfloat16).
+// AxpyElement and BackElement are one GatherElement, plain and transposed (so nothing
+// uses atomics). Accumulation in at::opmath_type (float32 for float16/bfloat16).
 //
 // Indices are 32-bit: a launch covers whole images, as many as keep every index below
 // 2^31, and every division by a size fixed per launch is a multiply-high and a shift
@@ -168,65 +168,53 @@ struct DotElement {
 // neighbour j of token m - off_j (source = m - off_j, weight w[source, j]). Element
 // idx = (bt * N + token) * chunks + chunk, channels chunk * vec + [0, vec).
 template <bool transposed, typename scalar_t, int vec>
-C10_HOST_DEVICE void gather_rows(int32_t idx, const scalar_t* w, const scalar_t* x,
-                                 scalar_t* out, const Geometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  int32_t token, chunk, bt, n, r, c;
-  g.by_chunks.divmod(idx, token, chunk);
-  g.by_tokens.divmod(token, bt, n);
-  g.by_width.divmod(n, r, c);
-  const int32_t ch = chunk * vec;
-  const scalar_t* own_weights = w + token * g.window;  // the gather's, fixed per element
-  acc_t s[vec];
-#pragma unroll
-  for (int i = 0; i < vec; ++i) s[i] = 0;
-  for (int32_t ki = 0; ki < g.ws; ++ki) {
-    const int32_t dr = transposed ? g.pad - ki : ki - g.pad;
-    if (r + dr < 0 || r + dr >= g.height) continue;
-    for (int32_t kj = 0; kj < g.ws; ++kj) {
-      const int32_t dc = transposed ? g.pad - kj : kj - g.pad;
-      if (c + dc < 0 || c + dc >= g.width) continue;
-      const int32_t source = token + dr * g.width + dc;
-      const scalar_t* weights = transposed ? w + source * g.window : own_weights;
-      const acc_t weight = static_cast<acc_t>(weights[ki * g.ws + kj]);
-      const Pack<scalar_t, vec> row = load<scalar_t, vec>(x + source * g.d + ch);
-#pragma unroll
-      for (int i = 0; i < vec; ++i) s[i] += weight * static_cast<acc_t>(row.v[i]);
-    }
-  }
-  Pack<scalar_t, vec> o;
-#pragma unroll
-  for (int i = 0; i < vec; ++i) o.v[i] = static_cast<scalar_t>(s[i]);
-  store<scalar_t, vec>(out + token * g.d + ch, o);
-}
-
-// The aggregate (w = weights, v = value) and the logits' query gradient (w = grad,
-// v = key).
-template <typename scalar_t, int vec>
-struct AxpyElement {
-  const scalar_t* w;
-  const scalar_t* v;
-  scalar_t* out;
-  Geometry g;
-
-  C10_HOST_DEVICE void operator()(int32_t idx) const {
-    gather_rows<false, scalar_t, vec>(idx, w, v, out, g);
-  }
-};
-
-// The logits' key gradient (w = grad, x = query) and the aggregate's value gradient
-// (w = weights, x = grad): the transposed gather, so nothing needs atomics.
-template <typename scalar_t, int vec>
-struct BackElement {
+struct GatherElement {
   const scalar_t* w;
   const scalar_t* x;
   scalar_t* out;
   Geometry g;
 
   C10_HOST_DEVICE void operator()(int32_t idx) const {
-    gather_rows<true, scalar_t, vec>(idx, w, x, out, g);
+    using acc_t = at::opmath_type<scalar_t>;
+    int32_t token, chunk, bt, n, r, c;
+    g.by_chunks.divmod(idx, token, chunk);
+    g.by_tokens.divmod(token, bt, n);
+    g.by_width.divmod(n, r, c);
+    const int32_t ch = chunk * vec;
+    const scalar_t* own_weights = w + token * g.window;  // the gather's, fixed per element
+    acc_t s[vec];
+#pragma unroll
+    for (int i = 0; i < vec; ++i) s[i] = 0;
+    for (int32_t ki = 0; ki < g.ws; ++ki) {
+      const int32_t dr = transposed ? g.pad - ki : ki - g.pad;
+      if (r + dr < 0 || r + dr >= g.height) continue;
+      for (int32_t kj = 0; kj < g.ws; ++kj) {
+        const int32_t dc = transposed ? g.pad - kj : kj - g.pad;
+        if (c + dc < 0 || c + dc >= g.width) continue;
+        const int32_t source = token + dr * g.width + dc;
+        const scalar_t* weights = transposed ? w + source * g.window : own_weights;
+        const acc_t weight = static_cast<acc_t>(weights[ki * g.ws + kj]);
+        const Pack<scalar_t, vec> row = load<scalar_t, vec>(x + source * g.d + ch);
+#pragma unroll
+        for (int i = 0; i < vec; ++i) s[i] += weight * static_cast<acc_t>(row.v[i]);
+      }
+    }
+    Pack<scalar_t, vec> o;
+#pragma unroll
+    for (int i = 0; i < vec; ++i) o.v[i] = static_cast<scalar_t>(s[i]);
+    store<scalar_t, vec>(out + token * g.d + ch, o);
   }
 };
+
+// Named gathers, so that kernel names in machine code and profiles say which runs.
+// The aggregate (w = weights, x = value) and the logits' query gradient (w = grad,
+// x = key):
+template <typename scalar_t, int vec>
+struct AxpyElement : GatherElement<false, scalar_t, vec> {};
+// the logits' key gradient (w = grad, x = query) and the aggregate's value gradient
+// (w = weights, x = grad): the transposed gather, so nothing needs atomics.
+template <typename scalar_t, int vec>
+struct BackElement : GatherElement<true, scalar_t, vec> {};
 
 // partial[tj, slice] = sum of grad[b, t, n, j] over the (b, n) = slice, slice + slices,
 // ... of one launch's images whose neighbour j is inside the map. Element
@@ -327,6 +315,29 @@ inline int64_t image_offset(int64_t first, int64_t heads, int64_t tokens, int64_
   return first * heads * tokens * k;
 }
 
+// The launches of a (B, heads, H x W, d) computation: the dtype dispatched, the vector
+// width chosen from d and the pointers read or written `vec` values at a time, the batch
+// split into launches of whole images under index_limit. For each launch, calls
+// body(type_tag, width_tag, geometry, first, images), where type_tag is a null
+// scalar_t* and width_tag a std::integral_constant holding the vector width.
+template <typename Body>
+void for_each_launch(at::ScalarType dtype, int64_t batch, int64_t heads, int64_t height,
+                     int64_t width, int64_t ws, int64_t d,
+                     std::initializer_list<const void*> vector_pointers, int64_t index_limit,
+                     const Body& body) {
+  const int64_t step =
+      images_per_launch(batch, heads * height * width * std::max(ws * ws, d), index_limit);
+  // The dtype was checked with the arguments (sliding_window.cpp): the name never shows.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sliding_window_cuda", [&] {
+    with_vec<scalar_t>(pick_vec<scalar_t>(d, vector_pointers), [&](auto width_tag) {
+      const Geometry g = make_geometry(heads, height, width, ws, d, decltype(width_tag)::value);
+      for (int64_t first = 0; first < batch; first += step) {
+        body(static_cast<scalar_t*>(nullptr), width_tag, g, first, std::min(step, batch - first));
+      }
+    });
+  });
+}
+
 template <typename Run>
 at::Tensor logits(const at::Tensor& query, const at::Tensor& key, const at::Tensor& bias,
                   int64_t height, int64_t width, int64_t ws, const Run& run,
@@ -334,27 +345,19 @@ at::Tensor logits(const at::Tensor& query, const at::Tensor& key, const at::Tens
   const int64_t batch = query.size(0), heads = query.size(1), d = query.size(3);
   const int64_t tokens = height * width, window = ws * ws;
   auto out = at::empty({batch, heads, tokens, window}, query.options());
-  const int64_t step =
-      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, query.scalar_type(), "sliding_window_logits_cuda", [&] {
+  for_each_launch(
+      query.scalar_type(), batch, heads, height, width, ws, d,
+      {query.const_data_ptr(), key.const_data_ptr()}, index_limit,
+      [&](auto type_tag, auto width_tag, const Geometry& g, int64_t first, int64_t images) {
+        using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = pick_vec<scalar_t>(d, {query.const_data_ptr(), key.const_data_ptr()});
-        with_vec<scalar_t>(vec, [&](auto width_tag) {
-          constexpr int kVec = decltype(width_tag)::value;
-          const Geometry g = make_geometry(heads, height, width, ws, d, kVec);
-          for (int64_t first = 0; first < batch; first += step) {
-            const int64_t images = std::min(step, batch - first);
-            const int64_t qk = image_offset(first, heads, tokens, d);
-            DotElement<scalar_t, kVec> f{query.const_data_ptr<scalar_t>() + qk,
-                                         key.const_data_ptr<scalar_t>() + qk,
-                                         bias.const_data_ptr<scalar_t>(),
-                                         out.mutable_data_ptr<scalar_t>() +
-                                             image_offset(first, heads, tokens, window),
-                                         g, -std::numeric_limits<acc_t>::infinity()};
-            run(images * heads * tokens * window, f);
-          }
-        });
+        const int64_t qk = image_offset(first, heads, tokens, d);
+        DotElement<scalar_t, decltype(width_tag)::value> f{
+            query.const_data_ptr<scalar_t>() + qk, key.const_data_ptr<scalar_t>() + qk,
+            bias.const_data_ptr<scalar_t>(),
+            out.mutable_data_ptr<scalar_t>() + image_offset(first, heads, tokens, window), g,
+            -std::numeric_limits<acc_t>::infinity()};
+        run(images * heads * tokens * window, f);
       });
   return out;
 }
@@ -398,33 +401,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward(
   const int64_t tokens = height * width, window = ws * ws;
   auto grad_query = at::empty_like(query);
   auto grad_key = at::empty_like(key);
-  const int64_t step =
-      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, query.scalar_type(), "sliding_window_logits_backward_cuda",
-      [&] {
-        const int vec = pick_vec<scalar_t>(
-            d, {query.const_data_ptr(), key.const_data_ptr(), grad_query.const_data_ptr(),
-                grad_key.const_data_ptr()});
-        with_vec<scalar_t>(vec, [&](auto width_tag) {
-          constexpr int kVec = decltype(width_tag)::value;
-          const Geometry g = make_geometry(heads, height, width, ws, d, kVec);
-          for (int64_t first = 0; first < batch; first += step) {
-            const int64_t images = std::min(step, batch - first);
-            const int64_t qk = image_offset(first, heads, tokens, d);
-            const scalar_t* g_logits =
-                grad.const_data_ptr<scalar_t>() + image_offset(first, heads, tokens, window);
-            const int64_t total = images * heads * tokens * (d / kVec);
-            // grad_query gathers grad x key over the window; grad_key receives the
-            // transposed gather of grad x query.
-            run(total, AxpyElement<scalar_t, kVec>{
-                           g_logits, key.const_data_ptr<scalar_t>() + qk,
-                           grad_query.mutable_data_ptr<scalar_t>() + qk, g});
-            run(total, BackElement<scalar_t, kVec>{
-                           g_logits, query.const_data_ptr<scalar_t>() + qk,
-                           grad_key.mutable_data_ptr<scalar_t>() + qk, g});
-          }
-        });
+  for_each_launch(
+      query.scalar_type(), batch, heads, height, width, ws, d,
+      {query.const_data_ptr(), key.const_data_ptr(), grad_query.const_data_ptr(),
+       grad_key.const_data_ptr()},
+      index_limit,
+      [&](auto type_tag, auto width_tag, const Geometry& g, int64_t first, int64_t images) {
+        using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+        constexpr int kVec = decltype(width_tag)::value;
+        const int64_t qk = image_offset(first, heads, tokens, d);
+        const scalar_t* g_logits =
+            grad.const_data_ptr<scalar_t>() + image_offset(first, heads, tokens, window);
+        const int64_t total = images * heads * tokens * (d / kVec);
+        // grad_query gathers grad x key over the window; grad_key receives the
+        // transposed gather of grad x query.
+        run(total, AxpyElement<scalar_t, kVec>{{g_logits, key.const_data_ptr<scalar_t>() + qk,
+                                                grad_query.mutable_data_ptr<scalar_t>() + qk,
+                                                g}});
+        run(total, BackElement<scalar_t, kVec>{{g_logits, query.const_data_ptr<scalar_t>() + qk,
+                                                grad_key.mutable_data_ptr<scalar_t>() + qk,
+                                                g}});
       });
   return {grad_query, grad_key, bias_grad(grad, height, width, ws, run, index_limit)};
 }
@@ -436,24 +432,18 @@ at::Tensor aggregate(const at::Tensor& weights, const at::Tensor& value, int64_t
   const int64_t batch = value.size(0), heads = value.size(1), d = value.size(3);
   const int64_t tokens = height * width, window = ws * ws;
   auto out = at::empty_like(value);
-  const int64_t step =
-      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "sliding_window_aggregate_cuda", [&] {
-        const int vec = pick_vec<scalar_t>(d, {value.const_data_ptr(), out.const_data_ptr()});
-        with_vec<scalar_t>(vec, [&](auto width_tag) {
-          constexpr int kVec = decltype(width_tag)::value;
-          const Geometry g = make_geometry(heads, height, width, ws, d, kVec);
-          for (int64_t first = 0; first < batch; first += step) {
-            const int64_t images = std::min(step, batch - first);
-            const int64_t vo = image_offset(first, heads, tokens, d);
-            run(images * heads * tokens * (d / kVec),
-                AxpyElement<scalar_t, kVec>{
-                    weights.const_data_ptr<scalar_t>() + image_offset(first, heads, tokens, window),
-                    value.const_data_ptr<scalar_t>() + vo, out.mutable_data_ptr<scalar_t>() + vo,
-                    g});
-          }
-        });
+  for_each_launch(
+      value.scalar_type(), batch, heads, height, width, ws, d,
+      {value.const_data_ptr(), out.const_data_ptr()}, index_limit,
+      [&](auto type_tag, auto width_tag, const Geometry& g, int64_t first, int64_t images) {
+        using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
+        constexpr int kVec = decltype(width_tag)::value;
+        const int64_t vo = image_offset(first, heads, tokens, d);
+        run(images * heads * tokens * (d / kVec),
+            AxpyElement<scalar_t, kVec>{
+                {weights.const_data_ptr<scalar_t>() + image_offset(first, heads, tokens, window),
+                 value.const_data_ptr<scalar_t>() + vo, out.mutable_data_ptr<scalar_t>() + vo,
+                 g}});
       });
   return out;
 }
@@ -467,33 +457,26 @@ std::tuple<at::Tensor, at::Tensor> aggregate_backward(
   const int64_t tokens = height * width, window = ws * ws;
   auto grad_weights = at::empty_like(weights);
   auto grad_value = at::empty_like(value);
-  const int64_t step =
-      images_per_launch(batch, heads * tokens * std::max(window, d), index_limit);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, value.scalar_type(), "sliding_window_aggregate_backward_cuda",
-      [&] {
+  for_each_launch(
+      value.scalar_type(), batch, heads, height, width, ws, d,
+      {grad.const_data_ptr(), value.const_data_ptr(), grad_value.const_data_ptr()},
+      index_limit,
+      [&](auto type_tag, auto width_tag, const Geometry& g, int64_t first, int64_t images) {
+        using scalar_t = std::remove_pointer_t<decltype(type_tag)>;
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = pick_vec<scalar_t>(
-            d, {grad.const_data_ptr(), value.const_data_ptr(), grad_value.const_data_ptr()});
-        with_vec<scalar_t>(vec, [&](auto width_tag) {
-          constexpr int kVec = decltype(width_tag)::value;
-          const Geometry g = make_geometry(heads, height, width, ws, d, kVec);
-          for (int64_t first = 0; first < batch; first += step) {
-            const int64_t images = std::min(step, batch - first);
-            const int64_t vo = image_offset(first, heads, tokens, d);
-            const int64_t wo = image_offset(first, heads, tokens, window);
-            // Weights of neighbours outside the map get a zero gradient.
-            run(images * heads * tokens * window,
-                DotElement<scalar_t, kVec>{grad.const_data_ptr<scalar_t>() + vo,
-                                           value.const_data_ptr<scalar_t>() + vo, nullptr,
-                                           grad_weights.mutable_data_ptr<scalar_t>() + wo, g,
-                                           acc_t(0)});
-            run(images * heads * tokens * (d / kVec),
-                BackElement<scalar_t, kVec>{weights.const_data_ptr<scalar_t>() + wo,
-                                            grad.const_data_ptr<scalar_t>() + vo,
-                                            grad_value.mutable_data_ptr<scalar_t>() + vo, g});
-          }
-        });
+        constexpr int kVec = decltype(width_tag)::value;
+        const int64_t vo = image_offset(first, heads, tokens, d);
+        const int64_t wo = image_offset(first, heads, tokens, window);
+        // Weights of neighbours outside the map get a zero gradient.
+        run(images * heads * tokens * window,
+            DotElement<scalar_t, kVec>{grad.const_data_ptr<scalar_t>() + vo,
+                                       value.const_data_ptr<scalar_t>() + vo, nullptr,
+                                       grad_weights.mutable_data_ptr<scalar_t>() + wo, g,
+                                       acc_t(0)});
+        run(images * heads * tokens * (d / kVec),
+            BackElement<scalar_t, kVec>{{weights.const_data_ptr<scalar_t>() + wo,
+                                         grad.const_data_ptr<scalar_t>() + vo,
+                                         grad_value.mutable_data_ptr<scalar_t>() + vo, g}});
       });
   return {grad_weights, grad_value};
 }
