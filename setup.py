@@ -229,6 +229,13 @@ setup(
     name='mmtransnext',
     version=VERSION['__version__'],
     description='TransNeXt vision backbone as an OpenMMLab plugin',
+    license='Apache-2.0',
+    classifiers=[
+        'License :: OSI Approved :: Apache Software License',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: C++',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
     packages=find_packages(include=['mmtransnext*']),
     python_requires='>=3.9',
     # What `import mmtransnext` needs besides torch; mmdet and mmseg are what the

@@ -227,13 +227,14 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
             else on neither (1 tap). Default: True.
 
     Returns:
-        dict[str, bytes]: cubins of ``forward``, ``backward`` (with the bias, key and
-        value gradients, ``BACKWARD_KV='atomic'``) and ``backward_keys`` (the key-major
-        pass of ``'two-pass'``), the bias read by taps; where the launch may read it by
-        slots (:data:`BIAS_TILE`), also ``forward_slots``, ``backward_slots`` (the
-        query-major pass of ``'two-pass'``) and ``backward_keys_slots``, at
-        :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of TransNeXt-T at
-        detection sizes.
+        dict[str, bytes]: cubins of every kernel the settings can launch, the bias
+        read by taps: ``forward``; ``backward``, the query-major pass of
+        :data:`BACKWARD_KV` ``'two-pass'`` (query and bias gradients) and
+        ``backward_keys``, its key-major pass; ``backward_atomic``, the one pass of
+        ``'atomic'`` (with the key and value gradients). Where the launch may read the
+        bias by slots (:data:`BIAS_TILE`), the same four again with ``_slots``
+        appended, at :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of
+        TransNeXt-T at detection sizes.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -242,20 +243,18 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
     options = dict(num_warps=meta.pop('num_warps'))
     kernels = _kernels()
     built = {}
-    residual = dtype == torch.float32
-    taps, slots = dict(Q_SLOTS=0, K_SLOTS=0), dict(Q_SLOTS=MAX_BIAS_SLOTS,
-                                                   K_SLOTS=MAX_BIAS_SLOTS)
-    variants = [
-        ('forward', kernels.pooled_attention_forward, taps),
-        ('backward', kernels.pooled_attention_backward,
-         dict(taps, BIAS_GRAD=True, ROW_RESIDUAL=residual, KV_GRAD=True)),
-        ('backward_keys', kernels.pooled_attention_backward_keys, taps)]
+    query_pass = dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32, KV_GRAD=False)
+    reads = [('', dict(Q_SLOTS=0, K_SLOTS=0))]
     if _may_use_slots(meta, dtype):
+        reads.append(('_slots', dict(Q_SLOTS=MAX_BIAS_SLOTS, K_SLOTS=MAX_BIAS_SLOTS)))
+    variants = []
+    for suffix, read in reads:
         variants += [
-            ('forward_slots', kernels.pooled_attention_forward, slots),
-            ('backward_slots', kernels.pooled_attention_backward,
-             dict(slots, BIAS_GRAD=True, ROW_RESIDUAL=residual, KV_GRAD=False)),
-            ('backward_keys_slots', kernels.pooled_attention_backward_keys, slots)]
+            ('forward' + suffix, kernels.pooled_attention_forward, read),
+            ('backward' + suffix, kernels.pooled_attention_backward, dict(read, **query_pass)),
+            ('backward_keys' + suffix, kernels.pooled_attention_backward_keys, read),
+            ('backward_atomic' + suffix, kernels.pooled_attention_backward,
+             {**read, **query_pass, 'KV_GRAD': True})]
     for name, kernel, extra in variants:
         constants = dict(key_pass_meta(meta, dtype) if name.startswith('backward_keys')
                          else meta, **extra)
