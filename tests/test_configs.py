@@ -176,7 +176,10 @@ def test_published_settings_and_param_groups(path):
     arch = bb.arch
     assert arch in ('tiny', 'small', 'base') and f'transnext-{arch}' in path.name
     assert bb.pretrain_size == 224
-    assert bb.img_size == (800 if path.parent.name == 'detection' else 512)
+    # The release's ms+flip tests (`_ms` configs) built the bias for 800 px, the
+    # extrapolation variant too, where img_size plays no part.
+    assert bb.img_size == (800 if path.parent.name == 'detection' or 'ms-flip' in path.name
+                           else 512)
     assert bb.drop_path_rate == DROP_PATH[fam][('tiny', 'small', 'base').index(arch)]
     assert bb.init_cfg == dict(type='Pretrained',
                                checkpoint=f'checkpoints/transnext_{arch}_224_1k.pth')
@@ -212,6 +215,12 @@ def test_published_settings_and_param_groups(path):
         scales = [t.scale for t in aug.transforms[0]]
         assert scales == [(int(2048 * r), int(512 * r)) for r in (0.5, 0.75, 1., 1.25, 1.5, 1.75)]
         assert [t.prob for t in aug.transforms[1]] == [0., 1.]
+        # Otherwise the single-scale segmentor whose checkpoint it tests.
+        single = load(path.with_name(path.name.split('_ms-flip')[0] + '.py')).model.to_dict()
+        single['backbone'].update(img_size=800)
+        if 'extrapolation' in path.name:
+            single['backbone'].update(is_extrapolation=True)
+        assert mcfg.to_dict() == single
         return  # a test-only config: no optimizer to check
     # the optimizer, on a one-block-per-stage backbone of the same variant
     # (the keys do not depend on block indices; the full models are built above)

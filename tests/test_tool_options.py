@@ -1,6 +1,9 @@
-"""Command-line options of tools/test.py and the Slurm launchers."""
+"""Command-line options of tools/train.py, tools/test.py, tools/run_demo.py and the
+Slurm launchers."""
+import argparse
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +54,76 @@ def test_test_tool_help_names_only_its_own_flags():
         assert flag in help_text, flag
     for flag in ('--resume', '--amp'):     # training options, not test.py's
         assert flag not in help_text, flag
+
+
+def _help(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--help'])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name', ['train', 'test'])
+def test_usage_block_names_every_flag(name, capsys):
+    """The docstring's usage lines list every option --help shows."""
+    tool = _load_tool(name)
+    usage = tool.__doc__.split('\n\n')[1]
+    flags = set(re.findall(r'(--[\w-]+)', _help(tool, capsys)))
+    flags -= {'--help', '--local_rank', '--local-rank'}   # launchers pass the rank
+    assert flags and not {f for f in flags if f not in usage}
+
+
+def test_amp_is_cuda_only_as_its_help_says(capsys, monkeypatch):
+    from mmengine.config import Config
+    tool = _load_tool('train')
+    amp_help = re.search(r'\n\s+--amp\s+(.*?)\n\s+--', _help(tool, capsys), re.S).group(1)
+    assert 'CUDA only' in amp_help and 'NPU' not in amp_help
+    args = tool.parse_args([str(DET_CFG), '--amp'])
+    for cuda in (True, False):
+        monkeypatch.setattr('torch.cuda.is_available', lambda: cuda)
+        cfg = Config.fromfile(str(DET_CFG))
+        tool.apply_args(cfg, args)
+        assert cfg.optim_wrapper.type == ('AmpOptimWrapper' if cuda else 'OptimWrapper')
+
+
+@pytest.mark.parametrize('config, subdir', [(DET_CFG, 'coco'), (SEG_CFG, 'ade')])
+def test_run_demo_data_root_moves_every_data_path(config, subdir, tmp_path):
+    from mmengine.config import Config, DictAction
+    run_demo = _load_tool('run_demo')
+    root = tmp_path / 'elsewhere'
+    options = run_demo.data_root_options(str(config), str(root), 'data/demo')
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--opts', nargs='+', action=DictAction)
+    cfg = Config.fromfile(str(config))
+    cfg.merge_from_dict(parser.parse_args(['--opts', *options]).opts)
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[key].dataset.data_root == f'{root / subdir}/', key
+    for key in ('val_evaluator', 'test_evaluator'):   # COCO metrics read annotations too
+        if 'ann_file' in cfg[key]:
+            assert cfg[key].ann_file == str(root / subdir / 'annotations/instances_val.json')
+    assert run_demo.data_root_options(str(config), 'data/demo/', 'data/demo') == []
+
+
+def test_run_demo_data_root_reaches_training_and_evaluation(tmp_path, monkeypatch):
+    import mmtransnext.datasets.demo_data as demo_data
+    run_demo = _load_tool('run_demo')
+    calls = {}
+    monkeypatch.setattr(demo_data, 'ensure_demo_data', lambda root: calls.setdefault('data', root))
+    monkeypatch.setattr(run_demo, 'train', lambda config, work_dir, options, resume:
+                        calls.setdefault('train', options))
+    monkeypatch.setattr(run_demo, 'last_checkpoint', lambda work_dir: 'last.pth')
+    monkeypatch.setattr(run_demo, 'evaluate', lambda config, work_dir, checkpoint, options:
+                        (calls.setdefault('test', options), {'mIoU': 50.0}))
+    monkeypatch.setattr(run_demo, 'draw_predictions', lambda *args: None)
+    monkeypatch.chdir(tmp_path)     # main() changes into the repository; restored after
+    root = tmp_path / 'data'
+    run_demo.main(['seg', '--data-root', str(root), '--work-dir', str(tmp_path / 'work'),
+                   '--cfg-options', 'val_dataloader.dataset.data_root=mine'])
+    assert calls['data'] == str(root) and calls['train'] == calls['test']
+    moved = f'val_dataloader.dataset.data_root={root / "ade"}/'
+    assert f'train_dataloader.dataset.data_root={root / "ade"}/' in calls['train']
+    # The user's own --cfg-options come later, so they win.
+    assert calls['train'].index(moved) < calls['train'].index(
+        'val_dataloader.dataset.data_root=mine')
 
 
 @pytest.fixture

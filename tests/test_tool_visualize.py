@@ -59,13 +59,24 @@ def test_capture_fovea_and_periphery(image_path, tmp_path):
     pixel = (50, 41)
     for record in records:
         token = av.pixel_token(pixel, (96, 128), (record.height, record.width))
-        stride = 4 * 2**record.stage
-        assert token == (pixel[0] // stride, pixel[1] // stride)
+        assert record.stride == 4 * 2**record.stage
+        assert token == (pixel[0] // record.stride, pixel[1] // record.stride)
         fovea, periphery = av.pixel_weights(record, token)
         assert fovea.shape == (3, 3) and periphery.shape == record.pool_size
         assert abs(fovea.sum() + periphery.sum() - 1) < 1e-5
-        one_head, _ = av.pixel_weights(record, token, head=0)
-        assert abs(one_head.sum() - fovea.sum()) < 1 or record.local.shape[0] == 1
+        # head=K gives head K's own weights (one softmax each); 'mean' their average.
+        heads = record.local.shape[0]
+        per_head = [av.pixel_weights(record, token, head=h) for h in range(heads)]
+        n = token[0] * record.width + token[1]
+        for h, (local, pooled) in enumerate(per_head):
+            assert np.array_equal(local, record.local[h, n].reshape(3, 3).numpy())
+            assert abs(local.sum() + pooled.sum() - 1) < 1e-5
+        np.testing.assert_allclose(np.mean([w[0] for w in per_head], 0), fovea, atol=1e-6)
+        np.testing.assert_allclose(np.mean([w[1] for w in per_head], 0), periphery, atol=1e-6)
+        if heads > 1:   # random heads differ, so a head that is ignored shows
+            assert not np.allclose(per_head[0][0], per_head[1][0])
+        with pytest.raises(ValueError, match='out of range'):
+            av.pixel_weights(record, token, head=heads)
     corner = av.pixel_weights(records[0], (0, 0))[0]
     assert (corner[0] == 0).all() and (corner[:, 0] == 0).all()   # outside the map
     with pytest.raises(ValueError, match='outside'):
@@ -73,6 +84,31 @@ def test_capture_fovea_and_periphery(image_path, tmp_path):
     shares = av.draw(image, records, pixel, str(tmp_path / 'att.png'))
     assert set(shares) == {1, 2, 3}
     _is_png(tmp_path / 'att.png')
+
+
+def test_strides_follow_the_models_patch_size(image_path, tmp_path, monkeypatch):
+    """Stage strides are patch_size * 2**stage, in the records and the panel titles."""
+    import matplotlib.axes
+    model = TransNeXt(arch=ARCH, img_size=128, patch_size=2).eval()
+    image = av.load_image(str(image_path))
+    records = av.capture_attention(model, av.to_input(image))
+    assert [(r.stride, r.height, r.width) for r in records] == [
+        (2, 48, 64), (4, 24, 32), (8, 12, 16)]
+    pixel = (50, 41)
+    for record in records:
+        token = av.pixel_token(pixel, (96, 128), (record.height, record.width))
+        assert token == (pixel[0] // record.stride, pixel[1] // record.stride)
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+
+    def record_title(ax, text, *args, **kwargs):
+        titles.append(text)
+        return set_title(ax, text, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, 'set_title', record_title)
+    av.draw(image, records, pixel, str(tmp_path / 'att.png'))
+    assert [t.split(')')[0] for t in titles] == [
+        'stage 1 (block 2, stride 2', 'stage 2 (block 1, stride 4', 'stage 3 (block 2, stride 8']
 
 
 def test_visualize_cli(image_path, tmp_path):

@@ -5,9 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmengine.registry import MODELS
+from torch.nn.modules.batchnorm import _BatchNorm
+
 from conftest import golden_arch
-from mmtransnext.models import TransNeXt, filter_backbone_state_dict
+from mmtransnext.models import TransNeXt, filter_backbone_state_dict, transnext
 from mmtransnext.models.attention import AggregatedAttention, FullAttention
+from mmtransnext.models.transnext import _Block
 
 OUT_TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -160,7 +164,15 @@ def test_bad_input_raises_named_error(bad, message):
     (dict(arch=dict(SMALL_ARCH, window_size=[2, 3, 3, None])), 'odd window_size'),
     (dict(arch=dict(SMALL_ARCH, num_heads=[3, 2, 4, 8])), 'do not split'),
     (dict(arch={k: v for k, v in SMALL_ARCH.items() if k != 'depths'}), 'missing keys'),
+    (dict(arch=dict(SMALL_ARCH, window_size=[3, 3, 3, 3])), 'stage 4: window_size must be None'),
+    (dict(arch=dict(SMALL_ARCH, num_heads=[1, 2, 0, 8])), 'stage 3: num_heads must be a positive'),
+    (dict(arch=dict(SMALL_ARCH, embed_dims=[16, 32.0, 64, 128])), 'embed_dims must be a positive'),
+    (dict(arch=dict(SMALL_ARCH, depths=[1, -1, 1, 1])), 'depths must be a positive'),
+    (dict(arch=dict(SMALL_ARCH, sr_ratios=[8, 4, 0, 1])), 'sr_ratios must be a positive'),
+    (dict(arch=dict(SMALL_ARCH, mlp_ratios=[4, 4, 0, 4])), 'mlp_ratios must be a positive'),
     (dict(out_indices=(4, )), 'out_indices'),
+    (dict(out_indices=(3, 1)), r'increasing without repeats, got \(3, 1\)'),
+    (dict(out_indices=(1, 1)), r'increasing without repeats, got \(1, 1\)'),
     (dict(fixed_pool_size=0), 'fixed_pool_size'),
 ])
 def test_bad_configuration_raises(kwargs, message):
@@ -266,18 +278,139 @@ def test_frozen_stages_out_of_range_is_an_error(frozen_stages):
         TransNeXt(arch=SMALL_ARCH, img_size=64, frozen_stages=frozen_stages)
 
 
-def test_with_cp_gives_the_same_gradients(attention_path):
+def test_with_cp_gives_the_same_gradients(attention_path, monkeypatch):
     torch.manual_seed(0)
     plain = TransNeXt(arch=SMALL_ARCH, img_size=64)
     checkpointed = TransNeXt(arch=SMALL_ARCH, img_size=64, with_cp=True)
     checkpointed.load_state_dict(plain.state_dict())
+    # What torch.utils.checkpoint is asked to recompute: whole blocks only with with_cp
+    # (the default path also checkpoints each GLU's hidden part, a bound method).
+    checkpointed_blocks = []
+    checkpoint = transnext.cp.checkpoint
+
+    def spy(function, *args, **kwargs):
+        if isinstance(function, _Block):
+            checkpointed_blocks.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(transnext.cp, 'checkpoint', spy)
     x = torch.randn(1, 3, 48, 56)
-    grads = []
+    grads, counts = [], []
     for model in (plain, checkpointed):
+        checkpointed_blocks.clear()
         sum((o**2).sum() for o in model(x)).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
+        counts.append(len(checkpointed_blocks))
+    assert counts == [0, sum(SMALL_ARCH['depths'])]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+class _WithBatchNorm(TransNeXt):
+    """A subclass that adds a batch norm, what ``norm_eval`` acts on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.extra_bn = torch.nn.BatchNorm2d(4)
+
+
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_norm_eval_keeps_batch_norms_in_eval_mode(norm_eval):
+    model = _WithBatchNorm(arch=SMALL_ARCH, img_size=64, norm_eval=norm_eval)
+    model.train()
+    assert model.extra_bn.training == (not norm_eval)
+    assert all(m.training for m in model.modules() if m is not model.extra_bn)
+    before = model.extra_bn.running_mean.clone()
+    if norm_eval:   # running statistics stay as they are
+        model.extra_bn(torch.randn(2, 4, 3, 3) + 5)
+        assert torch.equal(model.extra_bn.running_mean, before)
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_norm_eval_changes_nothing_in_transnext_itself():
+    """Only LayerNorms, which keep no running statistics: norm_eval is accepted for
+    configs written for ResNet-style backbones and leaves the model as it is."""
+    assert not any(isinstance(m, _BatchNorm) for m in TransNeXt(arch=SMALL_ARCH).modules())
+    torch.manual_seed(0)
+    plain = TransNeXt(arch=SMALL_ARCH, img_size=64).train()
+    with_norm_eval = TransNeXt(arch=SMALL_ARCH, img_size=64, norm_eval=True).train()
+    with_norm_eval.load_state_dict(plain.state_dict())
+    assert all(m.training for m in with_norm_eval.modules())
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(plain(x), with_norm_eval(x)):
+        torch.testing.assert_close(a, b)
+
+
+def _save(tmp_path, name, weights):
+    path = tmp_path / name
+    torch.save(weights, path)
+    return str(path)
+
+
+def test_pretrained_in_an_init_cfg_list_is_loaded_strictly(tmp_path):
+    """init_cfg=[dict(type='Pretrained', ...)] goes through the same strict loader as
+    the dict form: a checkpoint that does not fit is an error, not a silent no-op."""
+    unrelated = _save(tmp_path, 'unrelated.pth', {'conv.weight': torch.zeros(3)})
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64,
+                      init_cfg=[dict(type='Pretrained', checkpoint=unrelated)])
+    with pytest.raises(ValueError, match='no weight .* fits the model'):
+        model.init_weights()
+    other_variant = _save(tmp_path, 'other.pth',
+                          TransNeXt(arch=dict(SMALL_ARCH, depths=[1, 1, 2, 1])).state_dict())
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64,
+                      init_cfg=[dict(type='Pretrained', checkpoint=other_variant)])
+    with pytest.raises(ValueError, match='does not fit the backbone'):
+        model.init_weights()
+    torch.manual_seed(1)
+    source = TransNeXt(arch=SMALL_ARCH, img_size=64)
+    fitting = _save(tmp_path, 'fits.pth', {'state_dict': source.state_dict()})
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64,
+                      init_cfg=[dict(type='Pretrained', checkpoint=fitting)])
+    model.init_weights()
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_init_cfg_list_applies_the_other_inits_before_the_checkpoint(tmp_path):
+    """mmengine's order: the other entries first, the checkpoint over them."""
+    torch.manual_seed(1)
+    source = TransNeXt(arch=SMALL_ARCH, img_size=64).state_dict()
+    fourth = [name for name in source if name.startswith(('block4.', 'norm4.'))]
+    partial = _save(tmp_path, 'partial.pth',
+                    {k: v for k, v in source.items() if k not in fourth})
+    constant = dict(type='Constant', layer='Linear', val=0.5, bias=0.)
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, init_cfg=[
+        constant, dict(type='Pretrained', checkpoint=partial, allow_partial=True)])
+    model.init_weights()
+    assert torch.equal(model.block1[0].attn.q.weight, source['block1.0.attn.q.weight'])
+    assert (model.block4[0].attn.qkv.weight == 0.5).all()       # not in the checkpoint
+    # Without allow_partial the same list is refused, whatever else it holds.
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64,
+                      init_cfg=[constant, dict(type='Pretrained', checkpoint=partial)])
+    with pytest.raises(ValueError, match='missing in the checkpoint'):
+        model.init_weights()
+
+
+@pytest.mark.parametrize('init_cfg,error,message', [
+    ([dict(type='Pretrained', checkpoint='a.pth'), dict(type='Pretrained', checkpoint='b.pth')],
+     ValueError, "2 entries of type 'Pretrained'"),
+    ([dict(type='Pretrained')], ValueError, "needs a 'checkpoint'"),
+    ([dict(type='Pretrained', checkpoint='a.pth', strict=True)], ValueError,
+     r"unknown keys \['strict'\]"),
+    ([dict(type='Pretrained', checkpoint='a.pth'), 'Constant'], TypeError,
+     'entries must be dicts, got str'),
+])
+def test_bad_init_cfg_list_is_an_error(init_cfg, error, message):
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, init_cfg=init_cfg)
+    with pytest.raises(error, match=message):
+        model.init_weights()
+
+
+def test_released_alias_scales_pick_the_last_stages():
+    build = MODELS.get('transnext_micro')
+    assert build(scales=4).out_indices == (1, 2, 3)
+    assert build(scales=5).out_indices == (0, 1, 2, 3)
 
 
 def test_eval_bias_cache_follows_weight_changes(attention_path):

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """The end-to-end demo behind ``make demo`` / ``make demo-seg``.
 
-    python tools/run_demo.py det|seg [--work-dir DIR] [--max-iters N]
-                             [--skip-train] [--resume] [--cfg-options ...]
+    python tools/run_demo.py det|seg [--work-dir DIR] [--data-root DIR]
+                             [--max-iters N] [--skip-train] [--resume]
+                             [--cfg-options ...]
 
-1. generates the embedded demo dataset under ``data/demo`` when it is missing
-   (``tools/generate_demo_data.py``; deterministic, no download);
+1. generates the embedded demo dataset under ``--data-root`` (default
+   ``data/demo``) when it is missing (``tools/generate_demo_data.py``;
+   deterministic, no download), and points the config's dataloaders and
+   evaluators there;
 2. trains the demo config from scratch with ``tools/train.py`` (MMEngine's
    logs and progress);
 3. evaluates the last checkpoint on the held-out split (the ``val`` images)
@@ -55,7 +58,10 @@ def parse_args(argv=None):
     parser.add_argument('--config', help='override the demo config')
     parser.add_argument('--work-dir', help='override the work dir')
     parser.add_argument(
-        '--data-root', default='data/demo', help='where the demo data lives')
+        '--data-root',
+        default='data/demo',
+        help='where the demo data lives (generated there when missing); training '
+        'and evaluation read it from there (default: data/demo)')
     parser.add_argument(
         '--max-iters',
         type=int,
@@ -121,6 +127,47 @@ def schedule_options(config, max_iters):
         options.append(f'param_scheduler.{i}.end={max_iters}')
         if 'T_max' in scheduler:
             options.append(f'param_scheduler.{i}.T_max={max_iters - begin}')
+    return options
+
+
+def data_root_options(config, data_root, default_root):
+    """``--cfg-options`` that make the config read its data under ``data_root``.
+
+    The demo configs name paths under ``default_root`` (``data/demo/coco/``,
+    ``data/demo/ade/``). Each dataloader's ``dataset.data_root`` and each
+    evaluator's ``ann_file`` (a COCO metric reads the annotations itself) that
+    lies under ``default_root`` moves to the same place under ``data_root``;
+    other paths stay. Empty when nothing moves.
+    """
+    from mmengine.config import Config
+    cfg = Config.fromfile(config)
+
+    def moved(path):
+        relative = osp.relpath(path, default_root)
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            return None     # not under default_root
+        new = osp.normpath(osp.join(data_root, relative))
+        if new == osp.normpath(path):
+            return None
+        # Keep a trailing separator: configs build file names as data_root + name.
+        return new + '/' if path.endswith('/') else new
+
+    options = []
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        dataset = (cfg.get(key) or {}).get('dataset') or {}
+        new = moved(dataset['data_root']) if dataset.get('data_root') else None
+        if new:
+            options.append(f'{key}.dataset.data_root={new}')
+    for key in ('val_evaluator', 'test_evaluator'):
+        evaluator = cfg.get(key)
+        metrics = evaluator if isinstance(evaluator, list) else [evaluator]
+        for i, metric in enumerate(metrics):
+            if not isinstance(metric, dict) or not metric.get('ann_file'):
+                continue
+            new = moved(metric['ann_file'])
+            if new:
+                where = f'{key}.{i}' if isinstance(evaluator, list) else key
+                options.append(f'{where}.ann_file={new}')
     return options
 
 
@@ -214,13 +261,15 @@ def main(argv=None):
     task = TASKS[args.task]
     config = args.config or task['config']
     work_dir = args.work_dir or task['work_dir']
-    cfg_options = list(args.cfg_options)
 
     from train import _import_mmtransnext
     _import_mmtransnext()
+    from mmtransnext.datasets.demo_data import DEFAULT_ROOT, ensure_demo_data
+    # First, so that the user's own --cfg-options win.
+    cfg_options = data_root_options(config, args.data_root, DEFAULT_ROOT)
+    cfg_options += args.cfg_options
     if args.max_iters is not None:
         cfg_options += schedule_options(config, args.max_iters)
-    from mmtransnext.datasets.demo_data import ensure_demo_data
     ensure_demo_data(args.data_root)
 
     if not args.skip_train:

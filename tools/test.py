@@ -3,18 +3,16 @@
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE.pkl]
                          [--show-dir DIR] [--show [--wait-time S]]
-                         [--cfg-options k=v ...]
+                         [--no-progress] [--cfg-options k=v ...]
                          [--launcher {none,pytorch,slurm,mpi}]
 
 Shows a progress bar over the test set, then the metrics (COCO bbox / segm mAP
 for a detector, mIoU for a segmentor).
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
-_REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from train import (_import_mmtransnext, parse_runner_args,  # noqa: E402

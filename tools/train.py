@@ -2,7 +2,7 @@
 """Train a detector or segmentor (mmdet / mmseg config) with MMEngine's Runner.
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
-                          [--auto-scale-lr] [--cfg-options k=v ...]
+                          [--auto-scale-lr] [--no-validate] [--cfg-options k=v ...]
                           [--launcher {none,pytorch,slurm,mpi}]
 
 ``--resume`` with no value continues from the latest checkpoint in the work
@@ -45,8 +45,8 @@ def parse_args(argv=None):
         '--amp',
         action='store_true',
         default=False,
-        help='automatic mixed precision (CUDA / NPU / MLU only; ignored with '
-        'a warning on the CPU)')
+        help='automatic mixed precision (CUDA only; without a CUDA device it is '
+        'ignored with a warning and training runs in float32)')
     parser.add_argument(
         '--auto-scale-lr',
         action='store_true',

@@ -8,7 +8,12 @@
 # by upernet_transnext-tiny_8xb2-160k_ade20k-512x512.py (loading strips
 # nothing: mmengine loads into SegTTAModel's inner module). No --tta flag is
 # needed.
-_base_ = './upernet_transnext-tiny_8xb2-160k_ade20k-512x512.py'
+#
+# As in the release's `_ms` configs, the position bias is built for
+# img_size=800 here (512 in the single-scale config): the multi-scale inputs
+# are on average much larger than 512 px, so the bias is resized less.
+# img_size creates no parameters; the checkpoint is the same.
+_base_ = './_base_/upernet_transnext-tiny_ade20k_img-size-800.py'
 
 # The scales of mmseg 0.x's MultiScaleFlipAug, which the published numbers
 # used: the single-scale test size (2048, 512) times each ratio, aspect kept.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
+from mmengine.model.weight_init import PretrainedInit, trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -40,7 +40,7 @@ ARCH_SETTINGS = {
                  window_size=[3, 3, 3, None]),
 }
 _ARCH_KEYS = ('embed_dims', 'num_heads', 'depths', 'mlp_ratios', 'sr_ratios', 'window_size')
-# What init_cfg=dict(type='Pretrained', checkpoint=...) may also say (load_pretrained's).
+# What a Pretrained init_cfg entry may say besides its checkpoint (load_pretrained's).
 _PRETRAINED_OPTIONS = {'prefix', 'map_location', 'allow_partial'}
 
 
@@ -62,15 +62,25 @@ def _check_arch(arch: Union[str, dict]) -> dict:
     if stages == 0 or any(len(v) != stages for v in arch.values()):
         raise ValueError(f'TransNeXt arch dict: every key needs one entry per stage, got '
                          f'{ {k: len(v) for k, v in arch.items()} }')
+    for key in ('embed_dims', 'num_heads', 'depths', 'sr_ratios'):
+        for i, value in enumerate(arch[key]):
+            # bool is an int to Python, but True heads or depth is a typo.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f'stage {i + 1}: {key} must be a positive int, got {value!r}')
+    for i, ratio in enumerate(arch['mlp_ratios']):
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0:
+            raise ValueError(f'stage {i + 1}: mlp_ratios must be a positive number, got {ratio!r}')
     for i, (dim, heads, sr, ws) in enumerate(zip(arch['embed_dims'], arch['num_heads'],
                                                  arch['sr_ratios'], arch['window_size'])):
         if dim % heads:
             raise ValueError(f'stage {i + 1}: {dim} channels do not split into {heads} heads')
-        if sr < 1:
-            raise ValueError(f'stage {i + 1}: sr_ratio must be >= 1, got {sr}')
-        if sr > 1 and (not isinstance(ws, int) or ws < 1 or ws % 2 == 0):
+        if sr == 1 and ws is not None:
+            # A full-attention stage has no window; a size there would be ignored.
+            raise ValueError(f'stage {i + 1}: window_size must be None for a full-attention '
+                             f'stage (sr_ratio 1), got {ws!r}')
+        if sr > 1 and (not isinstance(ws, int) or isinstance(ws, bool) or ws < 1 or ws % 2 == 0):
             raise ValueError(f'stage {i + 1}: aggregated attention needs an odd window_size '
-                             f'>= 1, got {ws}')
+                             f'>= 1, got {ws!r}')
     return arch
 
 
@@ -175,8 +185,10 @@ class TransNeXt(BaseModule):
     Args:
         arch (str | dict): ``'micro'``, ``'tiny'``, ``'small'``, ``'base'``, or a
             dict with keys ``embed_dims, num_heads, depths, mlp_ratios,
-            sr_ratios, window_size`` (one entry per stage; ``window_size`` is
-            ``None`` for a full-attention stage, i.e. one with ``sr_ratio == 1``).
+            sr_ratios, window_size``, one entry per stage: positive ints (a
+            positive number for ``mlp_ratios``), ``embed_dims`` divisible by
+            ``num_heads``; ``window_size`` is odd for an aggregated-attention
+            stage and must be ``None`` for a full-attention one (``sr_ratio == 1``).
             Default: ``'tiny'``.
         img_size (int): the input size the position bias is built for in
             interpolation mode (800 for COCO detection, 512 for ADE20K).
@@ -193,31 +205,40 @@ class TransNeXt(BaseModule):
         qkv_bias (bool): biases in the query/key/value projections. Default: True.
         drop_path_rate (float): stochastic depth, rising linearly over all blocks
             from 0 to this. Default: 0.
-        out_indices (Sequence[int]): stages whose maps are returned.
-            Default: ``(0, 1, 2, 3)``.
+        out_indices (Sequence[int]): stages whose maps are returned, 0-based,
+            each once and in increasing order (the order necks list their
+            ``in_channels`` in). Default: ``(0, 1, 2, 3)``.
         frozen_stages (int): mmdet's convention (Swin, ResNet): ``k >= 1``
             freezes the first ``k`` stages, each with its patch embedding, blocks
             and norm (``patch_embed1..k``, ``block1..k``, ``norm1..k``); 0
             freezes only the stem, ``patch_embed1``; -1 freezes nothing. Frozen
             parts stay in eval mode without gradients, also after ``train()``.
             Default: -1.
-        norm_eval (bool): keep batch-norm layers in eval mode while training,
-            as mmdet's Swin does. TransNeXt itself has only LayerNorm, so this
-            concerns layers a subclass adds; it is accepted so configs written
-            for other backbones work. Default: False.
+        norm_eval (bool): as mmdet's ResNet: ``train()`` puts every batch-norm
+            layer (``_BatchNorm``) back in eval mode, so that training leaves
+            its running statistics alone. TransNeXt's own norms are all
+            LayerNorm, which keeps no running statistics, so for TransNeXt
+            itself this changes nothing; it acts on batch norms a subclass
+            adds, and is accepted so that configs written for ResNet-style
+            backbones build. Default: False.
         with_cp (bool): recompute each block in the backward pass (activation
             checkpointing) to save memory, when gradients flow. Without it the
             default path still recomputes the convolutional GLU's hidden part, the
             largest activations, at the cost of one more GLU forward. Default: False.
-        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
-            loads released weights (classifier, detector or segmentor, or a raw
-            state dict) through mmengine's ``CheckpointLoader``: ``PATH`` is a
-            local file or an ``https://`` address (downloaded once into torch's
-            hub cache); ``prefix`` and ``map_location`` mean what they mean in
-            mmengine's ``PretrainedInit``. Backbone weights that are missing,
-            mismatched or extra are an error naming the variant the file looks
-            like, unless ``allow_partial=True``. Other mmengine init configs
-            apply as usual. Default: None, which keeps the training-from-scratch
+        init_cfg (dict | list[dict], optional): ``dict(type='Pretrained',
+            checkpoint=PATH)`` loads released weights (classifier, detector or
+            segmentor, or a raw state dict) through mmengine's
+            ``CheckpointLoader``: ``PATH`` is a local file or an ``https://``
+            address (downloaded once into torch's hub cache); ``prefix`` and
+            ``map_location`` mean what they mean in mmengine's
+            ``PretrainedInit``. Backbone weights that are missing, mismatched
+            or extra are an error naming the variant the file looks like,
+            unless ``allow_partial=True``. Other mmengine init configs apply as
+            usual. In a list, the ``Pretrained`` entry (at most one) loads the
+            same way, after mmengine has applied the other entries, which is
+            mmengine's own order: the checkpoint's weights win and the other
+            entries reach only what it leaves out (with ``allow_partial``).
+            Default: None, which keeps the training-from-scratch
             initialisation.
 
     Shape:
@@ -250,11 +271,17 @@ class TransNeXt(BaseModule):
         if not out_indices or any(not 0 <= i < self.num_stages for i in out_indices):
             raise ValueError(f'out_indices must name stages 0..{self.num_stages - 1}, '
                              f'got {out_indices}')
+        if list(out_indices) != sorted(set(out_indices)):
+            # Maps come out in stage order, once each: another order or a repeat
+            # would silently pair the maps with the wrong neck in_channels.
+            raise ValueError(f'out_indices must be increasing without repeats, got '
+                             f'{out_indices}; did you mean {tuple(sorted(set(out_indices)))}?')
         if fixed_pool_size is not None and fixed_pool_size < 1:
             raise ValueError(f'fixed_pool_size must be >= 1, got {fixed_pool_size}')
         if patch_size < 1:
             raise ValueError(f'patch_size must be >= 1, got {patch_size}')
         self.out_indices = out_indices
+        self.patch_size = patch_size
         self.in_channels = in_channels
         self.qkv_bias = qkv_bias
         self.img_size = img_size
@@ -325,20 +352,51 @@ class TransNeXt(BaseModule):
                 module.reset_attention_parameters()
 
     def init_weights(self):
-        """Load ``init_cfg``'s released checkpoint, or apply another init config."""
-        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
-            options = {k: v for k, v in self.init_cfg.items() if k != 'type'}
-            checkpoint = options.pop('checkpoint', None)
-            if not checkpoint:
-                raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint' path")
-            unknown = sorted(set(options) - _PRETRAINED_OPTIONS)
-            if unknown:
-                raise ValueError(f"init_cfg of type 'Pretrained': unknown keys {unknown}; "
-                                 f'TransNeXt reads {sorted(_PRETRAINED_OPTIONS)}')
-            load_pretrained(self, checkpoint, **options)
-            self._is_init = True
-        else:
+        """Load ``init_cfg``'s released checkpoint, or apply another init config.
+
+        A ``Pretrained`` entry, alone or in a list, goes through the strict
+        :func:`load_pretrained`; the list's other entries are applied first by
+        mmengine (see ``init_cfg`` in the class docstring).
+
+        Raises:
+            TypeError: an ``init_cfg`` entry is not a dict.
+            ValueError: more than one ``Pretrained`` entry, one without a
+                ``checkpoint`` or with keys :func:`load_pretrained` does not
+                read, or a checkpoint that does not fit.
+        """
+        init_cfg = self.init_cfg
+        entries = (list(init_cfg) if isinstance(init_cfg, (list, tuple))
+                   else [init_cfg] if init_cfg is not None else [])
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise TypeError(f'init_cfg entries must be dicts, got {type(entry).__name__} '
+                                f'{entry!r}')
+        pretrained = [e for e in entries if e.get('type') in ('Pretrained', PretrainedInit)]
+        if not pretrained:
             super().init_weights()
+            return
+        if len(pretrained) > 1:
+            raise ValueError(f"init_cfg has {len(pretrained)} entries of type 'Pretrained'; "
+                             'give one checkpoint')
+        options = {k: v for k, v in pretrained[0].items() if k != 'type'}
+        checkpoint = options.pop('checkpoint', None)
+        if not checkpoint:
+            raise ValueError("init_cfg of type 'Pretrained' needs a 'checkpoint' path")
+        unknown = sorted(set(options) - _PRETRAINED_OPTIONS)
+        if unknown:
+            raise ValueError(f"init_cfg of type 'Pretrained': unknown keys {unknown}; "
+                             f'TransNeXt reads {sorted(_PRETRAINED_OPTIONS)}')
+        others = [e for e in entries if e is not pretrained[0]]
+        if others:
+            # mmengine's order (its PretrainedInit runs last): the other inits
+            # first, so that the checkpoint overwrites what it holds.
+            self.init_cfg = others
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = init_cfg
+        load_pretrained(self, checkpoint, **options)
+        self._is_init = True
 
     def _stage_modules(self, stage: int):
         return (getattr(self, f'patch_embed{stage + 1}'), getattr(self, f'block{stage + 1}'),
@@ -425,7 +483,9 @@ def _released_alias(arch: str):
     build.__name__ = f'transnext_{arch}'
     build.__doc__ = (f'TransNeXt-{arch} under the released configs\' name; accepts their '
                      '``pretrained`` (a checkpoint path) and ``scales`` (DINO feature levels: '
-                     "4 gives stages 1-3, 5 all four) besides TransNeXt's own arguments.")
+                     'the backbone returns its last ``scales - 1`` stages, so 4 gives '
+                     '``out_indices=(1, 2, 3)`` and 5 ``(0, 1, 2, 3)``) besides '
+                     "TransNeXt's own arguments.")
     return build
 
 

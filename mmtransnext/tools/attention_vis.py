@@ -26,6 +26,7 @@ class StageAttention:
     Attributes:
         stage (int): 0-based stage.
         block (int): index of the block in the stage (the last one).
+        stride (int): the stage's stride in image pixels, ``patch_size * 2**stage``.
         height, width (int): the stage's token map.
         window_size (int): ``ws``.
         pool_size (tuple[int, int]): ``(Hp, Wp)``.
@@ -34,6 +35,7 @@ class StageAttention:
     """
     stage: int
     block: int
+    stride: int
     height: int
     width: int
     window_size: int
@@ -82,8 +84,8 @@ def capture_attention(model: nn.Module, image: Tensor) -> List[StageAttention]:
                       block=block):
             height, width = state['size']
             local, pooled = block.attn.attention_maps(output, height, width)
-            records.append(StageAttention(stage, index, height, width,
-                                          block.attn.window_size,
+            records.append(StageAttention(stage, index, model.patch_size * 2**stage,
+                                          height, width, block.attn.window_size,
                                           block.attn.pool_size(height, width),
                                           local[0].float(), pooled[0].float()))
 
@@ -100,8 +102,9 @@ def capture_attention(model: nn.Module, image: Tensor) -> List[StageAttention]:
 
 def pixel_token(pixel: Sequence[int], image_size: Tuple[int, int],
                 map_size: Tuple[int, int]) -> Tuple[int, int]:
-    """The token of a stage's map that covers image pixel ``(y, x)`` (stride
-    ``4 * 2**stage``, the convolutions' rounding taken into account)."""
+    """The token of a stage's map that covers image pixel ``(y, x)`` (the stage's
+    stride, ``patch_size * 2**stage``, with the convolutions' rounding taken into
+    account: the map's size relative to the image's decides)."""
     (y, x), (img_h, img_w), (height, width) = pixel, image_size, map_size
     if not (0 <= y < img_h and 0 <= x < img_w):
         raise ValueError(f'pixel {(y, x)} is outside the {img_h}x{img_w} image')
@@ -168,8 +171,8 @@ def draw(image: np.ndarray, records: Sequence[StageAttention], pixel: Sequence[i
                                        facecolor=cm.Reds(norm(fovea[i, j])), alpha=0.85,
                                        edgecolor='white', linewidth=0.8))
         ax.plot([x], [y], marker='+', color='cyan', markersize=10, mew=2)
-        stride = 4 * 2**record.stage
-        ax.set_title(f'stage {record.stage + 1} (block {record.block + 1}, stride {stride})\n'
+        ax.set_title(f'stage {record.stage + 1} (block {record.block + 1}, '
+                     f'stride {record.stride})\n'
                      f'fovea {record.window_size}x{record.window_size}: '
                      f'{shares[record.stage + 1]["fovea"]:.0%}, periphery '
                      f'{record.pool_size[0]}x{record.pool_size[1]}: '

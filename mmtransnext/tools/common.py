@@ -1,7 +1,7 @@
 """What the tools share: configs, task detection, building a model from a config."""
 from typing import Optional, Sequence
 
-from mmengine.config import Config, DictAction  # noqa: F401  (DictAction re-exported)
+from mmengine.config import Config
 from torch import nn
 
 DET, SEG = 'det', 'seg'
