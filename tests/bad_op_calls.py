@@ -96,65 +96,66 @@ def _catalogue() -> List[BadCall]:
     def add(name, kind, call, pattern, devices=('cpu', 'cuda')):
         cases.append(BadCall(name, kind, call, pattern, devices))
 
-    # The two public functions and their references take the same arguments; each kind
-    # of bad argument is checked on all four, then on the raw compiled ops.
+    # The two public functions and their references take the same arguments; every kind
+    # of bad argument is checked on all four (the shape kinds on each op's own tensors),
+    # then on the raw compiled ops. Per op: its tensor arguments (keys of _window), the
+    # one given a wrong dtype or device or passed as a list, the one missing a dim,
+    # tensors for a window of 4 x 4 taps, a token count off the map, and its shape kinds.
+    specs = {
+        'logits': dict(
+            tensors=dict(query='q', key='k', bias='bias'), other='key', primary='query',
+            taps16=dict(bias=lambda x, d: _rand(HEADS, 16, device=d)),
+            bad_tokens=dict(height=5),
+            shapes=dict(key_shape=(dict(key=lambda x, d: x['k'][..., :4]), 'key'),
+                        bias_shape=(dict(bias=lambda x, d: x['bias'][:, :4]), 'bias'))),
+        'aggregate': dict(
+            tensors=dict(weights='w', value='v'), other='weights', primary='value',
+            taps16=dict(weights=lambda x, d: _rand(B, HEADS, N, 16, device=d)),
+            bad_tokens=dict(width=4),
+            shapes=dict(weights_shape=(dict(weights=lambda x, d: x['w'][..., :4]),
+                                       'weights'))),
+    }
     public = [('logits', ops.sliding_window_logits), ('aggregate', ops.sliding_window_aggregate),
               ('logits_reference', ops.sliding_window_logits_reference),
               ('aggregate_reference', ops.sliding_window_aggregate_reference)]
     for label, fn in public:
-        if label.startswith('logits'):
-            def call_with(fn=fn, **over):
-                def run(dev):
-                    x = _window(dev)
-                    args = dict(query=x['q'], key=x['k'], bias=x['bias'], height=H, width=W,
-                                window_size=WS)
-                    args.update({k: v(x, dev) if callable(v) else v for k, v in over.items()})
-                    return fn(**args)
-                return run
-            add(f'{label}-even_window', 'public',
-                call_with(window_size=4, bias=lambda x, d: _rand(HEADS, 16, device=d)), 'odd')
-            add(f'{label}-zero_window', 'public', call_with(window_size=0), 'odd')
-            add(f'{label}-float_window', 'public', call_with(window_size=3.0), 'odd')
-            add(f'{label}-negative_height', 'public', call_with(height=-4, width=-5),
-                'positive')
-            add(f'{label}-float_height', 'public', call_with(height=4.0), 'height')
-            add(f'{label}-bad_tokens', 'public', call_with(height=5), r'height\*width')
-            add(f'{label}-key_shape', 'public', call_with(key=lambda x, d: x['k'][..., :4]),
-                'key')
-            add(f'{label}-bias_shape', 'public',
-                call_with(bias=lambda x, d: x['bias'][:, :4]), 'bias')
-            add(f'{label}-mixed_dtype', 'public',
-                call_with(key=lambda x, d: x['k'].double()), 'dtype')
-            add(f'{label}-int_dtype', 'public',
-                call_with(query=lambda x, d: x['q'].int(), key=lambda x, d: x['k'].int(),
-                          bias=lambda x, d: x['bias'].int()), 'floating-point')
-            add(f'{label}-float8_dtype', 'public',
-                call_with(query=lambda x, d: x['q'].to(torch.float8_e4m3fn),
-                          key=lambda x, d: x['k'].to(torch.float8_e4m3fn),
-                          bias=lambda x, d: x['bias'].to(torch.float8_e4m3fn)),
-                'unsupported dtype')
-            add(f'{label}-mixed_device', 'public',
-                call_with(key=lambda x, d: x['k'].to(_other_device(d))), 'device')
-            add(f'{label}-not_4d', 'public', call_with(query=lambda x, d: x['q'][0]), '4-D')
-            add(f'{label}-not_tensor', 'public',
-                call_with(bias=lambda x, d: x['bias'].tolist()), 'torch.Tensor')
-        else:
-            def call_with(fn=fn, **over):
-                def run(dev):
-                    x = _window(dev)
-                    args = dict(weights=x['w'], value=x['v'], height=H, width=W, window_size=WS)
-                    args.update({k: v(x, dev) if callable(v) else v for k, v in over.items()})
-                    return fn(**args)
-                return run
-            add(f'{label}-even_window', 'public', call_with(window_size=2), 'odd')
-            add(f'{label}-bad_tokens', 'public', call_with(width=4), r'height\*width')
-            add(f'{label}-weights_shape', 'public',
-                call_with(weights=lambda x, d: x['w'][..., :4]), 'weights')
-            add(f'{label}-mixed_dtype', 'public',
-                call_with(weights=lambda x, d: x['w'].half()), 'dtype')
-            add(f'{label}-mixed_device', 'public',
-                call_with(weights=lambda x, d: x['w'].to(_other_device(d))), 'device')
-            add(f'{label}-not_4d', 'public', call_with(value=lambda x, d: x['v'][0]), '4-D')
+        spec = specs[label.split('_')[0]]
+        tensors, other, primary = spec['tensors'], spec['other'], spec['primary']
+
+        def call_with(fn=fn, tensors=tensors, **over):
+            def run(dev):
+                x = _window(dev)
+                args = dict({arg: x[key] for arg, key in tensors.items()}, height=H, width=W,
+                            window_size=WS)
+                args.update({k: v(x, dev) if callable(v) else v for k, v in over.items()})
+                return fn(**args)
+            return run
+
+        def converted(names, convert, tensors=tensors):
+            """Overrides: the tensor arguments ``names``, converted."""
+            return {arg: (lambda x, d, key=tensors[arg]: convert(x[key], d)) for arg in names}
+
+        add(f'{label}-even_window', 'public', call_with(window_size=4, **spec['taps16']), 'odd')
+        add(f'{label}-zero_window', 'public', call_with(window_size=0), 'odd')
+        add(f'{label}-float_window', 'public', call_with(window_size=3.0), 'odd')
+        add(f'{label}-negative_height', 'public', call_with(height=-4, width=-5), 'positive')
+        add(f'{label}-float_height', 'public', call_with(height=4.0), 'height')
+        add(f'{label}-bad_tokens', 'public', call_with(**spec['bad_tokens']), r'height\*width')
+        for kind, (over, pattern) in spec['shapes'].items():
+            add(f'{label}-{kind}', 'public', call_with(**over), pattern)
+        add(f'{label}-mixed_dtype', 'public',
+            call_with(**converted([other], lambda t, d: t.double())), 'dtype')
+        add(f'{label}-int_dtype', 'public',
+            call_with(**converted(tensors, lambda t, d: t.int())), 'floating-point')
+        add(f'{label}-float8_dtype', 'public',
+            call_with(**converted(tensors, lambda t, d: t.to(torch.float8_e4m3fn))),
+            'unsupported dtype')
+        add(f'{label}-mixed_device', 'public',
+            call_with(**converted([other], lambda t, d: t.to(_other_device(d)))), 'device')
+        add(f'{label}-not_4d', 'public', call_with(**converted([primary], lambda t, d: t[0])),
+            '4-D')
+        add(f'{label}-not_tensor', 'public',
+            call_with(**converted([other], lambda t, d: t.tolist())), 'torch.Tensor')
 
     if mm is None or not hasattr(mm, 'sliding_window_logits'):
         return cases
@@ -240,7 +241,10 @@ def _catalogue() -> List[BadCall]:
             return mm.bias_softmax_(*args.values())
         return run
 
-    raw('bias_softmax_-not_4d', softmax(logits=lambda x: x['logits'][0]), '4-D', cpu)
+    raw('bias_softmax_-not_4d', softmax(logits=lambda x: x['logits'][0]), 'logits must be 4-D',
+        cpu)
+    raw('bias_softmax_-by_rows_not_4d', softmax(by_rows=lambda x: x['by_rows'][0]),
+        'by_rows must be 4-D', cpu)
     raw('bias_softmax_-half_dtype', softmax(logits=lambda x: x['logits'].half()),
         'unsupported dtype', cpu)
     raw('bias_softmax_-not_contiguous',
@@ -249,13 +253,24 @@ def _catalogue() -> List[BadCall]:
     raw('bias_softmax_-index_dtype', softmax(col_index=lambda x: x['col_index'].int()),
         'int64', cpu)
     raw('bias_softmax_-weight_dtype', softmax(col_weight=lambda x: x['col_weight'].double()),
-        'col_weight', cpu)
-    raw('bias_softmax_-heads', softmax(by_rows=lambda x: x['by_rows'][:1]), 'heads', cpu)
+        'col_weight has dtype', cpu)
+    raw('bias_softmax_-weight_shape', softmax(col_index=lambda x: x['col_index'][:, :-1]),
+        'col_weight has shape', cpu)
+    raw('bias_softmax_-index_range', softmax(col_index=lambda x: x['col_index'] + _BUW),
+        r'is outside \[0, Uw', cpu)
+    raw('bias_softmax_-heads', softmax(by_rows=lambda x: x['by_rows'][:1]), 'by_rows has 1 heads',
+        cpu)
     raw('bias_softmax_-keys', softmax(by_rows=lambda x: x['by_rows'][:, :, :1]), r'Hp\*Wp',
         cpu)
-    raw('bias_softmax_-row_start', softmax(row_start=_ROWS), 'row_start', cpu)
+    raw('bias_softmax_-key_columns', softmax(col_index=lambda x: x['col_index'][:, :-1],
+                                             col_weight=lambda x: x['col_weight'][:, :-1]),
+        'keys but by_rows gives Hp', cpu)
+    raw('bias_softmax_-rows', softmax(logits=lambda x: x['logits'][:, :, :-1].contiguous()),
+        'not a multiple of W', cpu)
+    raw('bias_softmax_-row_start', softmax(row_start=_ROWS), 'runs past H', cpu)
+    raw('bias_softmax_-negative_row_start', softmax(row_start=-1), 'row_start=-1', cpu)
     raw('bias_softmax_-row_shift_shape', softmax(row_shift=lambda x: x['stats'][..., :2]),
-        'row_shift', cpu)
+        'row_shift must have shape', cpu)
 
     def softmax_backward(**over):
         def run(d):
@@ -267,9 +282,15 @@ def _catalogue() -> List[BadCall]:
         return run
 
     raw('softmax_backward_-probs_shape',
-        softmax_backward(probs=lambda x: x['logits'][..., :2].contiguous()), 'probs', cpu)
+        softmax_backward(probs=lambda x: x['logits'][..., :2].contiguous()), 'probs has shape',
+        cpu)
+    raw('softmax_backward_-probs_dtype',
+        softmax_backward(probs=lambda x: x['logits'].double()), 'probs has dtype', cpu)
     raw('softmax_backward_-shift_shape', softmax_backward(shift=lambda x: x['stats'][0]),
-        'shift', cpu)
+        'shift must be 3-D', cpu)
+    raw('softmax_backward_-grad_lse_shape',
+        softmax_backward(grad_lse=lambda x: x['stats'][..., :2]), 'grad_lse must have shape',
+        cpu)
     raw('softmax_backward_-not_contiguous',
         softmax_backward(grad=lambda x: x['logits'].transpose(2, 3).contiguous().transpose(2, 3)),
         'contiguous', cpu)
@@ -288,9 +309,15 @@ def _catalogue() -> List[BadCall]:
 
     raw('bias_rows_backward-zero_uw', rows_backward(uw=0), 'uw', cpu)
     raw('bias_rows_backward-rows', rows_backward(grad_bias=lambda x: x['grad_bias'][:, :5]),
-        'multiple of W', cpu)
+        'not a multiple of W=', cpu)
+    raw('bias_rows_backward-columns',
+        rows_backward(grad_bias=lambda x: x['grad_bias'][..., :-1]), 'not a multiple of Wp',
+        cpu)
     raw('bias_rows_backward-not_3d', rows_backward(grad_bias=lambda x: x['grad_bias'][0]),
-        '3-D', cpu)
+        'grad_bias must be 3-D', cpu)
+    raw('bias_rows_backward-index_dtype', rows_backward(col_index=lambda x: x['col_index'].int()),
+        'col_index must be int64', cpu)
+    raw('bias_rows_backward-index_range', rows_backward(uw=1), r'is outside \[0, Uw', cpu)
     return cases
 
 

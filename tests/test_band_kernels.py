@@ -11,6 +11,9 @@ while the float64 reference resizes in float64; on a 23-cell axis that is ~3e-6
 relative, so those comparisons use 1e-5, and the kernels are also checked to 1e-10
 against a plain-PyTorch evaluation of the same taps (``taps_bias``). float32 uses 2e-5
 (own exp polynomial and float32 taps against PyTorch's exp and resize).
+
+Bad arguments to the band kernels: the catalogue of every op's, ``tests/bad_op_calls.py``
+(run by ``test_ops_bad_input.py`` and ``tools/device_check.sh``).
 """
 import pytest
 import torch
@@ -19,6 +22,7 @@ import mmtransnext.ops  # noqa: F401  (loads torch.ops.mmtransnext)
 from mmtransnext.models.position_bias import RowFactoredBias, bias_layout
 from mmtransnext.ops import banded_attention
 from mmtransnext.ops.banded_attention import _biased_exp_, banded_bias_attention
+from mmtransnext.ops.fused_attention import fused_bias_attention
 
 pytestmark = pytest.mark.skipif(
     not all(hasattr(torch.ops.mmtransnext, n) for n in banded_attention._KERNEL_NAMES),
@@ -145,17 +149,20 @@ def test_softmax_backward_matches_pytorch(dtype):
     torch.testing.assert_close(got, ref, **t)
 
 
-def run_attention(spec, dtype, batch, heads, dim, seed=4):
+def run_attention(spec, dtype, batch, heads, dim, seed=4, cast=None):
+    """Outputs and gradients of inputs drawn in ``dtype``, computed in ``cast`` if given."""
     gen = torch.Generator().manual_seed(seed)
-    bias, table = make_bias(spec, heads, dtype, requires_grad=True)
+    _, table = make_bias(spec, heads, dtype)
     (height, width), (pool_h, pool_w) = spec[3], spec[4]
     q = torch.randn(batch, heads, height * width, dim, generator=gen, dtype=dtype)
     k = torch.randn(batch, heads, pool_h * pool_w, dim, generator=gen, dtype=dtype)
     v = torch.randn(batch, heads, pool_h * pool_w, dim, generator=gen, dtype=dtype)
     go = torch.randn(batch, heads, height * width, dim, generator=gen, dtype=dtype)
     gl = torch.randn(batch, heads, height * width, generator=gen, dtype=dtype)
-    for x in (q, k, v):
+    q, k, v, go, gl, table = (x.to(cast or dtype) for x in (q, k, v, go, gl, table))
+    for x in (q, k, v, table):
         x.requires_grad_(True)
+    bias = RowFactoredBias(table, bias_layout(*spec, torch.device('cpu')))
     out, lse = banded_bias_attention(q, k, v, bias)
     ((out * go).sum() + (lse * gl).sum()).backward()
     return [out.detach(), lse.detach(), q.grad, k.grad, v.grad, table.grad]
@@ -198,58 +205,43 @@ def test_gradcheck_through_fused_path(monkeypatch):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
-def _args(spec=INTERP_LARGE, dtype=torch.float32, start=2, rows=3, batch=1, heads=2):
-    bias, _ = make_bias(spec, heads, dtype)
-    (_, width), (pool_h, pool_w) = spec[3], spec[4]
-    index, weight = bias.col_taps(dtype)
-    logits = torch.randn(batch, heads, rows * width, pool_h * pool_w, dtype=dtype)
-    return [logits, bias.by_rows, index, weight, start, None]
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_takes_the_plain_branch(dtype):
+    """The band kernels take float32 and float64; the plain branch serves the rest."""
+    assert banded_attention._fused_kernels(torch.zeros(1))
+    assert not banded_attention._fused_kernels(torch.zeros(1, dtype=dtype))
+    low = run_attention(INTERP_SMALL, dtype, 2, 2, 8)
+    ref = run_attention(INTERP_SMALL, dtype, 2, 2, 8, cast=torch.float32)
+    for name, a, b in zip(['out', 'lse', 'q', 'k', 'v', 'table'], low, ref):
+        assert a.dtype == dtype, name
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 2e-2, f'{name}: relative error {err:.3g} in {dtype}'
 
 
-@pytest.mark.parametrize('mutate, message', [
-    (lambda a: a.__setitem__(0, a[0][0]), 'logits must be 4-D'),
-    (lambda a: a.__setitem__(1, a[1][0]), 'by_rows must be 4-D'),
-    (lambda a: a.__setitem__(2, a[2].int()), 'col_index must be int64'),
-    (lambda a: a.__setitem__(3, a[3].double()), 'col_weight has dtype'),
-    (lambda a: a.__setitem__(2, a[2][:, :-1]), 'col_weight has shape'),
-    (lambda a: (a.__setitem__(2, a[2][:, :-1]), a.__setitem__(3, a[3][:, :-1])), 'keys but by_rows gives Hp'),
-    (lambda a: (a.__setitem__(2, a[2][:-1]), a.__setitem__(3, a[3][:-1])), 'not a multiple of W'),
-    (lambda a: a.__setitem__(4, 15), 'runs past H'),
-    (lambda a: a.__setitem__(4, -1), 'row_start=-1'),
-    (lambda a: a.__setitem__(0, a[0].transpose(2, 3).contiguous().transpose(2, 3)),
-     'logits must be contiguous'),
-    (lambda a: a.__setitem__(1, a[1][:1]), 'by_rows has 1 heads'),
-    (lambda a: a.__setitem__(5, torch.zeros(1, 2, 5)), 'row_shift must have shape'),
-    (lambda a: a.__setitem__(2, a[2] + 1000), 'is outside \\[0, Uw'),
-])
-def test_bias_softmax_rejects_bad_arguments(mutate, message):
-    args = _args()
-    mutate(args)
-    with pytest.raises(RuntimeError, match=message):
-        ops.bias_softmax_(*args)
+def _attention_args(**bad):
+    """Valid arguments of the biased attention (3 heads, 5x7 queries, 2x3 keys), with
+    ``bad`` replacing some; ``table_heads`` gives the bias that many heads."""
+    layout = bias_layout((5, 7), (2, 3), (5, 7), (5, 7), (2, 3), torch.device('cpu'))
+    table = torch.zeros(bad.pop('table_heads', 3), *layout.coords.shape[:2])
+    args = dict(query=torch.zeros(1, 3, 35, 24), key=torch.zeros(1, 3, 6, 24),
+                value=torch.zeros(1, 3, 6, 24), bias=RowFactoredBias(table, layout))
+    args.update(bad)
+    return args
 
 
-def test_other_kernels_reject_bad_arguments():
-    grad = torch.randn(1, 2, 6, 5)
-    probs = torch.rand(1, 2, 6, 5)
-    stat = torch.zeros(1, 2, 6)
-    with pytest.raises(RuntimeError, match='grad must be contiguous'):
-        ops.softmax_backward_(grad.transpose(2, 3).contiguous().transpose(2, 3), probs, stat, stat)
-    with pytest.raises(RuntimeError, match='probs has shape'):
-        ops.softmax_backward_(grad, probs[..., :4].contiguous(), stat, stat)
-    with pytest.raises(RuntimeError, match='grad_lse must have shape'):
-        ops.softmax_backward_(grad, probs, stat, stat[..., :5])
-    with pytest.raises(RuntimeError, match='probs has dtype'):
-        ops.softmax_backward_(grad, probs.double(), stat, stat)
-    with pytest.raises(RuntimeError, match='unsupported dtype'):
-        ops.softmax_backward_(grad.half(), probs.half(), stat.half(), stat.half())
-    _, _, index, weight, _, _ = _args()
-    g = torch.randn(2, 3 * 23, 20)
-    with pytest.raises(RuntimeError, match='grad_bias must be 3-D'):
-        ops.bias_rows_backward(g[None], index, weight, 9)
-    with pytest.raises(RuntimeError, match='not a multiple of Wp'):
-        ops.bias_rows_backward(g[..., :-1], index, weight, 9)
-    with pytest.raises(RuntimeError, match='col_index must be int64'):
-        ops.bias_rows_backward(g, index.int(), weight, 9)
-    with pytest.raises(RuntimeError, match='is outside'):
-        ops.bias_rows_backward(g, index, weight, 1)
+@pytest.mark.parametrize('fn', [banded_bias_attention, fused_bias_attention],
+                         ids=lambda fn: fn.__name__)
+@pytest.mark.parametrize('bad, message', [
+    # Broadcast over the heads in the forward pass, it would fail in the backward.
+    (dict(table_heads=1), r'bias table \(1, 5, 2, \d+\) is not \(heads=3, H=5, Hp=2'),
+    (dict(query=torch.zeros(1, 3, 36, 24)), 'laid out for 5x7 queries and 2x3 keys'),
+    (dict(value=torch.zeros(1, 2, 6, 24)), 'shapes do not match'),
+    (dict(query=torch.zeros(3, 35, 24)), 'query must be a 4-D tensor'),
+    (dict(key=torch.zeros(1, 3, 6, 24, dtype=torch.float64)), 'key is torch.float64'),
+    (dict(query=torch.zeros(1, 3, 35, 24, dtype=torch.int32),
+          key=torch.zeros(1, 3, 6, 24, dtype=torch.int32),
+          value=torch.zeros(1, 3, 6, 24, dtype=torch.int32)), 'not a floating-point dtype'),
+], ids=['bias_heads', 'tokens', 'shapes', 'not_4d', 'mixed_dtype', 'int_dtype'])
+def test_both_paths_refuse_bad_arguments_alike(fn, bad, message):
+    with pytest.raises(ValueError, match=f'^{fn.__name__}: .*{message}'):
+        fn(**_attention_args(**bad))

@@ -23,6 +23,10 @@ from hypothesis import strategies as st
 
 import mmtransnext.ops as ops
 from mmtransnext.ops import sliding_window as sw
+from mmtransnext.ops.graph_capture import (sliding_window_aggregate_decomposed,
+                                           sliding_window_logits_decomposed)
+from test_ops_cuda_elements import (accumulation_case, assert_rounded_once, compiled_ops,
+                                    kernel_results)
 
 if not ops.extension_available('cpu') and not any(
         shutil.which(c) for c in ('c++', 'g++', 'clang++')):
@@ -106,11 +110,14 @@ def test_compiled_matches_reference(shape, dtype):
     assert_all_close(got, want, **TOL[dtype])
 
 
-def test_reference_mask_matches_geometry():
+@pytest.mark.parametrize('logits_fn', [compiled_logits, ops.sliding_window_logits_reference,
+                                       sliding_window_logits_decomposed],
+                         ids=['compiled', 'reference', 'decomposed'])
+def test_logits_match_geometry(logits_fn):
     # Independent check of the shared semantics on one token of a 3x4 map, ws=3.
     H, W, ws = 3, 4, 3
     x = make_inputs(1, 1, H, W, 2, ws)
-    logits = compiled_logits(x['q'], x['k'], x['bias'], H, W, ws)
+    logits = logits_fn(x['q'], x['k'], x['bias'], H, W, ws)
     r, c = 0, 3  # top-right corner: valid neighbours (0,2),(0,3),(1,2),(1,3)
     n = r * W + c
     for j in range(ws * ws):
@@ -150,6 +157,27 @@ def test_cpu_reduced_precision(dtype):
                         ops.sliding_window_aggregate_reference, x64, H, W, ws)
     assert all(got[k].dtype == dtype for k in got)
     assert_all_close({k: v.double() for k, v in got.items()}, want, **LOW_PRECISION_TOL[dtype])
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_low_precision_accumulates_in_float32(dtype):
+    shape, x, expected = accumulation_case(dtype)
+    assert_rounded_once(kernel_results(compiled_ops(), x, shape), expected)
+
+
+# An empty batch, no head, head dim 0: empty results (or the bias, and zero and summed
+# gradients), as the decomposed op gives them; the reference's F.unfold refuses zero
+# channels.
+@pytest.mark.parametrize('shape', [(0, 2, 3, 4, 8, 3), (1, 0, 3, 4, 8, 3), (2, 3, 3, 4, 0, 3)],
+                         ids=lambda s: 'B{}h{}_{}x{}_d{}_ws{}'.format(*s))
+def test_zero_size_inputs(shape):
+    B, h, H, W, d, ws = shape
+    x = make_inputs(*shape)
+    got = run_both_ops(compiled_logits, compiled_aggregate, x, H, W, ws)
+    want = run_both_ops(sliding_window_logits_decomposed, sliding_window_aggregate_decomposed,
+                        x, H, W, ws)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    assert_all_close(got, want, **TOL[torch.float64])
 
 
 def _finite(fn):
@@ -281,9 +309,30 @@ def test_module_imports_without_extension(monkeypatch):
 
 
 def test_extension_available_per_device():
-    assert ops.extension_available(torch.device('cpu'))
-    assert ops.extension_available('cuda') == torch._C._dispatch_has_kernel_for_dispatch_key(
-        'mmtransnext::sliding_window_logits', 'CUDA')
+    for device in ('cpu', 'cpu:0', torch.device('cpu'), 'meta', torch.device('meta')):
+        assert ops.extension_available(device), device
+    if torch.version.cuda is None:  # a CPU-only torch cannot have loaded CUDA kernels
+        assert not ops.extension_available('cuda')
+    # Device types without kernels answer so, whatever their dispatch key is called.
+    for device in ('mps', 'xla', 'hpu', 'xpu', 'lazy', 'privateuseone', 'ipu'):
+        assert not ops.extension_available(device), device
+
+
+def test_meta_tensors_propagate_shapes(monkeypatch):
+    """Meta tensors take the compiled op's fake kernels: shapes, forward and backward,
+    without a warning that the op is missing."""
+    monkeypatch.delenv(ops.DISABLE_ENV, raising=False)
+    B, h, H, W, d, ws = 2, 3, 4, 5, 6, 3
+    x = {k: v.to('meta') for k, v in make_inputs(B, h, H, W, d, ws).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert ops.use_compiled_op(x['q'])
+        got = run_both_ops(ops.sliding_window_logits, ops.sliding_window_aggregate, x, H, W, ws)
+    N, L = H * W, ws * ws
+    want = dict(logits=(B, h, N, L), agg=(B, h, N, d), gq=(B, h, N, d), gk=(B, h, N, d),
+                gb=(h, L), gw=(B, h, N, L), gv=(B, h, N, d))
+    assert {k: tuple(v.shape) for k, v in got.items()} == want
+    assert all(v.is_meta and v.dtype == torch.float64 for v in got.values())
 
 
 # ------------------------------------------------------------------------------- CUDA

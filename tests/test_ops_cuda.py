@@ -20,6 +20,8 @@ import mmtransnext.ops as ops
 from conftest import golden_arch
 from mmtransnext.models import TransNeXt
 from mmtransnext.models.attention import AggregatedAttention, FullAttention, core_dtype
+from test_ops_cuda_elements import (accumulation_case, assert_rounded_once, compiled_ops,
+                                    kernel_results)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 
@@ -194,17 +196,14 @@ def test_cuda_kernels_match_float32_reference(shape, dtype, misaligned):
 
 
 @cuda
-def test_cuda_low_precision_accumulates_in_float32():
-    # A 7x7 window of 256-channel products: summed in the input dtype, 12544 terms of
-    # ~1 would round off; a float32 accumulator keeps the sum within one final rounding.
-    H = W = 7
-    q = torch.ones(1, 1, H * W, 256, device='cuda', dtype=torch.bfloat16)
-    k = torch.full_like(q, 1 + 2 ** -7)  # exactly representable in bfloat16
-    bias = torch.zeros(1, 49, device='cuda', dtype=torch.bfloat16)
-    logits = torch.ops.mmtransnext.sliding_window_logits(q, k, bias, H, W, 7)
-    centre = logits[0, 0, 24, 24].float().item()
-    exact = 256 * (1 + 2 ** -7)
-    assert abs(centre - exact) <= exact * 2 ** -8  # one bfloat16 rounding
+@pytest.mark.parametrize('dtype', LOW, ids=str)
+def test_cuda_low_precision_accumulates_in_float32(dtype):
+    # Sums that an accumulator in the input dtype gets wrong (each logit's 2**16
+    # products, each window's taps): every output and gradient must be the exact sum
+    # rounded once. The host build and the CPU kernels are held to the same case.
+    shape, x, expected = accumulation_case(dtype)
+    x = {name: t.cuda() for name, t in x.items()}
+    assert_rounded_once(kernel_results(compiled_ops(), x, shape), expected)
 
 
 @cuda

@@ -11,7 +11,10 @@ reference of the released op, forward and gradients, in every dtype:
   rounded to the dtype, so the tolerance measures the kernels' float32 accumulation
   and one rounding of the output, not the inputs' rounding.
 * Shapes with head dims the vector path takes (8, 16) and does not (5), maps below the
-  window, window 1 and 7, an empty batch.
+  window, window 1 and 7, an empty batch, no head, head dim 0.
+* Inputs that float16 or bfloat16 accumulators would sum wrongly
+  (:func:`accumulation_case`): the results must be the float64 reference rounded once.
+  The CPU and CUDA kernels are held to the same case (``test_ops.py``, ``test_ops_cuda.py``).
 * Misaligned inputs, all of them or one alone. A GPU faults on a misaligned vector
   access; the host build checks the address of every one and raises instead.
 
@@ -22,10 +25,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from mmtransnext.ops.graph_capture import (sliding_window_aggregate_decomposed,
+                                           sliding_window_logits_decomposed)
 from mmtransnext.ops.sliding_window import (sliding_window_aggregate_reference,
                                             sliding_window_logits_reference)
 
@@ -43,6 +49,8 @@ SHAPES = [
     (1, 2, 2, 3, 16, 7),    # window larger than the map
     (3, 2, 4, 4, 8, 1),     # window 1: the token itself
     (0, 2, 3, 4, 8, 3),     # an empty batch: no launch, a zero bias gradient
+    (1, 0, 3, 4, 8, 3),     # no head: empty results
+    (2, 3, 3, 4, 0, 3),     # head dim 0: logits are the bias, zero weight gradients
 ]
 
 
@@ -86,22 +94,28 @@ def _assert_close(actual, expected, dtype, what):
 
 def _reference(x, shape):
     """Float64 outputs and gradients of the released op (unfold)."""
-    _, _, height, width, _, ws = shape
+    _, heads, height, width, dim, ws = shape
+    logits_fn, aggregate_fn = sliding_window_logits_reference, sliding_window_aggregate_reference
+    if heads * dim == 0:  # F.unfold refuses zero channels; pads and slices take them
+        logits_fn, aggregate_fn = (sliding_window_logits_decomposed,
+                                   sliding_window_aggregate_decomposed)
     query, key, bias, weights, value = (x[n].clone().requires_grad_()
                                         for n in ('query', 'key', 'bias', 'weights', 'value'))
-    logits = sliding_window_logits_reference(query, key, bias, height, width, ws)
+    logits = logits_fn(query, key, bias, height, width, ws)
     # The -inf entries get no gradient (the compiled backward ignores what arrives there).
     logits.masked_fill(torch.isinf(logits), 0).backward(x['grad_logits'])
-    out = sliding_window_aggregate_reference(weights, value, height, width, ws)
+    out = aggregate_fn(weights, value, height, width, ws)
     out.backward(x['grad_out'])
     return dict(logits=logits.detach(), grad_query=query.grad, grad_key=key.grad,
                 grad_bias=bias.grad, out=out.detach(), grad_weights=weights.grad,
                 grad_value=value.grad)
 
 
-def _host_results(kernels, x, shape, limit):
+def kernel_results(kernels, x, shape, *limit):
+    """The seven outputs and gradients from ``kernels``: the host build (with its index
+    limit) or :func:`compiled_ops`."""
     _, _, height, width, _, ws = shape
-    geometry = (height, width, ws, limit)
+    geometry = (height, width, ws, *limit)
     grad_query, grad_key, grad_bias = kernels.logits_backward(
         x['grad_logits'], x['query'], x['key'], *geometry)
     grad_weights, grad_value = kernels.aggregate_backward(
@@ -112,15 +126,80 @@ def _host_results(kernels, x, shape, limit):
                 grad_weights=grad_weights, grad_value=grad_value)
 
 
+def compiled_ops():
+    """``torch.ops.mmtransnext``'s four ops under the host build's names."""
+    mm = torch.ops.mmtransnext
+    return SimpleNamespace(logits=mm.sliding_window_logits,
+                           logits_backward=mm.sliding_window_logits_backward,
+                           aggregate=mm.sliding_window_aggregate,
+                           aggregate_backward=mm.sliding_window_aggregate_backward)
+
+
+def accumulation_case(dtype):
+    """Inputs that every float16/bfloat16 accumulator of the kernels would sum wrongly.
+
+    A float32 accumulator sums them exactly, so each result is the float64 reference
+    rounded once to ``dtype`` (the ``expected`` returned). A low-precision running sum
+    stops growing once a term is half a unit in its last place, at ``2 / eps`` terms of
+    one: 256 in bfloat16, 2048 in float16.
+
+    * Each logit and each weight gradient sums 2**16 products 2**-4, exactly 4096. In
+      float16 the sum stops at 128, in bfloat16 at 16; split over up to 16 SIMD lanes,
+      each lane's 4096 terms (256) stop there too.
+    * The window's gathers (the aggregate and the query, key and value gradients) sum
+      at most 9 terms, too few to stall on terms of one. Tap 0 of the weights and of
+      the logits' gradient is ``2 / eps``, which both gathers, plain and transposed, add
+      first wherever it lies inside the map; the taps of one after it are then lost.
+
+    Returns:
+        tuple: ``(shape, inputs, expected)``, inputs in ``dtype`` named as
+        :func:`kernel_results` takes them, expected as it returns them.
+    """
+    shape = (1, 1, 3, 3, 2 ** 16, 3)
+    batch, heads, height, width, dim, ws = shape
+    tokens, window = height * width, ws * ws
+    first = 2 / torch.finfo(dtype).eps
+    taps = torch.ones(batch, heads, tokens, window, dtype=torch.float64)
+    taps[..., 0] = first
+    exact = dict(query=torch.full((batch, heads, tokens, dim), 2.0 ** -4, dtype=torch.float64),
+                 key=torch.ones(batch, heads, tokens, dim, dtype=torch.float64),
+                 value=torch.ones(batch, heads, tokens, dim, dtype=torch.float64),
+                 bias=torch.ones(heads, window, dtype=torch.float64),
+                 weights=taps, grad_logits=taps.clone(),
+                 grad_out=torch.full((batch, heads, tokens, dim), 2.0 ** -4,
+                                     dtype=torch.float64))
+    expected = {name: t.to(dtype) for name, t in _reference(exact, shape).items()}
+    return shape, {name: t.to(dtype) for name, t in exact.items()}, expected
+
+
+def assert_rounded_once(results, expected):
+    """Every result equal to its ``expected`` (:func:`accumulation_case`)."""
+    for name, value in results.items():
+        value, want = value.cpu(), expected[name]
+        assert value.shape == want.shape, f'{name}: shape {value.shape}, not {want.shape}'
+        wrong = (value != want).nonzero()
+        assert len(wrong) == 0, (
+            f'{name}: {len(wrong)} entries are not the exact sum rounded once to '
+            f'{value.dtype} (accumulated in it?), first at {tuple(wrong[0].tolist())}: '
+            f'{value[tuple(wrong[0])].item()} instead of {want[tuple(wrong[0])].item()}')
+
+
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
 @pytest.mark.parametrize('shape', SHAPES, ids=str)
 def test_cuda_elements_match_the_reference(host_kernels, shape, dtype):
     low, exact = _inputs(shape, dtype)
     expected = _reference(exact, shape)
-    results = _host_results(host_kernels, low, shape, host_kernels.INDEX_LIMIT)
+    results = kernel_results(host_kernels, low, shape, host_kernels.INDEX_LIMIT)
     for name, value in results.items():
         assert value.dtype == dtype and value.shape == expected[name].shape, name
         _assert_close(value, expected[name], dtype, name)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_elements_accumulate_in_float32(host_kernels, dtype):
+    shape, x, expected = accumulation_case(dtype)
+    assert_rounded_once(kernel_results(host_kernels, x, shape, host_kernels.INDEX_LIMIT),
+                        expected)
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
@@ -165,7 +244,7 @@ def test_misaligned_inputs_take_the_scalar_path(host_kernels, dtype, which):
     if which in ('every input', 'query'):
         assert host_kernels.vector_width(low['query']) == 1
     expected = _reference(exact, shape)
-    for name, value in _host_results(host_kernels, low, shape,
+    for name, value in kernel_results(host_kernels, low, shape,
                                      host_kernels.INDEX_LIMIT).items():
         _assert_close(value, expected[name], dtype, name)
 
@@ -176,10 +255,10 @@ def test_batch_split_into_launches_changes_nothing(host_kernels):
     shape = (5, 3, 3, 4, 8, 3)
     low, exact = _inputs(shape, torch.float32, seed=2)
     expected = _reference(exact, shape)
-    whole = _host_results(host_kernels, low, shape, host_kernels.INDEX_LIMIT)
+    whole = kernel_results(host_kernels, low, shape, host_kernels.INDEX_LIMIT)
     per_image = 3 * 12 * 9
     for limit in (per_image, 2 * per_image + 5):
-        split = _host_results(host_kernels, low, shape, limit)
+        split = kernel_results(host_kernels, low, shape, limit)
         for name, value in split.items():
             _assert_close(value, expected[name], torch.float32, f'{name} (limit {limit})')
             if name != 'grad_bias':     # the bias sums in another order

@@ -1,11 +1,12 @@
 // CPU kernels of the mmtransnext sliding-window attention op.
 //
-// Three loop nests cover the four operators (forward and backward):
-//   gather_dot    out[n, j]  = <a[n], b[nbr_j(n)]> (+ bias[t, j])      logits fwd, d(weights)
-//   gather_axpy   out[n, :]  = sum_j w[n, j] * v[nbr_j(n), :]          aggregate fwd, d(query)
-//   gather_back   out[m, :]  = sum_j w[m - off_j, j] * x[m - off_j, :] d(key), d(value)
-// `gather_back` is the transpose of `gather_axpy` written as a gather over the tokens
-// whose window contains m, so every output element has exactly one writer: no atomics.
+// Two loop nests cover the four operators (forward and backward):
+//   gather_dot     out[n, j] = <a[n], b[nbr_j(n)]> (+ bias[t, j])       logits fwd, d(weights)
+//   gather<false>  out[n, :] = sum_j w[n, j] * v[nbr_j(n), :]           aggregate fwd, d(query)
+//   gather<true>   out[m, :] = sum_j w[m - off_j, j] * x[m - off_j, :]  d(key), d(value)
+// gather<true> is the transpose of gather<false> written as a gather over the tokens
+// whose window contains m, so every output element has exactly one writer: no atomics
+// (the CUDA kernels' GatherElement, csrc/cuda/sliding_window_elements.h, likewise).
 // Work is split over (batch * heads * rows) with at::parallel_for; the innermost loop
 // runs over the contiguous head dimension and is vectorised (omp simd). Reduced
 // precision inputs accumulate in float (at::opmath_type).
@@ -91,78 +92,47 @@ void gather_dot(const scalar_t* a, const scalar_t* b, const scalar_t* bias, scal
   });
 }
 
-// out[n, :] = sum_j w[n, j] * v[nbr_j(n), :] over neighbours inside the map.
-// If `row_sums` is given (bh * height * L accumulators), it receives per (bt, row, j)
-// the sum of w over the valid (n, j) pairs of that row: the bias gradient before the
-// final reduction over batch and rows.
-template <typename scalar_t>
-void gather_axpy(const scalar_t* w, const scalar_t* v, scalar_t* out,
-                 at::opmath_type<scalar_t>* row_sums, const Geometry& g) {
+// out[m, :] = sum over the taps j inside the map of a weight times x[source, :]: the
+// gather (source = nbr_j(m) = m + off_j, weight w[m, j]) or, transposed, what m receives
+// as neighbour j of source = m - off_j (weight w[source, j]). If `row_sums` is given (the
+// plain gather's: bh * height * L accumulators), it receives per (bt, row, j) the sum of
+// w over the valid (m, j) pairs of that row: the bias gradient before the final
+// reduction over batch and rows.
+template <bool transposed, typename scalar_t>
+void gather(const scalar_t* w, const scalar_t* x, scalar_t* out,
+            at::opmath_type<scalar_t>* row_sums, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = g.n(), L = g.l(), p = g.half(), d = g.d, W = g.width, H = g.height;
+  // Offset of the source row (column) from the output's for tap row ki (column kj).
+  const auto offset = [p](int64_t k) { return transposed ? p - k : k - p; };
   at::parallel_for(0, g.bh * H, g.grain(), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(d));  // one buffer per chunk
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / H, r = task % H;
-      const scalar_t* v_bt = v + bt * N * d;
-      acc_t* rs = row_sums ? row_sums + task * L : nullptr;
-      if (rs) std::fill(rs, rs + L, acc_t(0));
-      for (int64_t c = 0; c < W; ++c) {
-        const int64_t n = r * W + c;
-        const scalar_t* wn = w + (bt * N + n) * L;
-        acc_t* ap = acc.data();
-        std::fill(ap, ap + d, acc_t(0));
-        for (int64_t ki = 0; ki < g.ws; ++ki) {
-          const int64_t rr = r + ki - p;
-          if (rr < 0 || rr >= H) continue;
-          for (int64_t kj = 0; kj < g.ws; ++kj) {
-            const int64_t cc = c + kj - p;
-            if (cc < 0 || cc >= W) continue;
-            const int64_t j = ki * g.ws + kj;
-            const acc_t wj = static_cast<acc_t>(wn[j]);
-            if (rs) rs[j] += wj;
-            const scalar_t* vm = v_bt + (rr * W + cc) * d;
-#pragma omp simd
-            for (int64_t ch = 0; ch < d; ++ch) ap[ch] += wj * static_cast<acc_t>(vm[ch]);
-          }
-        }
-        scalar_t* on = out + (bt * N + n) * d;
-#pragma omp simd
-        for (int64_t ch = 0; ch < d; ++ch) on[ch] = static_cast<scalar_t>(ap[ch]);
-      }
-    }
-  });
-}
-
-// out[m, :] = sum_j w[n, j] * x[n, :] over the tokens n with nbr_j(n) == m, i.e.
-// n = m - offset_j, both inside the map. Transpose of gather_axpy in gather form.
-template <typename scalar_t>
-void gather_back(const scalar_t* w, const scalar_t* x, scalar_t* out, const Geometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = g.n(), L = g.l(), p = g.half(), d = g.d, W = g.width, H = g.height;
-  at::parallel_for(0, g.bh * H, g.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(d));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bt = task / H, rm = task % H;
       const scalar_t* x_bt = x + bt * N * d;
       const scalar_t* w_bt = w + bt * N * L;
-      for (int64_t cm = 0; cm < W; ++cm) {
+      // Null in the transposed gather, where `if (rs)` then compiles to nothing.
+      acc_t* rs = !transposed && row_sums ? row_sums + task * L : nullptr;
+      if (rs) std::fill(rs, rs + L, acc_t(0));
+      for (int64_t c = 0; c < W; ++c) {
+        const int64_t m = r * W + c;
         acc_t* ap = acc.data();
         std::fill(ap, ap + d, acc_t(0));
         for (int64_t ki = 0; ki < g.ws; ++ki) {
-          const int64_t rn = rm - ki + p;
-          if (rn < 0 || rn >= H) continue;
+          const int64_t rr = r + offset(ki);
+          if (rr < 0 || rr >= H) continue;
           for (int64_t kj = 0; kj < g.ws; ++kj) {
-            const int64_t cn = cm - kj + p;
-            if (cn < 0 || cn >= W) continue;
-            const int64_t n = rn * W + cn;
-            const acc_t wj = static_cast<acc_t>(w_bt[n * L + ki * g.ws + kj]);
-            const scalar_t* xn = x_bt + n * d;
+            const int64_t cc = c + offset(kj);
+            if (cc < 0 || cc >= W) continue;
+            const int64_t j = ki * g.ws + kj, source = rr * W + cc;
+            const acc_t wj = static_cast<acc_t>(w_bt[(transposed ? source : m) * L + j]);
+            if (rs) rs[j] += wj;
+            const scalar_t* xs = x_bt + source * d;
 #pragma omp simd
-            for (int64_t ch = 0; ch < d; ++ch) ap[ch] += wj * static_cast<acc_t>(xn[ch]);
+            for (int64_t ch = 0; ch < d; ++ch) ap[ch] += wj * static_cast<acc_t>(xs[ch]);
           }
         }
-        scalar_t* om = out + (bt * N + rm * W + cm) * d;
+        scalar_t* om = out + (bt * N + m) * d;
 #pragma omp simd
         for (int64_t ch = 0; ch < d; ++ch) om[ch] = static_cast<scalar_t>(ap[ch]);
       }
@@ -204,12 +174,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_backward_cpu(
       at::kHalf, at::kBFloat16, query.scalar_type(), "sliding_window_logits_backward_cpu",
       [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        gather_axpy<scalar_t>(grad.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
-                              grad_query.mutable_data_ptr<scalar_t>(),
-                              row_sums.mutable_data_ptr<acc_t>(), g);
-        gather_back<scalar_t>(grad.const_data_ptr<scalar_t>(),
-                              query.const_data_ptr<scalar_t>(),
-                              grad_key.mutable_data_ptr<scalar_t>(), g);
+        gather<false, scalar_t>(grad.const_data_ptr<scalar_t>(), key.const_data_ptr<scalar_t>(),
+                                grad_query.mutable_data_ptr<scalar_t>(),
+                                row_sums.mutable_data_ptr<acc_t>(), g);
+        gather<true, scalar_t>(grad.const_data_ptr<scalar_t>(), query.const_data_ptr<scalar_t>(),
+                               grad_key.mutable_data_ptr<scalar_t>(), nullptr, g);
       });
   auto grad_bias = row_sums.sum(at::IntArrayRef{0, 2}).to(query.scalar_type());
   return {grad_query, grad_key, grad_bias};
@@ -222,9 +191,9 @@ at::Tensor aggregate_cpu(const at::Tensor& weights_in, const at::Tensor& value_i
   const Geometry g = make_geometry(value, height, width, window_size, value.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "sliding_window_aggregate_cpu", [&] {
-        gather_axpy<scalar_t>(weights.const_data_ptr<scalar_t>(),
-                              value.const_data_ptr<scalar_t>(),
-                              out.mutable_data_ptr<scalar_t>(), nullptr, g);
+        gather<false, scalar_t>(weights.const_data_ptr<scalar_t>(),
+                                value.const_data_ptr<scalar_t>(),
+                                out.mutable_data_ptr<scalar_t>(), nullptr, g);
       });
   return out;
 }
@@ -243,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor> aggregate_backward_cpu(
         // Weights of neighbours outside the map get a zero gradient.
         gather_dot<scalar_t>(grad.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
                              nullptr, grad_weights.mutable_data_ptr<scalar_t>(), g, 0);
-        gather_back<scalar_t>(weights.const_data_ptr<scalar_t>(),
-                              grad.const_data_ptr<scalar_t>(),
-                              grad_value.mutable_data_ptr<scalar_t>(), g);
+        gather<true, scalar_t>(weights.const_data_ptr<scalar_t>(),
+                               grad.const_data_ptr<scalar_t>(),
+                               grad_value.mutable_data_ptr<scalar_t>(), nullptr, g);
       });
   return {grad_weights, grad_value};
 }

@@ -369,12 +369,15 @@ at::Tensor bias_grad(const at::Tensor& grad, int64_t height, int64_t width, int6
                      const Run& run, int64_t index_limit) {
   const int64_t batch = grad.size(0), heads = grad.size(1);
   const int64_t tokens = height * width, window = ws * ws;
+  // Nothing to sum (no image, head or token): zeros, and no launch. Past this, every
+  // size below is positive, so the divisions are defined.
+  if (grad.numel() == 0) return at::zeros({heads, window}, grad.options());
   const int64_t step = images_per_launch(batch, heads * tokens * window, index_limit);
-  const int64_t launches = batch == 0 ? 0 : (batch + step - 1) / step;
+  const int64_t launches = (batch + step - 1) / step;
   // Enough slices to fill a GPU, each thread summing at least ~16 tokens.
   const int64_t slices = std::max<int64_t>(
       1, std::min<int64_t>({4096, (step * tokens + 15) / 16, index_limit / (heads * window)}));
-  auto partial = at::zeros({std::max<int64_t>(launches, 1), heads * window, slices},
+  auto partial = at::zeros({launches, heads * window, slices},
                            grad.options().dtype(at::toOpMathType(grad.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "sliding_window_bias_grad_cuda", [&] {

@@ -30,13 +30,61 @@ def _rows_per_band(batch: int, heads: int, width: int, keys: int, height: int) -
     return max(1, min(height, _BAND_ELEMENTS // per_row))
 
 
+_KERNEL_NAMES = ('bias_softmax_', 'softmax_backward_', 'bias_rows_backward')
+# What the compiled band kernels take (csrc/sliding_window.cpp, check_float); the plain
+# branch serves float16 and bfloat16.
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def _fused_kernels(tensor: Tensor) -> bool:
     """Whether the compiled band kernels serve this tensor (CPU builds have them)."""
-    return (tensor.device.type == 'cpu' and use_compiled_op(tensor)
+    return (tensor.device.type == 'cpu' and tensor.dtype in _KERNEL_DTYPES
+            and use_compiled_op(tensor)
             and all(hasattr(torch.ops.mmtransnext, name) for name in _KERNEL_NAMES))
 
 
-_KERNEL_NAMES = ('bias_softmax_', 'softmax_backward_', 'bias_rows_backward')
+def check_bias_attention_args(op: str, query, key, value, bias) -> None:
+    """What every path of biased attention requires of its arguments.
+
+    One check for :func:`banded_bias_attention` and
+    :func:`~mmtransnext.ops.fused_attention.fused_bias_attention` (which adds its own
+    dtype and device limits), so that both refuse the same calls with the same words.
+
+    Args:
+        op (str): the function's name, which every message starts with.
+        query, key, value, bias: the function's arguments.
+
+    Raises:
+        ValueError: naming the problem: a tensor not 4-D, mixed dtypes or devices, a
+            dtype that is not floating-point, shapes that do not match, or a bias laid
+            out for other token counts or heads.
+    """
+    for name, tensor in dict(query=query, key=key, value=value).items():
+        if not isinstance(tensor, Tensor) or tensor.dim() != 4:
+            raise ValueError(f'{op}: {name} must be a 4-D tensor (B, heads, tokens, dim), '
+                             f'got {getattr(tensor, "shape", tensor)}')
+        if tensor.dtype != query.dtype or tensor.device != query.device:
+            raise ValueError(f'{op}: {name} is {tensor.dtype} on {tensor.device}, query is '
+                             f'{query.dtype} on {query.device}')
+    if not query.is_floating_point():
+        raise ValueError(f'{op}: dtype {query.dtype} is not a floating-point dtype')
+    (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
+    batch, heads = query.shape[:2]
+    if (key.shape[:2] != (batch, heads) or value.shape[:3] != key.shape[:3]
+            or key.shape[3] != query.shape[3]):
+        raise ValueError(f'{op}: shapes do not match: query {tuple(query.shape)}, key '
+                         f'{tuple(key.shape)}, value {tuple(value.shape)}')
+    if query.shape[2] != height * width or key.shape[2] != pool_h * pool_w:
+        raise ValueError(
+            f'{op}: query has {query.shape[2]} tokens and key {key.shape[2]}, but the bias '
+            f'is laid out for {height}x{width} queries and {pool_h}x{pool_w} keys')
+    # A bias of fewer heads would broadcast over the logits in the forward pass and fail
+    # only in the backward.
+    if tuple(bias.by_rows.shape[:3]) != (heads, height, pool_h):
+        raise ValueError(f'{op}: bias table {tuple(bias.by_rows.shape)} is not '
+                         f'(heads={heads}, H={height}, Hp={pool_h}, Uw)')
+    if bias.by_rows.device != query.device:
+        raise ValueError(f'{op}: bias on {bias.by_rows.device}, query on {query.device}')
 
 
 def _biased_exp_(logits: Tensor, bias, by_rows: Tensor, start: int, stop: int,
@@ -173,10 +221,5 @@ def banded_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tu
         tuple[Tensor, Tensor]: the output ``(B, heads, N, dv)`` and the log-sum-exp
         of each query's logits ``(B, heads, N)``.
     """
-    height, width = bias.layout.query_size
-    if query.shape[2] != height * width or key.shape[2] != bias.layout.key_size[0] * bias.layout.key_size[1]:
-        raise ValueError(
-            f'banded_bias_attention: query has {query.shape[2]} tokens and key {key.shape[2]}, '
-            f'but the bias is laid out for {height}x{width} queries and '
-            f'{bias.layout.key_size[0]}x{bias.layout.key_size[1]} keys')
+    check_bias_attention_args('banded_bias_attention', query, key, value, bias)
     return _BandedBiasAttention.apply(query, key, value, bias.by_rows, bias)

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .banded_attention import check_bias_attention_args
 from .sliding_window import reference_requested
 
 __all__ = ['fused_bias_attention', 'use_fused_attention']
@@ -508,34 +509,10 @@ def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tup
 
 
 def _check_args(query, key, value, bias):
-    named = dict(query=query, key=key, value=value)
-    for name, tensor in named.items():
-        if not isinstance(tensor, Tensor) or tensor.dim() != 4:
-            raise ValueError(f'fused_bias_attention: {name} must be a 4-D tensor '
-                             f'(B, heads, tokens, dim), got {getattr(tensor, "shape", tensor)}')
-        if tensor.dtype != query.dtype or tensor.device != query.device:
-            raise ValueError(f'fused_bias_attention: {name} is {tensor.dtype} on '
-                             f'{tensor.device}, query is {query.dtype} on {query.device}')
+    check_bias_attention_args('fused_bias_attention', query, key, value, bias)
     if query.dtype not in _DTYPES:
         raise ValueError(f'fused_bias_attention: dtype {query.dtype} is not supported '
                          '(float32, float16 or bfloat16; float64 takes the banded path)')
-    (height, width), (pool_h, pool_w) = bias.layout.query_size, bias.layout.key_size
-    batch, heads = query.shape[:2]
-    if (key.shape[:2] != (batch, heads) or value.shape[:3] != key.shape[:3]
-            or key.shape[3] != query.shape[3]):
-        raise ValueError(f'fused_bias_attention: shapes do not match: query '
-                         f'{tuple(query.shape)}, key {tuple(key.shape)}, value '
-                         f'{tuple(value.shape)}')
-    if query.shape[2] != height * width or key.shape[2] != pool_h * pool_w:
-        raise ValueError(
-            f'fused_bias_attention: query has {query.shape[2]} tokens and key {key.shape[2]}, '
-            f'but the bias is laid out for {height}x{width} queries and {pool_h}x{pool_w} keys')
-    if tuple(bias.by_rows.shape[:3]) != (heads, height, pool_h):
-        raise ValueError(f'fused_bias_attention: bias table {tuple(bias.by_rows.shape)} is not '
-                         f'(heads={heads}, H={height}, Hp={pool_h}, Uw)')
-    if bias.by_rows.device != query.device:
-        raise ValueError(f'fused_bias_attention: bias on {bias.by_rows.device}, query on '
-                         f'{query.device}')
     if not _TRITON:
         where = ('' if query.device.type == 'cuda' else
                  f'; tensors on {query.device}: the kernels run on CUDA, or on the CPU '

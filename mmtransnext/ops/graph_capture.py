@@ -44,8 +44,13 @@ def _neighbours(x: Tensor, height: int, width: int, window_size: int):
             for ki in range(window_size) for kj in range(window_size)]
 
 
-def _outside(like: Tensor, height: int, width: int, window_size: int) -> Tensor:
-    """``(N, ws * ws)`` bool: True where neighbour ``j`` of token ``n`` is outside the map."""
+def outside_mask(like: Tensor, height: int, width: int, window_size: int) -> Tensor:
+    """``(N, ws * ws)`` bool: True where neighbour ``j`` of token ``n`` is outside the map.
+
+    The one definition of the window's border, for the decomposed op here and the
+    reference (:mod:`~mmtransnext.ops.sliding_window`); in pads and slices, so that it
+    exports to ONNX. Made on ``like``'s device.
+    """
     ones = torch.ones(1, 1, height * width, 1, dtype=like.dtype, device=like.device)
     inside = torch.cat(_neighbours(ones, height, width, window_size), dim=-1)
     return inside[0, 0] == 0
@@ -69,7 +74,7 @@ def sliding_window_logits_decomposed(query: Tensor, key: Tensor, bias: Tensor, h
     logits = torch.stack([(query * neighbour).sum(-1)
                           for neighbour in _neighbours(key, height, width, window_size)], -1)
     logits = logits + bias.unsqueeze(1)
-    return logits.masked_fill(_outside(query, height, width, window_size), float('-inf'))
+    return logits.masked_fill(outside_mask(query, height, width, window_size), float('-inf'))
 
 
 def sliding_window_aggregate_decomposed(weights: Tensor, value: Tensor, height: int,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .graph_capture import (sliding_window_aggregate_decomposed,
+from .graph_capture import (outside_mask, sliding_window_aggregate_decomposed,
                             sliding_window_logits_decomposed)
 
 __all__ = [
@@ -57,20 +57,11 @@ _WARNED_DEVICES = set()
 
 
 # --------------------------------------------------------------------------- dispatch
-def _dispatch_key(device_type: str) -> str:
-    return {'cpu': 'CPU', 'cuda': 'CUDA'}.get(device_type, device_type.upper())
-
-
-def _has_kernels(device_type: str) -> bool:
-    return _LOADED and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f'mmtransnext::{name}',
-                                                       _dispatch_key(device_type))
-        for name in _OP_NAMES)
-
-
-# Registrations happen when the library loads, so availability is fixed from here on;
-# a plain dict keeps `use_compiled_op` traceable by torch.compile.
-_KERNELS = {device_type: _has_kernels(device_type) for device_type in ('cpu', 'cuda')}
+# The dispatch keys the library registers kernels under, per device type: CPU and CUDA
+# (csrc/), Meta (the fake kernels below). Any other device type has none. A key cannot
+# be guessed from its device type's name ('meta' is Meta, 'privateuseone' PrivateUse1),
+# and torch 2.1 has no function that maps one to the other.
+_DISPATCH_KEYS = {'cpu': 'CPU', 'cuda': 'CUDA', 'meta': 'Meta'}
 
 
 def extension_available(device) -> bool:
@@ -82,14 +73,12 @@ def extension_available(device) -> bool:
 
     Returns:
         bool: True if ``mmtransnext._C`` is loaded and registered kernels for that
-        device type (the CUDA ones exist only in builds made with CUDA).
+        device type: CPU ones, CUDA ones in builds made with CUDA, and Meta ones (the
+        fake kernels, which give meta tensors their output shapes). False for any
+        other device type.
     """
-    if not _LOADED:
-        return False
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    if device_type in _KERNELS:
-        return _KERNELS[device_type]
-    return _has_kernels(device_type)
+    return _LOADED and _KERNELS.get(device_type, False)
 
 
 def reference_requested() -> bool:
@@ -126,9 +115,8 @@ def use_compiled_op(tensor: torch.Tensor) -> bool:
         if _LOAD_ERROR is not None:
             why = f'mmtransnext._C could not be loaded ({_LOAD_ERROR})'
         else:
-            why = (f'mmtransnext._C was built without {_dispatch_key(device_type)} '
-                   'kernels (CUDA kernels are built only when a GPU and CUDA_HOME are '
-                   'present, or with FORCE_CUDA=1)')
+            why = ('mmtransnext._C has CPU kernels, and CUDA ones only when built where '
+                   'a GPU and CUDA_HOME are present (or with FORCE_CUDA=1)')
         warnings.warn(
             f'mmtransnext: compiled sliding-window attention op unavailable for device '
             f"type '{device_type}': {why}. Falling back to the pure-PyTorch reference, "
@@ -217,14 +205,6 @@ def _unfold_tokens(x: torch.Tensor, height: int, width: int,
     return cols.reshape(B, h, d, window_size * window_size, N).permute(0, 1, 4, 2, 3)
 
 
-def _outside_mask(x: torch.Tensor, height: int, width: int,
-                  window_size: int) -> torch.Tensor:
-    """(1, N, L) bool: True where neighbour j of token n lies outside the map."""
-    ones = torch.ones(1, 1, height, width, dtype=x.dtype, device=x.device)
-    inside = F.unfold(ones, kernel_size=window_size, padding=window_size // 2)
-    return (inside.transpose(-1, -2) == 0)
-
-
 def sliding_window_logits_reference(query: torch.Tensor, key: torch.Tensor,
                                     bias: torch.Tensor, height: int, width: int,
                                     window_size: int) -> torch.Tensor:
@@ -249,8 +229,7 @@ def sliding_window_logits_reference(query: torch.Tensor, key: torch.Tensor,
     _check_logits_args(query, key, bias, height, width, window_size)
     k_local = _unfold_tokens(key, height, width, window_size)
     logits = (query.unsqueeze(-2) @ k_local).squeeze(-2) + bias.unsqueeze(1)
-    return logits.masked_fill(_outside_mask(query, height, width, window_size),
-                              float('-inf'))
+    return logits.masked_fill(outside_mask(query, height, width, window_size), float('-inf'))
 
 
 def sliding_window_aggregate_reference(weights: torch.Tensor, value: torch.Tensor,
@@ -474,6 +453,13 @@ def _register_python_side() -> None:
 
 if _LOADED:
     _register_python_side()
+
+# Registrations happen when the library loads (and just above), so availability is fixed
+# from here on; a plain dict keeps `use_compiled_op` traceable by torch.compile.
+_KERNELS = {device_type: _LOADED and all(
+    torch._C._dispatch_has_kernel_for_dispatch_key(f'mmtransnext::{name}', key)
+    for name in _OP_NAMES) for device_type, key in _DISPATCH_KEYS.items()}
+
 
 def _constant_while_compiling(fn):
     """``fn``, read once per compiled graph by ``torch.compile`` before torch 2.4.
