@@ -10,7 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from conftest import golden_arch
 from mmtransnext.models import TransNeXt, filter_backbone_state_dict, transnext
-from mmtransnext.models.attention import AggregatedAttention, FullAttention
+from mmtransnext.models.attention import AggregatedAttention, FullAttention, _unit_vectors
 from mmtransnext.models.transnext import _Block
 
 OUT_TOL = dict(atol=1e-4, rtol=1e-4)
@@ -441,3 +441,69 @@ def test_attention_maps_are_the_joint_softmax():
     torch.testing.assert_close(local.sum(-1) + pooled.sum(-1), torch.ones(2, 1, height * width))
     # The top-left token's window reaches above and left of the map: those weights are 0.
     assert torch.all(local[:, :, 0, [0, 1, 2, 3, 6]] == 0) and torch.all(local[:, :, 0, 4] > 0)
+
+
+def _normalize_grads(unit, x):
+    x = x.clone().requires_grad_()
+    out = unit(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    return out, x.grad
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_unit_vectors_are_f_normalize_but_at_zero(dtype):
+    """Where the norm exceeds 1e-12, F.normalize's value bit for bit and its gradient;
+    a zero vector gives zero and takes no gradient (F.normalize's is 1e12 times the
+    upstream one)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 24, dtype=dtype)
+    x[0, 1, 2] = 0
+    x[1, 0, 5] = 1e-9 * x[1, 0, 5]
+    out, grad = _normalize_grads(_unit_vectors, x)
+    ref, ref_grad = _normalize_grads(lambda t: F.normalize(t, dim=-1), x)
+    nonzero = torch.ones(2, 3, 7, dtype=torch.bool)
+    nonzero[0, 1, 2] = False
+    assert torch.equal(out[nonzero], ref[nonzero])
+    torch.testing.assert_close(grad[nonzero], ref_grad[nonzero])
+    assert out[0, 1, 2].abs().max() == 0 and grad[0, 1, 2].abs().max() == 0
+    assert ref_grad[0, 1, 2].abs().max() > 1e10
+
+
+def test_unit_vectors_in_float16():
+    """The norm in float32: entries whose squares overflow float16 (300) or vanish in
+    it (2**-13) are normalised as in float32; a zero vector stays zero (F.normalize in
+    float16 gives 0/0 there, its 1e-12 being zero in float16)."""
+    x = torch.zeros(4, 24)
+    x[0, :3] = 300.
+    x[1, :5] = 2 ** -13
+    x[2] = torch.linspace(-2, 3, 24)
+    out, grad = _normalize_grads(_unit_vectors, x.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), F.normalize(x, dim=-1), atol=1e-3, rtol=1e-3)
+    assert out[3].abs().max() == 0 and torch.isfinite(grad).all() and grad[3].abs().max() == 0
+
+
+@pytest.mark.parametrize('module', ['aggregated', 'full'])
+def test_zero_tokens_take_ordinary_gradients(module):
+    """Zero tokens (an image's zero padding under the release's zero biases, training
+    from scratch) give zero queries and keys. Their gradients must be no larger than
+    other tokens': with F.normalize's gradient at a zero vector they were about 1e12
+    times larger, which no float16 loss scale holds."""
+    torch.manual_seed(0)
+    if module == 'aggregated':
+        attn = AggregatedAttention(32, 2, window_size=3, sr_ratio=2, build_size=None,
+                                   build_pool_size=None, pretrain_size=8)
+    else:
+        attn = FullAttention(32, 2, build_size=None, pretrain_size=8)
+    for linear in attn.modules():
+        if isinstance(linear, torch.nn.Linear):
+            torch.nn.init.zeros_(linear.bias)
+    x = torch.randn(2, 8 * 12, 32)
+    x[1, 40:] = 0
+    x.requires_grad_()
+    out = attn(x, 8, 12)
+    (out * torch.randn_like(out)).sum().backward()
+    per_token = x.grad.abs().amax(-1)
+    assert torch.isfinite(per_token).all()
+    assert per_token[1, 40:].max() <= per_token[0].max()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters() if p.grad is not None)

@@ -161,6 +161,26 @@ def _stats_dtype(tensor: Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
+def _unit_vectors(x: Tensor) -> Tensor:
+    """``x / ||x||`` over the last dim in ``x``'s dtype, zero where ``||x|| <= 1e-12``.
+
+    ``F.normalize`` in every other respect: the same value wherever the norm exceeds
+    its ``eps`` (1e-12), bit for bit in float32. Two things differ. The norm is taken
+    in float32 or wider (in float16 the squares of entries over 256 overflow and
+    those under 2**-12 vanish). And a zero vector, which ``F.normalize`` divides by
+    ``eps``, has zero output and zero gradient: its gradient there, the upstream
+    gradient times 1e12, overflowed float16 at any loss scale. Tokens are zero
+    vectors wherever an image's padding meets zero biases (the release's
+    initialisation, training from scratch), and a float16 Mask R-CNN had every step
+    skipped by its loss scaler.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_stats_dtype(x))
+    nonzero = norm > 1e-12
+    # The inner where keeps the division finite where the outer one discards it: an
+    # inf or NaN there would still reach the gradient (0 times inf).
+    return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0).to(x.dtype)
+
+
 class _PositionBiasAttention(nn.Module):
     """What both attentions share: scaled cosine queries and the continuous bias.
 
@@ -312,9 +332,9 @@ class AggregatedAttention(_PositionBiasAttention):
         pool_h, pool_w = self.pool_size(height, width)
         pooled = pool_h * pool_w
 
-        query = F.normalize(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2), dim=-1)
+        query = _unit_vectors(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2))
         key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        key = F.normalize(key, dim=-1)
+        key = _unit_vectors(key)
         scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
         query_scaled = self._scaled_query(query, scale)
 
@@ -324,7 +344,7 @@ class AggregatedAttention(_PositionBiasAttention):
         periphery = self.norm(periphery.reshape(batch, channels, pooled).transpose(1, 2))
         pool_key, pool_value = self.kv(periphery).view(batch, pooled, 2, heads,
                                                        head_dim).permute(2, 0, 3, 1, 4)
-        pool_key = F.normalize(pool_key, dim=-1)
+        pool_key = _unit_vectors(pool_key)
 
         # Learnable tokens: extra, query-dependent weights on the local values
         # (from the unscaled query), added after the softmax.
@@ -431,8 +451,8 @@ class FullAttention(_PositionBiasAttention):
             scale = torch.full((), tokens, dtype=torch.float64, device=x.device).log()
         else:
             scale = math.log(tokens)
-        query = self._scaled_query(F.normalize(query, dim=-1), scale)
-        key = F.normalize(key, dim=-1)
+        query = self._scaled_query(_unit_vectors(query), scale)
+        key = _unit_vectors(key)
         size = (height, width)
         query, key, value = _one_dtype((query, key, value), x.device.type)
         with torch.autocast(x.device.type, enabled=False):
