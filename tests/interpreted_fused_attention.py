@@ -108,7 +108,7 @@ def slot_tiles(monkeypatch):
     16-bit inputs take them, whose tolerance would hide what float32's shows."""
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, 'BIAS_TILE', 'slots')
-    monkeypatch.setattr(fused_attention, '_SLOT_DTYPES', fused_attention._DTYPES)
+    monkeypatch.setattr(fused_attention, 'SLOT_DTYPES', fused_attention._DTYPES)
 
 
 # Bias resized on both column axes, on one (each way); tiles over several rows and key

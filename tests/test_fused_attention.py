@@ -59,9 +59,9 @@ def test_kernels_under_triton_interpreter():
     assert ' passed' in done.stdout.splitlines()[-1], done.stdout[-2000:]
 
 
-# Bytes that kernels of settings other than the defaults spill, as compiled here (the
-# defaults' kernels spill nothing): the query-major pass of BACKWARD_KV='atomic' in
-# float32 with a resized bias on sm_80, and that of 'two-pass' with TF32X3 on sm_90.
+# Bytes that kernels spill, as compiled here (every other kernel spills nothing): the
+# query-major pass of BACKWARD_KV='atomic' (the default) in float32 with a resized bias
+# on sm_80, and that of 'two-pass' under TF32X3 on sm_90.
 _SPILLS_ON_RECORD = {(80, torch.float32, True, None, 'backward_atomic'): 32,
                      (90, torch.float32, True, 'tf32x3', 'backward'): 24}
 

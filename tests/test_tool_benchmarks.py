@@ -132,17 +132,17 @@ def test_backbone_worker_makes_several_runs():
     with its own dtype, mode and time."""
     args = bb.parse_args(['--arch', 'micro', '--size', '48', '64', '--img-size', '64',
                           '--warmup', '0', '--threads', '1'])
-    rows = bb.run_path(args, 'default-atomic', [('fp32', 'train'), ('fp32', 'forward')])
+    rows = bb.run_path(args, 'default-two-pass', [('fp32', 'train'), ('fp32', 'forward')])
     assert [(r['path'], r['dtype'], r['mode']) for r in rows] == [
-        ('default-atomic', 'fp32', 'train'), ('default-atomic', 'fp32', 'forward')]
+        ('default-two-pass', 'fp32', 'train'), ('default-two-pass', 'fp32', 'forward')]
     assert not any('error' in r for r in rows), rows
     assert all(r['time_ms'] > 0 and r['compiled'] for r in rows)
-    # the fused kernels, where they run, add key/value gradients by query block
-    assert {r['fused_backward'] for r in rows} == {'atomic'}
+    # the fused kernels, where they run, form key/value gradients in a key-major pass
+    assert {r['fused_backward'] for r in rows} == {'two-pass'}
     default = bb.run_path(args, 'default', [('fp32', 'forward')])[0]
-    assert (default['fused_backward'], default['fused_bias_tile']) == ('two-pass', 'taps')
-    slots = bb.run_path(args, 'default-slots', [('fp32', 'forward')])[0]
-    assert (slots['fused_backward'], slots['fused_bias_tile']) == ('two-pass', 'slots')
+    assert (default['fused_backward'], default['fused_bias_tile']) == ('atomic', 'slots')
+    taps = bb.run_path(args, 'default-taps', [('fp32', 'forward')])[0]
+    assert (taps['fused_backward'], taps['fused_bias_tile']) == ('atomic', 'taps')
 
 
 def test_backbone_profile_of_a_training_step(capsys):
@@ -258,7 +258,7 @@ def test_pooled_attention_shapes_and_cpu_run(capsys):
     progress, lines = printed[:3], printed[3:]
     assert lines[0].startswith('stage 3: 2 x 12 heads, queries 5x8, keys 2x4')
     assert lines[3].split()[:2] == ['fp32', 'whole'] and lines[4].split()[:2] == ['fp32', 'banded']
-    assert lines[5].split()[:5] == ['fp32', 'fused', '32x32x8', 'two-pass', 'failed:']
+    assert lines[5].split()[:4] == ['fp32', 'fused', '32x32x8', 'failed:']
     assert 'run on CUDA, or on the CPU under TRITON_INTERPRET=1' in lines[5]
     assert progress[:2] == [lines[3], lines[4]] and progress[2] == lines[5]
 

@@ -11,13 +11,13 @@ machines are noisy; compare numbers from the same run only).
 * default: the compiled sliding-window op and biased attention that never builds
   the ``N x P`` bias (the fused Triton kernels on CUDA, the banded path on the CPU),
   softmaxes merged by their log-sum-exp;
-* default-atomic: the default path with the fused kernels' key and value gradients
-  added by every query block with atomics (``fused_attention.BACKWARD_KV = 'atomic'``)
-  instead of the key-major pass; the same as default where the fused kernels do not
-  run (the CPU);
-* default-slots: the default path with the fused kernels reading the bias by slots
-  (``fused_attention.BIAS_TILE = 'slots'``: two small matmuls a tile, in float16 and
-  bfloat16); likewise the same as default on the CPU;
+* default-two-pass: the default path with the fused kernels' key and value gradients
+  formed by a second, key-major pass (``fused_attention.BACKWARD_KV = 'two-pass'``)
+  instead of atomics from every query block; the same as default where the fused
+  kernels do not run (the CPU);
+* default-taps: the default path with the fused kernels reading the bias table by taps,
+  per logit (``fused_attention.BIAS_TILE = 'taps'``) instead of by slots; likewise the
+  same as default on the CPU, and in float32, which reads by taps anyway;
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -45,7 +45,7 @@ import sys
 import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
-PATHS = {'reference': '1', 'default': '0', 'default-atomic': '0', 'default-slots': '0',
+PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'default-taps': '0',
          'swin': '0'}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
@@ -132,10 +132,10 @@ def _worker(args) -> list:
     torch.manual_seed(0)
     device = torch.device(args.device)
     size = tuple(args.size)
-    if args.path == 'default-atomic':
-        fused_attention.BACKWARD_KV = 'atomic'
-    if args.path == 'default-slots':
-        fused_attention.BIAS_TILE = 'slots'
+    if args.path == 'default-two-pass':
+        fused_attention.BACKWARD_KV = 'two-pass'
+    if args.path == 'default-taps':
+        fused_attention.BIAS_TILE = 'taps'
     if args.path == 'swin':
         model, size, source = swin_tiny(size)
     else:

@@ -22,7 +22,8 @@ Fused rows run once per ``--backward`` way of forming the key and value gradient
 with a key-major kernel; default: the dispatcher's) and once per ``--bias-tile`` way of
 reading the bias and adding its gradient
 (:data:`~mmtransnext.ops.fused_attention.BIAS_TILE`: ``taps`` per logit, or ``slots``
-per tile, which float16/bfloat16 take); the label names ``two-pass`` and ``slots``.
+per tile, in float16/bfloat16 only: float32 rows read by taps whatever ``--bias-tile``
+says); the label names ``two-pass`` and ``slots``.
 
 Example::
 
@@ -173,9 +174,14 @@ def backward_ways(args) -> list:
     return args.backward or [fused_attention.BACKWARD_KV]
 
 
-def bias_tiles(args) -> list:
-    """How the fused path reads the bias: ``--bias-tile`` or the default."""
+def bias_tiles(args, dtype_name: str) -> list:
+    """How the fused path reads the bias: ``--bias-tile`` or the default; taps alone for
+    a dtype that never reads by slots (float32), whatever the setting."""
+    import torch
+
     from mmtransnext.ops import fused_attention
+    if getattr(torch, DTYPES[dtype_name]) not in fused_attention.SLOT_DTYPES:
+        return ['taps']
     return args.bias_tile or [fused_attention.BIAS_TILE]
 
 
@@ -262,7 +268,7 @@ def main(argv=None):
             fused = path in FUSED
             for tiles in (fused_runs(args, dtype_name) if fused else [None]):
                 for backward, bias in ([(kv, way) for kv in backward_ways(args)
-                                        for way in bias_tiles(args)]
+                                        for way in bias_tiles(args, dtype_name)]
                                        if fused else [('atomic', 'taps')]):
                     try:
                         rows.append(run(args, path, dtype_name, tiles, backward, bias))

@@ -30,8 +30,8 @@
 #                    loss scale, mmdet's --amp), UperNet in bfloat16 and float16, once
 #                    mmcv's ops are built (else reported skipped); whole log in
 #                    OUT/pytest_amp.log
-#  8 backbone        tools/benchmark_backbone.py --device cuda: default (the bias read by
-#                    taps, and by slots), reference and Swin-T (mmdet's where mmcv's ops
+#  8 backbone        tools/benchmark_backbone.py --device cuda: default (and its key-major
+#                    backward, default-two-pass), reference and Swin-T (mmdet's where mmcv's ops
 #                    from step 4 load, else timm's) side by side, fp32 and bf16
 #                    autocast, forward and training step; a profile of one training step
 #                    per path
@@ -46,14 +46,14 @@
 #  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
 #                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
 #
-# Seconds seen on an H100 (2026-11-27, two calls): environment 10-12, install 12-13,
-# build-op 63 (21 when reused), mmcv-ops-prebuilt 21-23, bad-input 19-21 each, tests 90
-# (6 workers; 195 tests), training steps under AMP 61, backbone over 200 (five paths,
-# stopped at its limit after three), benchmark-op 22, detector 68, pooled 75. The first
-# call (speed) took 489 s, the second (correctness) 272 s, out of 900 s of device time
-# with the machine's start. If everything does not fit one budget, a later step that
-# finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
-# two calls that each fit (about 430-480 s and 280-370 s by the figures above):
+# Seconds seen on an H100 (2026-11-27, second day of runs, two calls): environment 9,
+# install 9-11, build-op 57 (15 when reused), mmcv-ops-prebuilt 16-17, bad-input 18-20
+# each, tests 85 (6 workers; 257 tests), training steps under AMP 62, backbone 159 (four
+# paths), benchmark-op 20, detector 60, pooled 55. The first call (speed) took 339 s, the
+# second (correctness) 307 s, and 202 s of the 900 s of device time were left. If
+# everything does not fit one budget, a later step that finds the budget spent is
+# reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
+# two calls that each fit (about 340 s and 310 s by the figures above):
 #   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op,pooled   DEVICE_CHECK_BUDGET_S=520
 #       (the speed figures: those that decide the rule, and the op's own)
 #   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,detector
@@ -328,7 +328,7 @@ fi
 # The whole backbone, the op and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
     # The fused paths first: a run stopped at its limit keeps the rows printed so far.
-    run_step backbone 270 "${MMCV_ENV}$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-slots reference swin --repeats 3 --warmup 1 --profile 12"
+    run_step backbone 270 "${MMCV_ENV}$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-two-pass reference swin --repeats 3 --warmup 1 --profile 12"
     run_step benchmark-op 75 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16 --profile 8"
     if [[ $MMCV_RC == 0 ]] || ! selected detector; then
         run_step detector 90 "${MMCV_ENV}$PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"

@@ -29,13 +29,12 @@ walk is done.
 
 Dispatch follows one rule, :func:`use_fused_attention` (applied by
 ``mmtransnext.models.attention``): CUDA tensors in float32, float16 or bfloat16 take
-these kernels. An H100 measured them against the banded path and the released whole
-matrix at stage 1 of TransNeXt-T at 2x800x1333 (``tools/benchmark_pooled_attention.py``,
-2026-11-27): forward and backward 112 ms in float32 (banded 145, whole 89), 69 ms in
-bfloat16 with the key-major pass (banded 167, whole 82), with 43x (float32) and 23x
-(bfloat16) less memory than the whole matrix. Float32 dots stay in IEEE mode there:
-:data:`TF32X3` was slower (115 ms). The CPU keeps the banded path, whose bands are
-sized for its caches.
+these kernels. An H100 measured them against the released whole matrix at stage 1 of
+TransNeXt-T at 2x800x1333 (``tools/benchmark_pooled_attention.py``, 2026-11-27, with the
+default settings): forward and backward 56 ms in float32 (whole 89), 18 ms in bfloat16
+(whole 83), with 43x (float32) and 23x (bfloat16) less memory than the whole matrix.
+Float32 dots stay in IEEE mode there: :data:`TF32X3` was slower (115 against 112 ms, an
+earlier build). The CPU keeps the banded path, whose bands are sized for its caches.
 """
 import contextlib
 import importlib.metadata
@@ -59,9 +58,10 @@ __all__ = ['fused_bias_attention', 'use_fused_attention']
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Queries per program, keys per step and warps per program, per input dtype, for a
 # bias with a resized column axis (4 taps an entry) and for one without (1 tap): the
-# largest tiles with which neither kernel spills registers to local memory at head
-# dim 24 (every TransNeXt variant), read from the machine code of sm_80 and sm_90
-# builds (tests/test_fused_attention.py holds them to it). The first tiles, 64 x 64
+# largest tiles with which no kernel spills registers to local memory at head dim 24
+# (every TransNeXt variant), read from the machine code of sm_80 and sm_90 builds
+# (tests/test_fused_attention.py holds them to it), but for 32 bytes in the float32
+# atomic backward on sm_80 with a resized bias (no A100 has timed a smaller tile). The first tiles, 64 x 64
 # on 4 warps, spilled 0.5 to 2.8 KB per thread, reloaded at every key step; 64 x 32
 # on 8 warps spills in the 4-tap sm_80 backward and in the float32 backward.
 #
@@ -77,8 +77,11 @@ LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
 
 
 # How the backward forms the key and value gradients (``tools/benchmark_pooled_attention.py
-# --backward`` times both; an H100 at stage 1, 2x800x1333, forward and backward: 'two-pass'
-# 68.9 ms against 82.5 in bfloat16, 112.1 against 112.3 in float32):
+# --backward`` times both; an H100 at stage 1, 2x800x1333, forward and backward, 2026-11-27:
+# 'atomic' 17.9 ms against 23.0 in bfloat16 (bias by slots), 56.2 against 72.9 in float32.
+# The key-major pass had won (68.9 against 82.5 ms) while the atomics were compiled with
+# acq_rel ordering, a GPU-wide memory barrier around each; relaxed, they cost less than
+# recomputing the probabilities):
 # 'atomic': one query-major kernel adds every query block's share with atomics (1.5
 #     atomic adds per logit at 32-query blocks);
 # 'two-pass': the query-major kernel forms the query and bias gradients only, and a
@@ -86,7 +89,7 @@ LAUNCH = {torch.float16: (_SMALL, _TALL), torch.bfloat16: (_SMALL, _TALL),
 #     keeps each key block's gradients in registers over KEY_PASS_ROWS queries, one
 #     atomic add per element and query range; it recomputes the probabilities a
 #     second time.
-BACKWARD_KV = 'two-pass'
+BACKWARD_KV = 'atomic'
 BACKWARD_KV_CHOICES = ('atomic', 'two-pass')
 # Queries a key-major program walks: enough programs to fill a GPU at stage 1
 # (2x800x1333: 33 key blocks x 6 image-heads x 66 ranges), few atomics per key.
@@ -97,7 +100,10 @@ _KEY_PASS_BLOCK_M = {torch.float32: 16}
 
 
 # How a tile reads the bias from the table, and adds the table's gradient
-# (``tools/benchmark_pooled_attention.py --bias-tile`` times both):
+# (``tools/benchmark_pooled_attention.py --bias-tile`` times both; an H100 at stage 1,
+# 2x800x1333, bfloat16, 2026-11-27: 'slots' 5.3 ms forward and 17.9 forward and backward
+# against 6.5 and 24.7 with 'taps'; the whole bfloat16 training step of TransNeXt-T 341
+# against 407 ms, both with the key-major backward):
 # 'taps': per logit, each of its taps (4 where both column axes of the bias are resized)
 #     gathers one table entry in the forward and every recomputation, and adds one term
 #     in the backward. At stage 1 of TransNeXt-T (2x800x1333) a 32 x 32 tile gathers and
@@ -115,12 +121,12 @@ _KEY_PASS_BLOCK_M = {torch.float32: 16}
 #     reaches an offset of its own, so slots save nothing), where a block has more than
 #     MAX_BIAS_SLOTS offsets (inputs smaller than the size the bias is built for), beyond
 #     what the kernels are checked at without spilling (compile_for_gpu), and in float32
-#     (not in _SLOT_DTYPES), whose matmuls are loops of multiply-adds: the two more
+#     (not in SLOT_DTYPES), whose matmuls are loops of multiply-adds: the two more
 #     spill 48 to 112 bytes on sm_80/sm_90.
-BIAS_TILE = 'taps'
+BIAS_TILE = 'slots'
 BIAS_TILE_CHOICES = ('taps', 'slots')
 MAX_BIAS_SLOTS = 32
-_SLOT_DTYPES = (torch.float16, torch.bfloat16)
+SLOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def key_pass_meta(meta: dict, dtype: torch.dtype) -> dict:
@@ -320,7 +326,7 @@ def _launch_args(query, key, value, table, bias):
 def _may_use_slots(meta: dict, dtype: torch.dtype) -> bool:
     """Whether a launch may read the bias by slots: 16-bit inputs and a column axis
     resized (see :data:`BIAS_TILE`)."""
-    return dtype in _SLOT_DTYPES and (meta['Q_TAPS'] > 1 or meta['K_TAPS'] > 1)
+    return dtype in SLOT_DTYPES and (meta['Q_TAPS'] > 1 or meta['K_TAPS'] > 1)
 
 
 def _backward_way(name: str, choices: tuple) -> str:
