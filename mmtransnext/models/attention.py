@@ -162,23 +162,24 @@ def _stats_dtype(tensor: Tensor) -> torch.dtype:
 
 
 def _unit_vectors(x: Tensor) -> Tensor:
-    """``x / ||x||`` over the last dim in ``x``'s dtype, zero where ``||x|| <= 1e-12``.
+    """``x / ||x||`` over the last dim, zero where ``||x|| <= 1e-12``; float32 or wider.
 
     ``F.normalize`` in every other respect: the same value wherever the norm exceeds
-    its ``eps`` (1e-12), bit for bit in float32. Two things differ. The norm is taken
-    in float32 or wider (in float16 the squares of entries over 256 overflow and
-    those under 2**-12 vanish). And a zero vector, which ``F.normalize`` divides by
-    ``eps``, has zero output and zero gradient: its gradient there, the upstream
-    gradient times 1e12, overflowed float16 at any loss scale. Tokens are zero
-    vectors wherever an image's padding meets zero biases (the release's
-    initialisation, training from scratch), and a float16 Mask R-CNN had every step
-    skipped by its loss scaler.
+    its ``eps`` (1e-12), bit for bit in float32, and the same dtype as it has under
+    CUDA autocast (the norm's, which the core then casts once). Two things differ. The
+    norm is taken in float32 or wider outside autocast too (in float16 the squares of
+    entries over 256 overflow and those under 2**-12 vanish). And a zero vector, which
+    ``F.normalize`` divides by ``eps``, has zero output and zero gradient: its gradient
+    there, the upstream gradient times 1e12, overflowed float16 at any loss scale.
+    Tokens are zero vectors wherever an image's padding meets zero biases (the
+    release's initialisation, training from scratch), and a float16 Mask R-CNN had
+    every step skipped by its loss scaler.
     """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_stats_dtype(x))
     nonzero = norm > 1e-12
     # The inner where keeps the division finite where the outer one discards it: an
     # inf or NaN there would still reach the gradient (0 times inf).
-    return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0).to(x.dtype)
+    return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0)
 
 
 class _PositionBiasAttention(nn.Module):
