@@ -156,22 +156,34 @@ def _one_dtype(items, device_type: str):
                  for t in items)
 
 
+def _as_input(out: Tensor, x: Tensor) -> Tensor:
+    """The core's output in the dtype of the block's input ``x`` outside autocast.
+
+    Outside CUDA autocast the core runs in float32 or wider (:func:`core_dtype`), so a
+    model cast to float16 or bfloat16 would hand float32 to its float16 ``proj``;
+    under autocast ``proj`` casts by itself.
+    """
+    if _active_autocast_dtype(x.device.type) is None:
+        return out.to(x.dtype)
+    return out
+
+
 def _stats_dtype(tensor: Tensor) -> torch.dtype:
     """Softmax statistics (maxima, sums, log-sum-exps) run in float32 or wider."""
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _unit_vectors(x: Tensor) -> Tensor:
-    """``x / ||x||`` over the last dim, zero where ``||x|| <= 1e-12``; float32 or wider.
+    """``x / ||x||`` over the last dim, zero where ``||x|| <= 1e-12``.
 
     ``F.normalize`` in every other respect: the same value wherever the norm exceeds
-    its ``eps`` (1e-12), bit for bit in float32, and the same dtype as it has under
-    CUDA autocast (the norm's, which the core then casts once). Two things differ. The
-    norm is taken in float32 or wider outside autocast too (in float16 the squares of
-    entries over 256 overflow and those under 2**-12 vanish). And a zero vector, which
-    ``F.normalize`` divides by ``eps``, has zero output and zero gradient: its gradient
-    there, the upstream gradient times 1e12, overflowed float16 at any loss scale.
-    Tokens are zero vectors wherever an image's padding meets zero biases (the
+    its ``eps`` (1e-12), bit for bit in float32, and the same dtype as under CUDA
+    autocast (float32, which the core then casts once) and without autocast (``x``'s).
+    Two things differ. The norm is taken in float32 or wider (in float16 the squares
+    of entries over 256 overflow and those under 2**-12 vanish). And a zero vector,
+    which ``F.normalize`` divides by ``eps``, has zero output and zero gradient: its
+    gradient there, the upstream gradient times 1e12, overflowed float16 at any loss
+    scale. Tokens are zero vectors wherever an image's padding meets zero biases (the
     release's initialisation, training from scratch), and a float16 Mask R-CNN had
     every step skipped by its loss scaler.
     """
@@ -179,7 +191,8 @@ def _unit_vectors(x: Tensor) -> Tensor:
     nonzero = norm > 1e-12
     # The inner where keeps the division finite where the outer one discards it: an
     # inf or NaN there would still reach the gradient (0 times inf).
-    return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0)
+    unit = torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0)
+    return unit if _active_autocast_dtype(x.device.type) is not None else unit.to(x.dtype)
 
 
 class _PositionBiasAttention(nn.Module):
@@ -362,7 +375,7 @@ class AggregatedAttention(_PositionBiasAttention):
         operands = _one_dtype(projected, x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             out = core(*operands)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+        return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
 
     @torch.no_grad()
     def attention_maps(self, x: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
@@ -464,4 +477,4 @@ class FullAttention(_PositionBiasAttention):
                 attn = (query @ key.transpose(-2, -1) +
                         self._full_bias(size, size, query)).softmax(-1, dtype=_stats_dtype(query))
                 out = attn.to(value.dtype) @ value
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+        return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
