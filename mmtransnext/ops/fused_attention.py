@@ -61,9 +61,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # largest tiles with which no kernel spills registers to local memory at head dim 24
 # (every TransNeXt variant), read from the machine code of sm_80 and sm_90 builds
 # (tests/test_fused_attention.py holds them to it), but for 32 bytes in the float32
-# atomic backward on sm_80 with a resized bias (no A100 has timed a smaller tile). The first tiles, 64 x 64
-# on 4 warps, spilled 0.5 to 2.8 KB per thread, reloaded at every key step; 64 x 32
-# on 8 warps spills in the 4-tap sm_80 backward and in the float32 backward.
+# atomic backward on sm_80 with a resized bias (no A100 has timed a smaller tile). The
+# first tiles, 64 x 64 on 4 warps, spilled 0.5 to 2.8 KB per thread, reloaded at every
+# key step; 64 x 32 on 8 warps spills in the 4-tap sm_80 backward and in the float32
+# backward.
 #
 # An entry may also set DOT_PRECISION, which float32 dots take ('ieee' by default,
 # see the module's docstring). TF32X3 is the float32 alternative to time: three TF32
