@@ -78,7 +78,7 @@ def extension_available(device) -> bool:
         other device type.
     """
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _KERNELS.get(device_type, False)
+    return _LOADED and _KERNELS.get(device_type, False)
 
 
 def reference_requested() -> bool:
