@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tools'))
@@ -159,6 +160,22 @@ def test_backbone_profile_of_a_training_step(capsys):
         rules = [i for i, line in enumerate(section.splitlines()) if line.startswith('-----')]
         assert rules[2] - rules[1] - 1 == 3, section    # rows between header and footer rules
         assert 'Self CPU time total' in section
+
+
+def test_count_operators_tells_views_apart():
+    from mmtransnext.tools.profiling import count_operators
+    x = torch.ones(3)
+    assert count_operators(lambda: x.add(1).view(3, 1).t()) == dict(operators=1, views=2)
+
+
+def test_backbone_counts_operators(capsys):
+    """--count-ops: one more step's operators and views, in the rows and as they come."""
+    args = bb.parse_args(['--arch', 'micro', '--size', '48', '64', '--img-size', '64',
+                          '--warmup', '0', '--threads', '1', '--count-ops', '--worker',
+                          '--runs', 'fp32:forward', 'fp32:train'])
+    forward, train = bb._worker(args)
+    assert 0 < forward['operators'] < train['operators']
+    assert forward['views'] > 0 and train['views'] > 0
 
 
 def test_detector_batch_is_annotated():

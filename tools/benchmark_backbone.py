@@ -27,7 +27,9 @@ Modes: ``forward`` (no grad, eval) and ``train`` (forward, a mean of every stage
 output, backward). dtypes: ``fp32``, or ``bf16`` autocast. Time: median over
 ``--repeats`` after ``--warmup`` (CUDA: synchronised, CUDA events). Memory: on CUDA
 ``torch.cuda.max_memory_allocated`` and, above the model, the same less what the
-model and input held before the first step; on the CPU the peak RSS.
+model and input held before the first step; on the CPU the peak RSS. ``--count-ops``
+counts, in one more step, the ATen operators it dispatches (views apart): on a GPU each
+launches a kernel and costs the host its dispatch.
 
 Examples (the figures in docs/benchmarks.md)::
 
@@ -75,6 +77,10 @@ def parse_args(argv=None):
                              'one more (torch.profiler) and print its K most expensive '
                              'operators and kernels (by device time on CUDA, CPU time on '
                              'the CPU)')
+    parser.add_argument('--count-ops', action='store_true',
+                        help='after the timed runs, count the ATen operators (views apart) '
+                             'one more step dispatches: on a GPU each launches a kernel, '
+                             'and the host pays for each')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--path', default='default', choices=list(PATHS), help=argparse.SUPPRESS)
     parser.add_argument('--runs', nargs='+', default=['fp32:forward'], help=argparse.SUPPRESS)
@@ -173,7 +179,7 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
     """Median time and peak memory of one mode and dtype of ``model`` on ``x``."""
     import torch
 
-    from mmtransnext.tools.profiling import profile_table
+    from mmtransnext.tools.profiling import count_operators, profile_table
     cuda = x.device.type == 'cuda'
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16')
 
@@ -212,6 +218,8 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
     result = dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
     if args.profile and mode == 'train' and args.path != 'swin':
         result['profile'] = profile_table(step, cuda, args.profile)
+    if args.count_ops:
+        result.update(count_operators(step))
     return result
 
 
@@ -221,7 +229,7 @@ def _worker_command(args, path, runs):
             *map(str, args.size), '--batch', str(args.batch), '--img-size', str(args.img_size),
             '--threads', str(args.threads), '--repeats', str(args.repeats), '--warmup',
             str(args.warmup), '--profile', str(args.profile)] + (
-                ['--with-cp'] if args.with_cp else [])
+                ['--with-cp'] if args.with_cp else []) + (['--count-ops'] if args.count_ops else [])
 
 
 def run_path(args, path: str, runs) -> list:
@@ -300,7 +308,9 @@ def main(argv=None):
                 # limit keeps what it measured.
                 print(f'{path} {row["dtype"]} {row["mode"]}: ' + (
                     f'failed: {row["error"]}' if 'error' in row else
-                    f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB')
+                    f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB'
+                    + (f', {row["operators"]} operators and {row["views"]} views a step'
+                       if 'operators' in row else ''))
                     + (f' ({row["model"]})' if path == 'swin' and 'model' in row else ''),
                     flush=True)
                 if 'profile' in row:

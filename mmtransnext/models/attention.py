@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..ops import (sliding_window_aggregate, sliding_window_logits,
                    sliding_window_logits_reference, use_compiled_op)
@@ -148,11 +149,16 @@ def _one_dtype(items, device_type: str):
     Under autocast the projections come out in the low-precision dtype while some
     normalisations and the parameters stay float32, and the window ops take one
     dtype for all operands. Each operand is cast once, straight to the core's dtype
-    (a no-op where it already has it); the core then runs with autocast off.
+    (a no-op where it already has it); the core then runs with autocast off. A cast
+    also lays the operand out contiguous: every kernel of the core reads its operands
+    so, and the heads of queries and keys are strided views of their projections,
+    which each kernel would otherwise copy again. An operand already in the dtype is
+    left as it is (a copy here would be kept for the backward beside the projection).
     """
     dtype = core_dtype(device_type, _active_autocast_dtype(device_type),
                        [t.dtype for t in items if torch.is_tensor(t) and t.is_floating_point()])
-    return tuple(t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
+    return tuple(t.to(dtype, memory_format=torch.contiguous_format)
+                 if torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype else t
                  for t in items)
 
 
@@ -173,25 +179,64 @@ def _stats_dtype(tensor: Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
+def _unit_divisor(x: Tensor) -> Tensor:
+    """What :func:`_unit_vectors` divides ``x`` by: its norm over the last dim, or
+    infinity where that is at most 1e-12 (a zero vector then divides to zero).
+
+    Taken in float32 or wider: in float16 the squares of entries over 256 overflow and
+    those under 2**-12 vanish.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_stats_dtype(x))
+    return norm.masked_fill(norm <= 1e-12, math.inf)
+
+
+class _UnitVectors(torch.autograd.Function):
+    """``x / _unit_divisor(x)`` with its gradient in one formula.
+
+    ``d(x / n) = (g - u (g . u)) / n`` with ``u = x / n``: a backward of five operators
+    where autograd's, through the norm, the mask and the division, takes fourteen
+    (torch 2.13). On a GPU the training step of TransNeXt-T waits on the host's
+    launches, and the model normalises three tensors per attention layer. At a zero vector the divisor is
+    infinite, so the gradient is zero. The output is contiguous whatever the layout of
+    ``x`` (the heads of a projection are strided), as the kernels downstream read it.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        divisor = _unit_divisor(x)
+        ctx.save_for_backward(x, divisor)
+        return torch.div(x, divisor, out=x.new_empty(x.shape, dtype=divisor.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, divisor = ctx.saved_tensors
+        unit = x / divisor
+        along = torch.linalg.vecdot(grad, unit).unsqueeze(-1)
+        return torch.addcmul(grad, unit, along, value=-1).div_(divisor).to(x.dtype)
+
+
 def _unit_vectors(x: Tensor) -> Tensor:
     """``x / ||x||`` over the last dim, zero where ``||x|| <= 1e-12``.
 
     ``F.normalize`` in every other respect: the same value wherever the norm exceeds
     its ``eps`` (1e-12), bit for bit in float32, and the same dtype as under CUDA
     autocast (float32, which the core then casts once) and without autocast (``x``'s).
-    Two things differ. The norm is taken in float32 or wider (in float16 the squares
-    of entries over 256 overflow and those under 2**-12 vanish). And a zero vector,
-    which ``F.normalize`` divides by ``eps``, has zero output and zero gradient: its
-    gradient there, the upstream gradient times 1e12, overflowed float16 at any loss
-    scale. Tokens are zero vectors wherever an image's padding meets zero biases (the
-    release's initialisation, training from scratch), and a float16 Mask R-CNN had
-    every step skipped by its loss scaler.
+    Two things differ. The norm is taken in float32 or wider (see
+    :func:`_unit_divisor`). And a zero vector, which ``F.normalize`` divides by
+    ``eps``, has zero output and zero gradient: its gradient there, the upstream
+    gradient times 1e12, overflowed float16 at any loss scale. Tokens are zero vectors
+    wherever an image's padding meets zero biases (the release's initialisation,
+    training from scratch), and a float16 Mask R-CNN had every step skipped by its
+    loss scaler.
+
+    Eager mode takes the gradient from :class:`_UnitVectors`; a captured or traced
+    graph takes the same forward as plain operators, which autograd differentiates.
     """
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_stats_dtype(x))
-    nonzero = norm > 1e-12
-    # The inner where keeps the division finite where the outer one discards it: an
-    # inf or NaN there would still reach the gradient (0 times inf).
-    unit = torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0)
+    if capturing_graph() or torch.jit.is_tracing():
+        unit = x / _unit_divisor(x)
+    else:
+        unit = _UnitVectors.apply(x)
     return unit if _active_autocast_dtype(x.device.type) is not None else unit.to(x.dtype)
 
 
@@ -421,18 +466,24 @@ class AggregatedAttention(_PositionBiasAttention):
 
     def _merged_softmax(self, query, key, value, pool_key, pool_value, token_weights,
                         height, width, pool_size):
-        """The same softmax as two parts merged by their log-sum-exp."""
+        """The same softmax with the pooled keys' part done apart.
+
+        The biased attention over the pooled keys returns its output and the log-sum-exp
+        of its logits. A softmax over the window's logits and that log-sum-exp gives each
+        window cell's weight and the pooled part's total weight, as the one softmax over
+        all logits would; the pooled part's output is scaled by its total weight.
+        """
         ws = self.window_size
         local = sliding_window_logits(query, key, self.relative_pos_bias_local.to(query.dtype),
                                       height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
         out_pooled, lse_pooled = _bias_attention(query)(query, pool_key, pool_value, bias)
         stats = _stats_dtype(query)
-        local_stats, lse_pooled = local.to(stats), lse_pooled.to(stats)
-        lse = torch.logaddexp(torch.logsumexp(local_stats, dim=-1), lse_pooled)
-        attn_local = torch.exp(local_stats - lse.unsqueeze(-1)).to(query.dtype)
+        logits = torch.cat([local.to(stats), lse_pooled.to(stats).unsqueeze(-1)], dim=-1)
+        attn_local, attn_pooled = logits.softmax(dim=-1).to(query.dtype).split(
+            [self.local_len, 1], dim=-1)
         out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
-        return out + torch.exp(lse_pooled - lse).unsqueeze(-1).to(query.dtype) * out_pooled
+        return out + attn_pooled * out_pooled
 
 
 class FullAttention(_PositionBiasAttention):

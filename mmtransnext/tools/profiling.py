@@ -1,4 +1,4 @@
-"""One step under ``torch.profiler``, as the benchmark tools print it."""
+"""One step under ``torch.profiler`` as the benchmark tools print it, and its operators counted."""
 
 
 def profile_table(step, cuda: bool, top: int) -> str:
@@ -26,3 +26,34 @@ def profile_table(step, cuda: bool, top: int) -> str:
         key = ('self_device_time_total' if hasattr(averages[0], 'self_device_time_total')
                else 'self_cuda_time_total')
     return averages.table(sort_by=key, row_limit=top, max_name_column_width=60)
+
+
+def count_operators(step) -> dict:
+    """The ATen operators one ``step()`` dispatches, autograd's backward included.
+
+    Each operator that is not a view launches at least one kernel on a GPU and costs
+    the host its dispatch, so the count tells what a step asks of the host. Kernels
+    launched past ATen (Triton's, the fused attention's) are not counted.
+
+    Args:
+        step (Callable[[], None]): one run of the workload (already warmed up).
+
+    Returns:
+        dict[str, int]: ``operators``, those that are not views, and ``views``.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.counts = dict(operators=0, views=0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts['views' if func.is_view else 'operators'] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Counter()
+    with counter:
+        step()
+    return counter.counts
