@@ -281,3 +281,34 @@ def test_golden_extrapolation_through_fused_kernels(dense_golden, fused_in_the_m
     for i, (out, ref) in enumerate(zip(outs, data['outputs'])):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f'stage {i}: {m}')
     assert len(fused_in_the_model) == 5
+
+
+def test_golden_model_with_a_float16_core(dense_golden, fused_in_the_model, monkeypatch):
+    """The attention core in float16, as CUDA autocast runs it in its dtype: each operand
+    cast once (and laid out contiguous), the window kernels and the fused kernels in
+    float16, the window's logits and the pooled log-sum-exp merged in one float32
+    softmax; the released model's loss and gradients within float16's reach.
+
+    Tolerances: the loss and the input's gradient 1e-2 of their magnitude (observed 7e-4
+    and 5e-4); each parameter's gradient 0.1 of its largest reference magnitude or of 0.05,
+    whichever is larger (observed at most 0.041 of it, in the stage-1 position-bias MLP,
+    whose table gradient sums float16-rounded logit gradients over every query and key;
+    and 2.3e-3 absolute in the last stage's ``cpb_fc2.bias``, zero in theory: a shift of
+    every logit, which the float16 kernels do not correct for as the float32 ones do).
+    """
+    monkeypatch.setattr(attention_module, 'core_dtype', lambda *args: torch.float16)
+    data = dense_golden['cases']['interpolation_grad']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    x = data['input'].clone().requires_grad_()
+    outs = model(x)
+    assert all(out.dtype == torch.float32 for out in outs)
+    loss = sum((out * w).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss, data['loss'], rtol=1e-2, atol=0)
+    loss.backward()
+    assert_near(x.grad, data['input_grad'], 1e-2, 'input')
+    for name, param in model.named_parameters():
+        ref = data['param_grads'][name]
+        error = (param.grad - ref).abs().max()
+        assert error <= 0.1 * max(ref.abs().max(), 0.05), (name, error, ref.abs().max())
+    assert len(fused_in_the_model) == 5

@@ -478,10 +478,11 @@ class AggregatedAttention(_PositionBiasAttention):
                                       height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
         out_pooled, lse_pooled = _bias_attention(query)(query, pool_key, pool_value, bias)
-        stats = _stats_dtype(query)
-        logits = torch.cat([local.to(stats), lse_pooled.to(stats).unsqueeze(-1)], dim=-1)
-        attn_local, attn_pooled = logits.softmax(dim=-1).to(query.dtype).split(
-            [self.local_len, 1], dim=-1)
+        # The log-sum-exp is float32 or wider: cat promotes the window's logits to its
+        # dtype in the one copy it makes.
+        logits = torch.cat([local, lse_pooled.unsqueeze(-1)], dim=-1)
+        attn_local, attn_pooled = logits.softmax(dim=-1, dtype=_stats_dtype(query)).to(
+            query.dtype).split([self.local_len, 1], dim=-1)
         out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
         return out + attn_pooled * out_pooled
 
