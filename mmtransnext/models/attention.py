@@ -196,9 +196,10 @@ class _UnitVectors(torch.autograd.Function):
     ``d(x / n) = (g - u (g . u)) / n`` with ``u = x / n``: a backward of five operators
     where autograd's, through the norm, the mask and the division, takes fourteen
     (torch 2.13). On a GPU the training step of TransNeXt-T waits on the host's
-    launches, and the model normalises three tensors per attention layer. At a zero vector the divisor is
-    infinite, so the gradient is zero. The output is contiguous whatever the layout of
-    ``x`` (the heads of a projection are strided), as the kernels downstream read it.
+    launches, and the model normalises three tensors per attention layer. At a zero
+    vector the divisor is infinite, so the gradient is zero. The output is contiguous
+    whatever the layout of ``x`` (the heads of a projection are strided), as the kernels
+    downstream read it.
     """
 
     @staticmethod

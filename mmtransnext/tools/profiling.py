@@ -1,4 +1,4 @@
-"""One step under ``torch.profiler`` as the benchmark tools print it, and its operators counted."""
+"""One step under ``torch.profiler`` as the benchmark tools print it; its operators counted."""
 
 
 def profile_table(step, cuda: bool, top: int) -> str:
@@ -31,9 +31,10 @@ def profile_table(step, cuda: bool, top: int) -> str:
 def count_operators(step) -> dict:
     """The ATen operators one ``step()`` dispatches, autograd's backward included.
 
-    Each operator that is not a view launches at least one kernel on a GPU and costs
-    the host its dispatch, so the count tells what a step asks of the host. Kernels
-    launched past ATen (Triton's, the fused attention's) are not counted.
+    Every operator costs the host its dispatch, and on a GPU nearly every one that is not
+    a view launches a kernel (allocations such as ``empty`` do not), so the count tells
+    what a step asks of the host. Kernels launched past ATen (Triton's, the fused
+    attention's) are not counted.
 
     Args:
         step (Callable[[], None]): one run of the workload (already warmed up).
