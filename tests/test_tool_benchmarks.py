@@ -168,8 +168,8 @@ def test_count_operators_tells_views_apart():
     assert count_operators(lambda: x.add(1).view(3, 1).t()) == dict(operators=1, views=2)
 
 
-def test_backbone_counts_operators(capsys):
-    """--count-ops: one more step's operators and views, in the rows and as they come."""
+def test_backbone_counts_operators():
+    """--count-ops: one more step's operators and views in each run's row."""
     args = bb.parse_args(['--arch', 'micro', '--size', '48', '64', '--img-size', '64',
                           '--warmup', '0', '--threads', '1', '--count-ops', '--worker',
                           '--runs', 'fp32:forward', 'fp32:train'])

@@ -28,8 +28,8 @@ output, backward). dtypes: ``fp32``, or ``bf16`` autocast. Time: median over
 ``--repeats`` after ``--warmup`` (CUDA: synchronised, CUDA events). Memory: on CUDA
 ``torch.cuda.max_memory_allocated`` and, above the model, the same less what the
 model and input held before the first step; on the CPU the peak RSS. ``--count-ops``
-counts, in one more step, the ATen operators it dispatches (views apart): on a GPU each
-launches a kernel and costs the host its dispatch.
+counts, in one more step, the ATen operators it dispatches (views apart): on a GPU
+nearly each launches a kernel, and each costs the host its dispatch.
 
 Examples (the figures in docs/benchmarks.md)::
 
@@ -79,8 +79,8 @@ def parse_args(argv=None):
                              'the CPU)')
     parser.add_argument('--count-ops', action='store_true',
                         help='after the timed runs, count the ATen operators (views apart) '
-                             'one more step dispatches: on a GPU each launches a kernel, '
-                             'and the host pays for each')
+                             'one more step dispatches: on a GPU nearly each launches '
+                             'a kernel, and the host pays for each')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--path', default='default', choices=list(PATHS), help=argparse.SUPPRESS)
     parser.add_argument('--runs', nargs='+', default=['fp32:forward'], help=argparse.SUPPRESS)
