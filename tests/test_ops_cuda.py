@@ -272,6 +272,26 @@ def _golden_model(golden, mode):
 
 
 @cuda
+def test_cuda_synchronizations_are_counted_by_site():
+    """The benchmark's count of the host's waits: a value read back waits, a launch not."""
+    from mmtransnext.tools.profiling import count_synchronizations
+    x = torch.ones(4, device='cuda')
+
+    def reads(times):
+        x.add(1)
+        for _ in range(times):
+            x.sum().item()
+
+    once = count_synchronizations(lambda: reads(1))['synchronizations']
+    counted = count_synchronizations(lambda: reads(2))
+    assert once >= 1 and counted['synchronizations'] == 2 * once
+    assert len(counted['sync_sites']) == 1, counted
+    assert counted['sync_sites'][0].startswith('test_ops_cuda.py:')
+    assert count_synchronizations(lambda: x.add(1)) == dict(synchronizations=0, sync_sites=[])
+    assert torch.cuda.get_sync_debug_mode() == 0    # the mode is restored
+
+
+@cuda
 @pytest.mark.parametrize('case', ['interpolation_at_img_size', 'interpolation_other_size',
                                   'extrapolation_other_size'])
 def test_cuda_golden_outputs(dense_golden, attention_path, no_tf32, case):

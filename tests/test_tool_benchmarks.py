@@ -100,6 +100,7 @@ def test_backbone_table_without_reference_or_swin():
     (['--dtypes', 'fp16'], 'invalid choice'),
     (['--paths', 'released'], 'invalid choice'),
     (['--profile', '-1'], '--profile must not be negative'),
+    (['--paths', 'default', 'default-graphed'], 'default-graphed captures CUDA graphs'),
 ])
 def test_backbone_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -176,6 +177,8 @@ def test_backbone_counts_operators():
     forward, train = bb._worker(args)
     assert 0 < forward['operators'] < train['operators']
     assert forward['views'] > 0 and train['views'] > 0
+    # the host's time and waits are CUDA's (tests/test_ops_cuda.py)
+    assert not {'host_ms', 'synchronizations'} & (forward.keys() | train.keys())
 
 
 def test_detector_batch_is_annotated():

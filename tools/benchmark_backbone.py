@@ -18,6 +18,9 @@ machines are noisy; compare numbers from the same run only).
 * default-taps: the default path with the fused kernels reading the bias table by taps,
   per logit (``fused_attention.BIAS_TILE = 'taps'``) instead of by slots; likewise the
   same as default on the CPU, and in float32, which reads by taps anyway;
+* default-graphed (CUDA only): the default path's step captured once in a CUDA graph
+  and replayed, which takes the host's launches out of the step: how fast the default
+  path's kernels alone run it (autocast without its weight-cast cache, as capture asks);
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -27,9 +30,12 @@ Modes: ``forward`` (no grad, eval) and ``train`` (forward, a mean of every stage
 output, backward). dtypes: ``fp32``, or ``bf16`` autocast. Time: median over
 ``--repeats`` after ``--warmup`` (CUDA: synchronised, CUDA events). Memory: on CUDA
 ``torch.cuda.max_memory_allocated`` and, above the model, the same less what the
-model and input held before the first step; on the CPU the peak RSS. ``--count-ops``
+model and input held before the first step; on the CPU the peak RSS. On CUDA each row
+also gives the host's time to issue a step (median, until ``step()`` returns, before
+the synchronisation): near the step's time, the host sets the pace. ``--count-ops``
 counts, in one more step, the ATen operators it dispatches (views apart): on a GPU
-nearly each launches a kernel, and each costs the host its dispatch.
+nearly each launches a kernel, and each costs the host its dispatch; on CUDA also the
+operations that made the host wait for the GPU, and where they come from.
 
 Examples (the figures in docs/benchmarks.md)::
 
@@ -48,7 +54,7 @@ import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
 PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'default-taps': '0',
-         'swin': '0'}
+         'default-graphed': '0', 'swin': '0'}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
 
@@ -92,6 +98,8 @@ def parse_args(argv=None):
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if args.warmup < 0:
         parser.error('--warmup must not be negative')
+    if 'default-graphed' in args.paths + [args.path] and args.device != 'cuda':
+        parser.error('--paths default-graphed captures CUDA graphs: it needs --device cuda')
     if min(args.size) < 1:
         parser.error(f'--size must be positive, got {args.size}')
     return args
@@ -179,9 +187,13 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
     """Median time and peak memory of one mode and dtype of ``model`` on ``x``."""
     import torch
 
-    from mmtransnext.tools.profiling import count_operators, profile_table
+    from mmtransnext.tools.profiling import (count_operators, count_synchronizations,
+                                             profile_table)
     cuda = x.device.type == 'cuda'
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16')
+    graphed = args.path == 'default-graphed'
+    # A captured graph must not reuse casts cached before its capture.
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16',
+                              cache_enabled=not graphed)
 
     if mode == 'forward':
         model.eval()
@@ -198,12 +210,16 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
                 loss = sum(out.float().mean() for out in model(x))
             loss.backward()
 
-    times = []
+    if graphed:
+        step = _cuda_graphed(step)
+    times, host_times = [], []
     for _ in range(args.warmup + args.repeats):
         if cuda:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            issued = time.perf_counter()
             start.record()
             step()
+            host_times.append((time.perf_counter() - issued) * 1e3)
             stop.record()
             stop.synchronize()
             times.append(start.elapsed_time(stop))
@@ -216,11 +232,31 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
-    if args.profile and mode == 'train' and args.path != 'swin':
+    if cuda:
+        result['host_ms'] = statistics.median(host_times[args.warmup:])
+    if args.profile and mode == 'train' and args.path not in ('swin', 'default-graphed'):
         result['profile'] = profile_table(step, cuda, args.profile)
-    if args.count_ops:
+    if args.count_ops and not graphed:
         result.update(count_operators(step))
+        if cuda:
+            result.update(count_synchronizations(step))
     return result
+
+
+def _cuda_graphed(step):
+    """``step`` captured in a CUDA graph after warm-up runs on a side stream (kernels
+    compiled, caches filled, as capture needs); returns the graph's replay."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _worker_command(args, path, runs):
@@ -309,8 +345,12 @@ def main(argv=None):
                 print(f'{path} {row["dtype"]} {row["mode"]}: ' + (
                     f'failed: {row["error"]}' if 'error' in row else
                     f'{row["time_ms"]:.1f} ms, peak {row["peak_mb"]:.0f} MB'
+                    + (f', host {row["host_ms"]:.1f} ms' if 'host_ms' in row else '')
                     + (f', {row["operators"]} operators and {row["views"]} views a step'
-                       if 'operators' in row else ''))
+                       if 'operators' in row else '')
+                    + (f', {row["synchronizations"]} synchronizations '
+                       f'({", ".join(row["sync_sites"]) or "none"})'
+                       if 'synchronizations' in row else ''))
                     + (f' ({row["model"]})' if path == 'swin' and 'model' in row else ''),
                     flush=True)
                 if 'profile' in row:

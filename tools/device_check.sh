@@ -31,10 +31,12 @@
 #                    mmcv's ops are built (else reported skipped); whole log in
 #                    OUT/pytest_amp.log
 #  8 backbone        tools/benchmark_backbone.py --device cuda: default (and its key-major
-#                    backward, default-two-pass), reference and Swin-T (mmdet's where mmcv's ops
+#                    backward, default-two-pass; its step replayed from a CUDA graph,
+#                    default-graphed), reference and Swin-T (mmdet's where mmcv's ops
 #                    from step 4 load, else timm's) side by side, fp32 and bf16
-#                    autocast, forward and training step; a profile of one training step
-#                    per path and the ATen operators one step dispatches (--count-ops)
+#                    autocast, forward and training step, each with the host's time to
+#                    issue it; a profile of one training step per path, and the ATen
+#                    operators and the host's waits on the GPU in one step (--count-ops)
 #    benchmark-op    tools/benchmark_op.py --device cuda, float32, bfloat16 and float16 in
 #                    one process
 #    detector        tools/benchmark_detector.py: one Mask R-CNN training iteration,
@@ -328,7 +330,7 @@ fi
 # The whole backbone, the op and the detector first: the figures users compare.
 if [[ $HAS_GPU == 1 ]]; then
     # The fused paths first: a run stopped at its limit keeps the rows printed so far.
-    run_step backbone 270 "${MMCV_ENV}$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-two-pass reference swin --repeats 3 --warmup 1 --profile 12 --count-ops"
+    run_step backbone 270 "${MMCV_ENV}$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes fp32 bf16 --paths default default-two-pass default-graphed reference swin --repeats 3 --warmup 1 --profile 12 --count-ops"
     run_step benchmark-op 75 "$PY tools/benchmark_op.py --device cuda --repeats 10 --dtype float32 bfloat16 float16 --profile 8"
     if [[ $MMCV_RC == 0 ]] || ! selected detector; then
         run_step detector 90 "${MMCV_ENV}$PY tools/benchmark_detector.py --device cuda --batch 2 --dtypes fp32 fp16"

@@ -58,3 +58,41 @@ def count_operators(step) -> dict:
     with counter:
         step()
     return counter.counts
+
+
+def count_synchronizations(step, top: int = 5) -> dict:
+    """The host's waits on the GPU during one ``step()``: how many, and from where.
+
+    A training step whose host issues kernels faster than the GPU runs them keeps the
+    GPU busy; each synchronising operation (a device-to-host copy, ``.item()``,
+    ``nonzero``, a blocking host-to-device copy) makes the host wait for the queue to
+    drain, and the GPU then idles while the host issues what follows. CUDA's sync debug
+    mode warns at each one; the warnings are counted by the Python line they come from.
+
+    Args:
+        step (Callable[[], None]): one run of the workload on CUDA (already warmed up).
+        top (int): call sites to keep, the most frequent first.
+
+    Returns:
+        dict: ``synchronizations`` (int) and ``sync_sites`` (list of
+        ``'file:line xN'`` strings).
+    """
+    import collections
+    import os
+    import warnings
+
+    import torch
+    previous = torch.cuda.get_sync_debug_mode()
+    sites = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for warning in caught:
+        if 'synchronizing CUDA operation' in str(warning.message):
+            sites[f'{os.path.basename(warning.filename)}:{warning.lineno}'] += 1
+    return dict(synchronizations=sum(sites.values()),
+                sync_sites=[f'{site} x{count}' for site, count in sites.most_common(top)])
