@@ -312,3 +312,47 @@ def test_golden_model_with_a_float16_core(dense_golden, fused_in_the_model, monk
         error = (param.grad - ref).abs().max()
         assert error <= 0.1 * max(ref.abs().max(), 0.05), (name, error, ref.abs().max())
     assert len(fused_in_the_model) == 5
+
+
+def test_compiled_model_runs_the_fused_core_outside_its_graphs(dense_golden, monkeypatch):
+    """torch.compile where the fused kernels serve the core (CUDA; here the interpreter):
+    each attention core runs eagerly through the fused kernels between compiled graphs,
+    not as the traced released structure with its whole bias, and the compiled model
+    gives the released model's loss and gradients (tolerances of
+    ``test_golden_gradients_through_fused_kernels``)."""
+    from torch._dynamo.utils import counters
+
+    from test_transnext import assert_grad_close
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: True)
+    calls = []
+
+    def counted(query, *args):
+        calls.append(tuple(query.shape))
+        return fused_bias_attention(query, *args)
+
+    monkeypatch.setattr(attention_module, 'fused_bias_attention', counted)
+    whole_bias = []
+    full_bias = attention_module._PositionBiasAttention._full_bias
+
+    def built_whole(*args):
+        whole_bias.append(1)
+        return full_bias(*args)
+
+    monkeypatch.setattr(attention_module._PositionBiasAttention, '_full_bias', built_whole)
+    torch._dynamo.reset()
+    counters.clear()
+    data = dense_golden['cases']['interpolation_grad']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    compiled = torch.compile(model, backend='aot_eager')
+    x = data['input'].clone().requires_grad_()
+    outs = compiled(x)
+    loss = sum((out * w).sum() for out, w in zip(outs, data['weights']))
+    torch.testing.assert_close(loss, data['loss'], atol=1e-4, rtol=1e-4)
+    loss.backward()
+    assert_grad_close(x.grad, data['input_grad'], 'input')
+    for name, param in model.named_parameters():
+        assert_grad_close(param.grad, data['param_grads'][name], name)
+    assert len(calls) == 5 and not whole_bias    # 1 + 1 + 2 aggregated, 1 full attention
+    assert counters['graph_break'], 'the cores ran inside a compiled graph'

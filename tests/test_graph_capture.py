@@ -106,6 +106,23 @@ def test_export_keeps_the_compiled_op_and_equals_eager():
 
 
 @needs_export
+def test_export_traces_the_released_structure_where_fused_kernels_serve(monkeypatch):
+    """An export needs one whole graph: where the fused kernels serve the attention core
+    (CUDA; here by the rule patched), torch.compile runs the core outside its graphs
+    (tests/interpreted_fused_attention.py), but torch.export traces the released structure."""
+    from mmtransnext.models import attention as attention_module
+    model = small_backbone().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    with monkeypatch.context() as patched:
+        patched.setattr(attention_module, 'use_fused_attention', lambda tensor: True)
+        program = torch.export.export(model, (x, ))
+    for got, ref in zip(program.module()(x), expected):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_export
 @needs_onnx
 @pytest.mark.parametrize('mode', ['interpolation', 'extrapolation'])
 def test_onnx_backbone_matches_pytorch(tmp_path, mode):

@@ -181,6 +181,21 @@ def test_backbone_counts_operators():
     assert not {'host_ms', 'synchronizations'} & (forward.keys() | train.keys())
 
 
+def test_backbone_compiled_path(monkeypatch):
+    """default-compiled: the model under torch.compile (aot_eager here, Inductor by
+    default), timed like the others; its step is compiled code, so no operator count."""
+    import functools
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    args = bb.parse_args(['--arch', 'micro', '--size', '48', '64', '--img-size', '64',
+                          '--warmup', '1', '--threads', '1', '--count-ops', '--worker',
+                          '--path', 'default-compiled', '--runs', 'fp32:forward', 'fp32:train'])
+    rows = bb._worker(args)
+    assert [(r['dtype'], r['mode']) for r in rows] == [('fp32', 'forward'), ('fp32', 'train')]
+    assert all(r['time_ms'] > 0 and r['compiled'] and 'operators' not in r for r in rows)
+    assert torch._dynamo.utils.counters['frames']['ok'] > 0    # it did compile
+
+
 def test_detector_batch_is_annotated():
     data = bd.synthetic_batch(2, (48, 80), 3, num_classes=5)
     assert [tuple(x.shape) for x in data['inputs']] == [(3, 48, 80)] * 2

@@ -21,6 +21,10 @@ machines are noisy; compare numbers from the same run only).
 * default-graphed (CUDA only): the default path's step captured once in a CUDA graph
   and replayed, which takes the host's launches out of the step: how fast the default
   path's kernels alone run it (autocast without its weight-cast cache, as capture asks);
+* default-compiled: the default path under ``torch.compile`` (Inductor): the attention
+  cores run eagerly between the compiled graphs where the fused kernels serve them
+  (CUDA), else the released structure is compiled; the warm-up runs compile, so give
+  ``--warmup 2`` (training compiles its backward at the first step);
 * swin: Swin-T (mmdet's ``SwinTransformer`` when mmdet is importable, else timm's
   ``swin_tiny_patch4_window7_224`` as a feature extractor), the detection yardstick.
   timm's Swin takes sides divisible by 32, so it gets the input zero-padded to
@@ -54,7 +58,7 @@ import time
 
 # The value of MMTRANSNEXT_DISABLE_EXT each path runs with.
 PATHS = {'reference': '1', 'default': '0', 'default-two-pass': '0', 'default-taps': '0',
-         'default-graphed': '0', 'swin': '0'}
+         'default-graphed': '0', 'default-compiled': '0', 'swin': '0'}
 MODES = ('forward', 'train')
 DTYPES = ('fp32', 'bf16')
 
@@ -157,6 +161,8 @@ def _worker(args) -> list:
                           with_cp=args.with_cp)
         source = f'TransNeXt-{args.arch}'
     model = model.to(device)
+    if args.path == 'default-compiled':
+        model = torch.compile(model)
     x = torch.randn(args.batch, 3, *size, device=device)
     probe = x.new_zeros(1)
     info = dict(model=source, input=list(size), compiled=use_compiled_op(probe),
@@ -191,6 +197,9 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
                                              profile_table)
     cuda = x.device.type == 'cuda'
     graphed = args.path == 'default-graphed'
+    # One step of a replayed graph or of compiled code is not the operators it stands for
+    # (and a dispatch mode would recompile the code).
+    opaque = args.path in ('default-graphed', 'default-compiled')
     # A captured graph must not reuse casts cached before its capture.
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16',
                               cache_enabled=not graphed)
@@ -234,9 +243,9 @@ def _time(args, model, x, dtype: str, mode: str) -> dict:
     result = dict(time_ms=statistics.median(times[args.warmup:]), peak_mb=peak)
     if cuda:
         result['host_ms'] = statistics.median(host_times[args.warmup:])
-    if args.profile and mode == 'train' and args.path not in ('swin', 'default-graphed'):
+    if args.profile and mode == 'train' and args.path != 'swin' and not opaque:
         result['profile'] = profile_table(step, cuda, args.profile)
-    if args.count_ops and not graphed:
+    if args.count_ops and not opaque:
         result.update(count_operators(step))
         if cuda:
             result.update(count_synchronizations(step))

@@ -45,8 +45,8 @@
 #                    whole-matrix against fused (key and value gradients by atomics or by
 #                    a key-major pass; the bias read by taps or by slots; with and
 #                    without the bias table's gradient), fp32 and bf16
-#  9 compile         tools/benchmark_export.py --runtime compile --device cuda: eager against
-#                    torch.compile, TransNeXt-T training step (only with 100 s of budget left)
+#  9 compiled        tools/benchmark_backbone.py --paths default default-compiled: the
+#                    training step eager and under torch.compile (Inductor), bf16 and fp32
 #
 # Seconds seen on an H100 (2026-11-27, third run, two calls): environment 10, install
 # 9-10, build-op 56 (17 when reused), mmcv-ops-prebuilt 17-20, bad-input 15 (CPU) and 27
@@ -57,7 +57,8 @@
 # finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
 # two calls that each fit (about 340 s and 320 s by the figures above):
 #   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op   DEVICE_CHECK_BUDGET_S=400
-#       (the speed figures; add pooled, about 55 s more, when the fused kernels changed)
+#       (the speed figures; add pooled, about 55 s more, when the fused kernels changed,
+#       and compiled, not yet timed, in place of benchmark-op)
 #   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,detector   DEVICE_CHECK_BUDGET_S=420
 #       (correctness, then Mask R-CNN against Swin-T)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
@@ -345,11 +346,13 @@ else
     for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done
 fi
 
-# 9 -------------------------------------------- torch.compile, with what budget is left
-if [[ $HAS_GPU == 1 ]] && (( $(remaining) > 100 )); then
-    run_step compile 150 "$PY tools/benchmark_export.py --arch tiny --size 800,1333 --runtime compile --train --device cuda --repeat 3"
+# 9 ---------------------------------------------------------------------- torch.compile
+# The default path compiled (Inductor, the fused attention cores between the graphs)
+# against eager, bfloat16 autocast training step: the step whose host sets its pace.
+if [[ $HAS_GPU == 1 ]]; then
+    run_step compiled 240 "$PY tools/benchmark_backbone.py --device cuda --arch tiny --size 800 1333 --batch 2 --dtypes bf16 fp32 --modes train --paths default default-compiled --repeats 3 --warmup 2"
 else
-    ROWS+=("| compile | not run: no CUDA device or under 100 s of budget left | 0 |")
+    skip_step compiled 'no CUDA device'
 fi
 
 # ----------------------------------------------------------------------------- report

@@ -32,7 +32,7 @@ from ..ops import (sliding_window_aggregate, sliding_window_logits,
                    sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
 from ..ops.fused_attention import fused_bias_attention, use_fused_attention
-from ..ops.graph_capture import capturing_graph
+from ..ops.graph_capture import capturing_graph, exporting_graph, run_outside_graph
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
                             expand_bias)
 
@@ -62,6 +62,25 @@ def _window_scale(height, width, window_size, pooled, device) -> Tensor:
 
     valid = inside(height)[:, None] * inside(width)[None, :]
     return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
+
+
+def _core_outside_graph(query: Tensor) -> bool:
+    """Whether a graph being captured leaves the attention core to run eagerly.
+
+    Under torch.compile, where the fused kernels serve ``query``
+    (:func:`~mmtransnext.ops.use_fused_attention`): the core then runs as in eager mode
+    (:func:`~mmtransnext.ops.graph_capture.run_outside_graph`), where the traced
+    released structure would build the ``N x P`` bias and logits (its eager TransNeXt-T
+    training step at 2x800x1333 peaks at 26 GB on an H100, the default path's at 3.8 GB).
+    Exports take the released structure.
+    """
+    return capturing_graph() and not exporting_graph() and use_fused_attention(query)
+
+
+def _uncast_core(core, device_type: str, *operands):
+    """``core(*operands)`` with autocast off: the operands are in the core's dtype."""
+    with torch.autocast(device_type, enabled=False):
+        return core(*operands)
 
 
 def _bias_attention(query: Tensor):
@@ -415,12 +434,14 @@ class AggregatedAttention(_PositionBiasAttention):
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
         """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
         batch, tokens, channels = x.shape
-        projected = self._project(x, height, width)
-        merged = use_compiled_op(x) and not capturing_graph()
-        core = self._merged_softmax if merged else self._joint_softmax
-        operands = _one_dtype(projected, x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            out = core(*operands)
+        operands = _one_dtype(self._project(x, height, width), x.device.type)
+        if _core_outside_graph(operands[0]):
+            out = run_outside_graph(_uncast_core, self._merged_softmax, x.device.type,
+                                    *operands)
+        else:
+            merged = use_compiled_op(x) and not capturing_graph()
+            out = _uncast_core(self._merged_softmax if merged else self._joint_softmax,
+                               x.device.type, *operands)
         return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
 
     @torch.no_grad()
@@ -520,14 +541,23 @@ class FullAttention(_PositionBiasAttention):
             scale = math.log(tokens)
         query = self._scaled_query(_unit_vectors(query), scale)
         key = _unit_vectors(key)
-        size = (height, width)
-        query, key, value = _one_dtype((query, key, value), x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            if use_compiled_op(x) and not capturing_graph():
-                out, _ = _bias_attention(query)(query, key, value,
-                                                self._factored_bias(size, size, query))
-            else:
-                attn = (query @ key.transpose(-2, -1) +
-                        self._full_bias(size, size, query)).softmax(-1, dtype=_stats_dtype(query))
-                out = attn.to(value.dtype) @ value
+        operands = _one_dtype((query, key, value), x.device.type) + ((height, width), )
+        if _core_outside_graph(operands[0]):
+            out = run_outside_graph(_uncast_core, self._factored_core, x.device.type,
+                                    *operands)
+        else:
+            core = (self._factored_core if use_compiled_op(x) and not capturing_graph()
+                    else self._whole_core)
+            out = _uncast_core(core, x.device.type, *operands)
         return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
+
+    def _factored_core(self, query, key, value, size):
+        """Attention with the bias in row-factored form, never built whole."""
+        out, _ = _bias_attention(query)(query, key, value, self._factored_bias(size, size, query))
+        return out
+
+    def _whole_core(self, query, key, value, size):
+        """The released algorithm: the whole ``(heads, N, N)`` bias and softmax."""
+        attn = (query @ key.transpose(-2, -1) +
+                self._full_bias(size, size, query)).softmax(-1, dtype=_stats_dtype(query))
+        return attn.to(value.dtype) @ value

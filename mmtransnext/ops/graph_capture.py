@@ -8,6 +8,13 @@ algorithm's structure (one softmax over the window and the pooled keys, the bias
 built whole) and keeps the compiled window op, which has fake kernels and an
 autograd formula, as one node ``torch.ops.mmtransnext.*`` of the graph.
 
+One exception: where the fused GPU kernels serve the attention core, ``torch.compile``
+leaves the core out of its graphs (:func:`run_outside_graph`, a graph break per
+attention layer) and the core runs as in eager mode, fused, without the ``N x P`` bias
+and logits that the released structure builds; the compiled graphs hold the rest
+(projections, norms, the GLU). An export (``torch.export``, ONNX) needs one whole graph
+and takes the released structure there too (:func:`exporting_graph`).
+
 ONNX has no such node, so during an ONNX export the window op is written in standard
 operators instead: the window as a zero padding and ``ws * ws`` shifted slices of the
 map, with ``-inf`` logits where a neighbour lies outside it. Both exporters
@@ -18,17 +25,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['capturing_graph', 'sliding_window_logits_decomposed',
-           'sliding_window_aggregate_decomposed']
+__all__ = ['capturing_graph', 'exporting_graph', 'run_outside_graph',
+           'sliding_window_logits_decomposed', 'sliding_window_aggregate_decomposed']
 
 
 # torch.compiler.is_compiling arrived in torch 2.3; torch 2.1-2.2 have Dynamo's own.
 _is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling
 
 
+# torch.compiler.is_exporting arrived in torch 2.6 (torch.export before it traces
+# without telling); torch.compiler.disable in torch 2.1.
+_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+
+
 def capturing_graph() -> bool:
     """Whether torch.compile, torch.export or an ONNX export is tracing the model."""
     return _is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def exporting_graph() -> bool:
+    """Whether torch.export or an ONNX export is tracing the model, which needs one
+    whole graph (torch >= 2.6 tells torch.export apart from torch.compile)."""
+    return torch.onnx.is_in_onnx_export() or _is_exporting()
+
+
+@torch.compiler.disable
+def run_outside_graph(function, *args):
+    """``function(*args)`` run eagerly where torch.compile traces its caller.
+
+    The caller's graph breaks before the call and resumes after it; inside,
+    :func:`capturing_graph` is False and the eager code runs (Python loops, caches,
+    Triton launches). Outside a capture it is a plain call.
+    """
+    return function(*args)
 
 
 def _neighbours(x: Tensor, height: int, width: int, window_size: int):
