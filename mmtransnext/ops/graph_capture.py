@@ -34,8 +34,9 @@ _is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.i
 
 
 # torch.compiler.is_exporting arrived in torch 2.6 (torch.export before it traces
-# without telling); torch.compiler.disable in torch 2.1.
+# without telling); Dynamo's own disable serves where torch.compiler lacks one.
 _is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+_disable = getattr(torch.compiler, 'disable', None) or torch._dynamo.disable
 
 
 def capturing_graph() -> bool:
@@ -49,7 +50,7 @@ def exporting_graph() -> bool:
     return torch.onnx.is_in_onnx_export() or _is_exporting()
 
 
-@torch.compiler.disable
+@_disable
 def run_outside_graph(function, *args):
     """``function(*args)`` run eagerly where torch.compile traces its caller.
 
