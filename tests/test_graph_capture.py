@@ -151,6 +151,20 @@ def test_onnx_backbone_matches_pytorch(tmp_path, mode):
     assert domains <= {'', 'ai.onnx'}, domains      # standard operators only
 
 
+@needs_onnx
+def test_torchscript_onnx_exporter_matches_pytorch(tmp_path):
+    """torch.onnx.export(dynamo=False), which traces sizes as tensors: one file with
+    dynamic height and width equals PyTorch at two sizes."""
+    model = small_backbone().eval()
+    path = tmp_path / 'backbone.onnx'
+    torch.onnx.export(model, (example_input(*SIZES[1]), ), str(path), dynamo=False,
+                      opset_version=18, input_names=['x'],
+                      dynamic_axes={'x': {2: 'height', 3: 'width'}})
+    for i, size in enumerate(SIZES[:2]):
+        result, = compare_with_onnxruntime(model, str(path), [example_input(*size, seed=i)])
+        assert result['max_abs'] <= ONNX_TOL, result
+
+
 @needs_export
 @needs_onnx
 def test_onnx_segmentor_logits_match_pytorch(tmp_path):

@@ -397,6 +397,10 @@ class AggregatedAttention(_PositionBiasAttention):
         """The pooled grid ``(Hp, Wp)`` for a map; never smaller than 1x1."""
         if self.fixed_pool_size is not None:
             return self.fixed_pool_size, self.fixed_pool_size
+        if capturing_graph() and torch.is_tensor(height):
+            # The TorchScript-based ONNX exporter (dynamo=False) traces sizes as tensors.
+            return (torch.clamp(height // self.sr_ratio, min=1),
+                    torch.clamp(width // self.sr_ratio, min=1))
         if capturing_graph():
             # sym_max keeps symbolic sizes symbolic (max() would guard on them); it takes
             # no tensors, which is what torch.jit.trace (the FLOP counter) passes.
