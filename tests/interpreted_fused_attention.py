@@ -245,6 +245,25 @@ def fused_in_the_model(monkeypatch):
     yield calls
 
 
+def _assert_trains_like_the_release(dense_golden, wrap=lambda model: model):
+    """The released model's loss and gradients on the golden ``interpolation_grad``
+    case, run through ``wrap(model)``, within the tolerances of
+    ``test_transnext.test_gradients_equal_reference``. Returns the model and its wrap."""
+    from test_transnext import assert_grad_close
+    data = dense_golden['cases']['interpolation_grad']
+    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
+    model.load_state_dict(dense_golden['state_dict'], strict=True)
+    run = wrap(model)
+    x = data['input'].clone().requires_grad_()
+    loss = sum((out * w).sum() for out, w in zip(run(x), data['weights']))
+    torch.testing.assert_close(loss, data['loss'], atol=1e-4, rtol=1e-4)
+    loss.backward()
+    assert_grad_close(x.grad, data['input_grad'], 'input')
+    for name, param in model.named_parameters():
+        assert_grad_close(param.grad, data['param_grads'][name], name)
+    return model, run
+
+
 @pytest.mark.parametrize('bias_tile', ['taps', 'slots'])
 def test_golden_gradients_through_fused_kernels(dense_golden, fused_in_the_model, bias_tile,
                                                 request):
@@ -254,20 +273,9 @@ def test_golden_gradients_through_fused_kernels(dense_golden, fused_in_the_model
     Same data and tolerances as ``test_transnext.test_gradients_equal_reference``
     (maps from 38x53 down to 5x7, 1 to 8 heads, interpolation mode).
     """
-    from test_transnext import assert_grad_close
     if bias_tile == 'slots':
         request.getfixturevalue('slot_tiles')
-    data = dense_golden['cases']['interpolation_grad']
-    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
-    model.load_state_dict(dense_golden['state_dict'], strict=True)
-    x = data['input'].clone().requires_grad_()
-    outs = model(x)
-    loss = sum((out * w).sum() for out, w in zip(outs, data['weights']))
-    torch.testing.assert_close(loss, data['loss'], atol=1e-4, rtol=1e-4)
-    loss.backward()
-    assert_grad_close(x.grad, data['input_grad'], 'input')
-    for name, param in model.named_parameters():
-        assert_grad_close(param.grad, data['param_grads'][name], name)
+    _assert_trains_like_the_release(dense_golden)
     # every block: 1 + 1 + 2 aggregated attentions and 1 full attention
     assert len(fused_in_the_model) == 5
 
@@ -321,8 +329,6 @@ def test_compiled_model_runs_the_fused_core_outside_its_graphs(dense_golden, mon
     gives the released model's loss and gradients (tolerances of
     ``test_golden_gradients_through_fused_kernels``)."""
     from torch._dynamo.utils import counters
-
-    from test_transnext import assert_grad_close
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: True)
     calls = []
@@ -342,23 +348,13 @@ def test_compiled_model_runs_the_fused_core_outside_its_graphs(dense_golden, mon
     monkeypatch.setattr(attention_module._PositionBiasAttention, '_full_bias', built_whole)
     torch._dynamo.reset()
     counters.clear()
-    data = dense_golden['cases']['interpolation_grad']
-    model = TransNeXt(**golden_arch(dense_golden), is_extrapolation=False).train()
-    model.load_state_dict(dense_golden['state_dict'], strict=True)
-    compiled = torch.compile(model, backend='aot_eager')
-    x = data['input'].clone().requires_grad_()
-    outs = compiled(x)
-    loss = sum((out * w).sum() for out, w in zip(outs, data['weights']))
-    torch.testing.assert_close(loss, data['loss'], atol=1e-4, rtol=1e-4)
-    loss.backward()
-    assert_grad_close(x.grad, data['input_grad'], 'input')
-    for name, param in model.named_parameters():
-        assert_grad_close(param.grad, data['param_grads'][name], name)
+    model, compiled = _assert_trains_like_the_release(
+        dense_golden, lambda model: torch.compile(model, backend='aot_eager'))
     assert len(calls) == 5 and not whole_bias    # 1 + 1 + 2 aggregated, 1 full attention
     assert counters['graph_break'], 'the cores ran inside a compiled graph'
     # Another size, as detection inputs vary: Dynamo recompiles with symbolic sizes,
     # which reach the eager cores as ints.
-    x = data['input'][..., :-8, :-16]
+    x = dense_golden['cases']['interpolation_grad']['input'][..., :-8, :-16]
     with torch.no_grad():
         for got, ref in zip(compiled(x), model(x)):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -64,23 +64,31 @@ def _window_scale(height, width, window_size, pooled, device) -> Tensor:
     return torch.log(valid.reshape(-1, 1).double() + pooled).float().to(device)
 
 
-def _core_outside_graph(query: Tensor) -> bool:
-    """Whether a graph being captured leaves the attention core to run eagerly.
-
-    Under torch.compile, where the fused kernels serve ``query``
-    (:func:`~mmtransnext.ops.use_fused_attention`): the core then runs as in eager mode
-    (:func:`~mmtransnext.ops.graph_capture.run_outside_graph`), where the traced
-    released structure would build the ``N x P`` bias and logits (its eager TransNeXt-T
-    training step at 2x800x1333 peaks at 26 GB on an H100, the default path's at 3.8 GB).
-    Exports take the released structure.
-    """
-    return capturing_graph() and not exporting_graph() and use_fused_attention(query)
-
-
 def _uncast_core(core, device_type: str, *operands):
     """``core(*operands)`` with autocast off: the operands are in the core's dtype."""
     with torch.autocast(device_type, enabled=False):
         return core(*operands)
+
+
+def _run_core(eager_core, released_core, x: Tensor, operands: tuple) -> Tensor:
+    """The one rule for which form of an attention core runs, on ``operands`` already
+    in the core's dtype (:func:`_one_dtype`) and with autocast off.
+
+    ``eager_core`` (merged softmaxes, the bias in row-factored form) runs in eager mode
+    where the compiled op serves ``x``; ``released_core`` (the released structure, the
+    bias built whole) on the reference path and in captured graphs. Except that under
+    torch.compile, where the fused kernels serve the queries
+    (:func:`~mmtransnext.ops.use_fused_attention`), ``eager_core`` runs outside the
+    graph (:func:`~mmtransnext.ops.graph_capture.run_outside_graph`): the released
+    structure's ``N x P`` bias and logits would take most of the memory (its eager
+    TransNeXt-T training step at 2x800x1333 peaks at 26 GB on an H100, the default
+    path's at 3.8 GB). Exports need one whole graph and take the released structure.
+    """
+    device_type = x.device.type
+    if capturing_graph() and not exporting_graph() and use_fused_attention(operands[0]):
+        return run_outside_graph(_uncast_core, eager_core, device_type, *operands)
+    core = eager_core if use_compiled_op(x) and not capturing_graph() else released_core
+    return _uncast_core(core, device_type, *operands)
 
 
 def _bias_attention(query: Tensor):
@@ -397,11 +405,11 @@ class AggregatedAttention(_PositionBiasAttention):
         """The pooled grid ``(Hp, Wp)`` for a map; never smaller than 1x1."""
         if self.fixed_pool_size is not None:
             return self.fixed_pool_size, self.fixed_pool_size
-        if capturing_graph() and torch.is_tensor(height):
-            # The TorchScript-based ONNX exporter (dynamo=False) traces sizes as tensors.
-            return (torch.clamp(height // self.sr_ratio, min=1),
-                    torch.clamp(width // self.sr_ratio, min=1))
         if capturing_graph():
+            if torch.is_tensor(height):
+                # The TorchScript-based ONNX exporter (dynamo=False) traces sizes as tensors.
+                return (torch.clamp(height // self.sr_ratio, min=1),
+                        torch.clamp(width // self.sr_ratio, min=1))
             # sym_max keeps symbolic sizes symbolic (max() would guard on them); it takes
             # no tensors, which is what torch.jit.trace (the FLOP counter) passes.
             return (torch.sym_max(height // self.sr_ratio, 1),
@@ -439,13 +447,7 @@ class AggregatedAttention(_PositionBiasAttention):
         """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
         batch, tokens, channels = x.shape
         operands = _one_dtype(self._project(x, height, width), x.device.type)
-        if _core_outside_graph(operands[0]):
-            out = run_outside_graph(_uncast_core, self._merged_softmax, x.device.type,
-                                    *operands)
-        else:
-            merged = use_compiled_op(x) and not capturing_graph()
-            out = _uncast_core(self._merged_softmax if merged else self._joint_softmax,
-                               x.device.type, *operands)
+        out = _run_core(self._merged_softmax, self._joint_softmax, x, operands)
         return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
 
     @torch.no_grad()
@@ -546,13 +548,7 @@ class FullAttention(_PositionBiasAttention):
         query = self._scaled_query(_unit_vectors(query), scale)
         key = _unit_vectors(key)
         operands = _one_dtype((query, key, value), x.device.type) + ((height, width), )
-        if _core_outside_graph(operands[0]):
-            out = run_outside_graph(_uncast_core, self._factored_core, x.device.type,
-                                    *operands)
-        else:
-            core = (self._factored_core if use_compiled_op(x) and not capturing_graph()
-                    else self._whole_core)
-            out = _uncast_core(core, x.device.type, *operands)
+        out = _run_core(self._factored_core, self._whole_core, x, operands)
         return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
 
     def _factored_core(self, query, key, value, size):
