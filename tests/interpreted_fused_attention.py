@@ -26,7 +26,8 @@ from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, ma
                                    whole_matrix)
 from mmtransnext.models import TransNeXt
 from mmtransnext.models import attention as attention_module
-from mmtransnext.models.position_bias import RowFactoredBias
+from mmtransnext.models import position_bias
+from mmtransnext.models.position_bias import OffsetMLP, RowFactoredBias
 from mmtransnext.ops import DISABLE_ENV
 from mmtransnext.ops.banded_attention import banded_bias_attention
 from mmtransnext.ops.fused_attention import fused_bias_attention
@@ -229,10 +230,11 @@ def test_equals_banded_path():
 
 @pytest.fixture
 def fused_in_the_model(monkeypatch):
-    """The model's biased attention through the fused kernels, as on CUDA.
+    """The model as on CUDA: its biased attention, position-bias MLP and unit vectors
+    through the fused kernels.
 
-    On the CPU the rule picks the banded path; its name in the attention module is
-    pointed at the fused kernels. Yields the queries' shapes that took them.
+    On the CPU the rule says no; the attention and position-bias modules are told
+    the fused kernels serve. Yields the queries' shapes that took the attention kernels.
     """
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     calls = []
@@ -241,7 +243,9 @@ def fused_in_the_model(monkeypatch):
         calls.append(tuple(query.shape))
         return fused_bias_attention(query, *args)
 
-    monkeypatch.setattr(attention_module, 'banded_bias_attention', take_fused)
+    monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: True)
+    monkeypatch.setattr(attention_module, 'fused_bias_attention', take_fused)
+    monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: True)
     yield calls
 
 
@@ -359,3 +363,138 @@ def test_compiled_model_runs_the_fused_core_outside_its_graphs(dense_golden, mon
         for got, ref in zip(compiled(x), model(x)):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == 15 and not whole_bias
+
+
+# (grid rows, grid columns, hidden units, heads): sizes below every block, and several
+# programs along every axis (forward 8 x 16 grid points, backward 32 columns, 32 hidden
+# units and 32 rows a program) with heads padded to 16; one column.
+_MLP_CASES = [(13, 11, 40, 3), (70, 45, 512, 2), (5, 1, 64, 16)]
+
+
+def _offset_mlp(rows, cols, hidden, heads, dtype, seed=0):
+    """Random offsets and MLP layers in ``dtype`` (fc1's bias spread, so that ReLU cuts
+    inside the grid), and ``OffsetMLP``'s table and parameter gradients for a random
+    incoming gradient (float64, drawn from the same seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = [torch.randn(n, generator=gen, dtype=torch.float64) for n in (rows, cols)]
+    params = [torch.randn(*shape, generator=gen, dtype=torch.float64)
+              for shape in ((hidden, 2), (hidden, ), (heads, hidden), (heads, ))]
+    grad = torch.randn(heads, rows, cols, generator=gen, dtype=torch.float64)
+    leaves = [p.to(dtype).requires_grad_() for p in params]
+    table = OffsetMLP.apply(*(o.to(dtype) for o in offsets), *leaves)
+    return table, torch.autograd.grad(table, leaves, grad.to(dtype)), (offsets, params, grad)
+
+
+@pytest.fixture
+def counted_mlp_kernels(monkeypatch):
+    """The MLP's rule told the fused kernels serve; yields the names of those launched."""
+    from mmtransnext.ops import fused_offset_mlp
+    monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: True)
+    launched = []
+    for name in ('offset_mlp_table', 'offset_mlp_grads'):
+        def counted(*args, name=name):
+            launched.append(name)
+            return getattr(fused_offset_mlp, name)(*args)
+        monkeypatch.setattr(position_bias, name, counted)
+    yield launched
+
+
+@pytest.mark.parametrize('rows, cols, hidden, heads', _MLP_CASES)
+def test_offset_mlp_kernels_equal_linear_layers(rows, cols, hidden, heads, counted_mlp_kernels):
+    """The table and every parameter's gradient from the two kernels, float32, against
+    ``nn.Linear`` layers on every grid point in float64: within 1e-5 of the largest
+    magnitude (observed <= 3e-7)."""
+    table, grads, (offsets, params, grad) = _offset_mlp(rows, cols, hidden, heads,
+                                                         torch.float32)
+    assert counted_mlp_kernels == ['offset_mlp_table', 'offset_mlp_grads']
+    fc1, fc2 = torch.nn.Linear(2, hidden).double(), torch.nn.Linear(hidden, heads).double()
+    with torch.no_grad():
+        for layer_param, value in zip([fc1.weight, fc1.bias, fc2.weight, fc2.bias], params):
+            layer_param.copy_(value)
+    coords = torch.stack(torch.meshgrid(*offsets, indexing='ij'), dim=-1)
+    ref = fc2(torch.relu(fc1(coords))).permute(2, 0, 1)
+    ref_grads = torch.autograd.grad(ref, [fc1.weight, fc1.bias, fc2.weight, fc2.bias], grad)
+    assert table.shape == (heads, rows, cols) and table.dtype == torch.float32
+    assert_near(table, ref, 1e-5, 'table')
+    for name, got, want in zip(('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'), grads,
+                               ref_grads):
+        assert got.dtype == torch.float32
+        assert_near(got, want, 1e-5, name)
+
+
+def test_offset_mlp_kernels_in_float16_equal_chunks(counted_mlp_kernels, monkeypatch):
+    """A float16 MLP (a model cast to half): the kernels against the chunked operators
+    in float16 within 2e-3 of the largest magnitude (observed <= 6e-4). Against float64
+    they differ by more wherever float16's rounding of a pre-activation flips its sign,
+    as the chunks' does too."""
+    case = _MLP_CASES[1]
+    table, grads, _ = _offset_mlp(*case, torch.float16)
+    assert counted_mlp_kernels == ['offset_mlp_table', 'offset_mlp_grads']
+    monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: False)
+    chunked_table, chunked_grads, _ = _offset_mlp(*case, torch.float16)
+    assert len(counted_mlp_kernels) == 2
+    assert_near(table.double(), chunked_table.double(), 2e-3, 'table')
+    for got, want in zip(grads, chunked_grads):
+        assert got.dtype == torch.float16
+        assert_near(got.double(), want.double(), 2e-3, 'gradient')
+
+
+def test_offset_mlp_kernels_refuse_mismatched_operands():
+    from mmtransnext.ops.fused_offset_mlp import offset_mlp_grads, offset_mlp_table
+    row, col, w2, b2 = torch.ones(4, 8), torch.ones(3, 8), torch.ones(2, 8), torch.ones(2)
+    with pytest.raises(ValueError, match='hidden sizes differ'):
+        offset_mlp_table(row, torch.ones(3, 6), w2, b2)
+    with pytest.raises(ValueError, match='dtypes differ'):
+        offset_mlp_table(row, col.double(), w2, b2)
+    with pytest.raises(ValueError, match='must be 2-D'):
+        offset_mlp_table(row, col, w2[None], b2)
+    with pytest.raises(ValueError, match=r'grad_table of shape \(2, 3, 4\)'):
+        offset_mlp_grads(row, col, w2, torch.ones(2, 3, 4))
+
+
+def _heads_of_projection(dtype, zero_token=5, seed=0):
+    """The keys of a ``kv`` projection as the model views them: ``(B, heads, N, d)``
+    strided, odd sizes (13 dims), one vector zero."""
+    gen = torch.Generator().manual_seed(seed)
+    projection = torch.randn(2, 37, 2, 3, 13, generator=gen, dtype=torch.float64)
+    projection[0, zero_token, 0, 1] = 0
+    return projection.to(dtype).permute(2, 0, 3, 1, 4)[0]
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 1e-3)], ids=str)
+def test_unit_vector_kernels_equal_the_operators(dtype, tol, monkeypatch):
+    """The model's unit vectors through the kernels (the rule told they serve) against
+    the same through PyTorch operators in float64: output and gradient, from strided
+    heads of a projection, within ``tol`` of the largest magnitude (observed 1e-7 in
+    float32, 5e-4 from float16 inputs); a zero vector has zero output and gradient."""
+    from mmtransnext.ops import fused_unit_vectors
+    launched = []
+    for name in ('unit_vectors', 'unit_vectors_grad'):
+        def counted(*args, kernel=getattr(fused_unit_vectors, name), name=name):
+            launched.append(name)
+            return kernel(*args)
+        monkeypatch.setattr(attention_module, name, counted)
+    x = _heads_of_projection(dtype).requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_x = _heads_of_projection(torch.float64).requires_grad_()
+    ref = attention_module._unit_vectors(ref_x)
+    ref_grad, = torch.autograd.grad(ref, ref_x, grad)
+    assert not launched
+    monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: True)
+    out = attention_module._unit_vectors(x)
+    got_grad, = torch.autograd.grad(out, x, grad.to(out.dtype))
+    assert launched == ['unit_vectors', 'unit_vectors_grad']
+    assert out.dtype == dtype and got_grad.dtype == dtype and out.is_contiguous()
+    assert_near(out, ref, tol, 'unit vectors')
+    assert_near(got_grad, ref_grad, tol, 'gradient')
+    assert not out[0, 1, 5].any() and not got_grad[0, 1, 5].any()
+
+
+def test_unit_vector_kernels_refuse_bad_input():
+    from mmtransnext.ops.fused_unit_vectors import unit_vectors, unit_vectors_grad
+    with pytest.raises(ValueError, match=r'must be 4-D .* got shape \(3, 4\)'):
+        unit_vectors(torch.ones(3, 4), torch.float32)
+    with pytest.raises(ValueError, match='dtype torch.float64 is not supported'):
+        unit_vectors(torch.ones(1, 1, 3, 4, dtype=torch.float64), torch.float32)
+    with pytest.raises(ValueError, match=r'grad_out of shape \(1, 1, 3, 5\)'):
+        unit_vectors_grad(torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 5))

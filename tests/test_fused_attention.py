@@ -104,6 +104,40 @@ def test_kernels_compile_for_gpus_without_spilling(arch, dtype, resized, launch)
 
 
 @needs_triton_3
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_offset_mlp_kernels_compile_for_gpus_without_spilling(arch, dtype):
+    """The position-bias MLP's two kernels, built to cubins for up to 16 heads (every
+    TransNeXt-T layer; Base's last stage has 32, whose float32 backward spills about
+    100 bytes on a table of a few thousand points): no spills, tensor cores for 16-bit
+    weights, relaxed atomics."""
+    from mmtransnext.ops import fused_offset_mlp
+    built = fused_offset_mlp.compile_for_gpu(arch, dtype, heads=16)
+    assert built.keys() == {'forward', 'backward'}
+    for name, cubin in built.items():
+        resources = fused_attention.machine_code_resources(cubin)
+        assert resources['instructions'] > 100, name
+        assert resources['stack_bytes'] == 0, (name, resources)
+        assert (resources['tensor_core'] > 0) == (dtype != torch.float32), (name, resources)
+        assert resources['memory_barriers'] == 0, (name, resources)
+
+
+@needs_triton_3
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_unit_vector_kernels_compile_for_gpus_without_spilling(arch, dtype):
+    """The unit vectors' two kernels, built to cubins: no spills, no memory barriers."""
+    from mmtransnext.ops import fused_unit_vectors
+    built = fused_unit_vectors.compile_for_gpu(arch, dtype)
+    assert built.keys() == {'forward', 'backward'}
+    for name, cubin in built.items():
+        resources = fused_attention.machine_code_resources(cubin)
+        assert resources['instructions'] > 50, name
+        assert resources['stack_bytes'] == 0, (name, resources)
+        assert resources['memory_barriers'] == 0, (name, resources)
+
+
+@needs_triton_3
 def test_spilling_is_seen():
     """The check above can fail: 64 x 64 tiles on 4 warps spill (sm_90, bfloat16)."""
     cubin = fused_attention.compile_for_gpu(

@@ -82,3 +82,69 @@ def test_golden_gradients_on_cuda(dense_golden, monkeypatch, precision, backward
     assert_grad_close(x.grad.cpu(), data['input_grad'], 'input')
     for name, param in model.named_parameters():
         assert_grad_close(param.grad.cpu(), data['param_grads'][name], name)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)], ids=str)
+def test_offset_mlp_kernels_on_cuda(dtype, tol, monkeypatch):
+    """On a GPU the position-bias MLP takes the two kernels (the dispatch rule, not a
+    patch): its table and every parameter's gradient against ``nn.Linear`` layers in
+    float64, at stage 1's grid of TransNeXt-T at 800x1333 (392 x 392 offsets, 512
+    hidden units, 2 heads), within ``tol`` of the largest magnitude."""
+    from mmtransnext.models import position_bias
+    from mmtransnext.models.position_bias import OffsetMLP
+    launched = []
+    for name in ('offset_mlp_table', 'offset_mlp_grads'):
+        def counted(*args, kernel=getattr(position_bias, name), name=name):
+            launched.append(name)
+            return kernel(*args)
+        monkeypatch.setattr(position_bias, name, counted)
+    gen = torch.Generator().manual_seed(0)
+    offsets = [torch.randn(392, generator=gen, dtype=torch.float64) for _ in range(2)]
+    params = [torch.randn(*shape, generator=gen, dtype=torch.float64)
+              for shape in ((512, 2), (512, ), (2, 512), (2, ))]
+    grad = torch.randn(2, 392, 392, generator=gen, dtype=torch.float64)
+    fc1, fc2 = torch.nn.Linear(2, 512).double(), torch.nn.Linear(512, 2).double()
+    layers = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    with torch.no_grad():
+        for layer_param, value in zip(layers, params):
+            layer_param.copy_(value)
+    coords = torch.stack(torch.meshgrid(*offsets, indexing='ij'), dim=-1)
+    ref = fc2(torch.relu(fc1(coords))).permute(2, 0, 1)
+    ref_grads = torch.autograd.grad(ref, layers, grad)
+    leaves = [p.to('cuda', dtype).requires_grad_() for p in params]
+    table = OffsetMLP.apply(*(o.to('cuda', dtype) for o in offsets), *leaves)
+    grads = torch.autograd.grad(table, leaves, grad.to('cuda', dtype))
+    assert launched == ['offset_mlp_table', 'offset_mlp_grads'] and table.dtype == dtype
+    assert_near(table.cpu(), ref.detach(), tol, 'table')
+    for name, got, want in zip(('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'), grads,
+                               ref_grads):
+        assert_near(got.cpu(), want, tol, name)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=str)
+def test_unit_vector_kernels_on_cuda(dtype, tol, monkeypatch):
+    """On a GPU the model's unit vectors take the kernels (the rule, not a patch), from
+    strided heads of a projection: output (float32 under autocast, as the CPU's) and
+    gradient against the operators in float64 on the CPU; a zero vector gives zeros."""
+    from mmtransnext.models import attention
+    launched = []
+    for name in ('unit_vectors', 'unit_vectors_grad'):
+        def counted(*args, kernel=getattr(attention, name), name=name):
+            launched.append(name)
+            return kernel(*args)
+        monkeypatch.setattr(attention, name, counted)
+    gen = torch.Generator().manual_seed(0)
+    projection = torch.randn(2, 999, 2, 4, 24, generator=gen, dtype=torch.float64)
+    projection[0, 5, 0, 1] = 0
+    grad = torch.randn(2, 4, 999, 24, generator=gen, dtype=torch.float64)
+    ref_x = projection.permute(2, 0, 3, 1, 4)[0].requires_grad_()
+    ref = attention._unit_vectors(ref_x)
+    ref_grad, = torch.autograd.grad(ref, ref_x, grad)
+    x = projection.to('cuda', dtype).requires_grad_()
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = attention._unit_vectors(x.permute(2, 0, 3, 1, 4)[0])
+    got_grad, = torch.autograd.grad(out, x, grad.to('cuda', out.dtype))
+    assert launched == ['unit_vectors', 'unit_vectors_grad'] and out.dtype == torch.float32
+    assert_near(out.cpu(), ref.detach(), tol, 'unit vectors')
+    assert_near(got_grad.permute(2, 0, 3, 1, 4)[0].cpu(), ref_grad, tol, 'gradient')
+    assert not out[0, 1, 5].any()

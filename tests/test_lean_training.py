@@ -159,3 +159,17 @@ def test_default_path_keeps_far_fewer_activations(monkeypatch):
         kept[path], outs = _saved_bytes(lambda: model(x))
         sum(out.sum() for out in outs).backward()     # and the graph still runs
     assert kept['default'] * 3 < kept['reference'], kept
+
+
+def test_offset_mlp_takes_chunks_where_the_fused_kernels_do_not_serve(monkeypatch):
+    """On the CPU (and wherever :func:`~mmtransnext.ops.use_fused_attention` says no) the
+    MLP runs as chunked operators; the Triton kernels are not launched."""
+    def refuse(*args):
+        raise AssertionError('the fused MLP kernels were launched on the CPU')
+
+    monkeypatch.setattr(position_bias, 'offset_mlp_table', refuse)
+    monkeypatch.setattr(position_bias, 'offset_mlp_grads', refuse)
+    layout = bias_layout((5, 4), (2, 2), (14, 14), (5, 4), (2, 2), torch.device('cpu'))
+    fc1, fc2 = _mlp(torch.float32)
+    _offset_mlp(layout, fc1, fc2, torch.float32).sum().backward()
+    assert fc1.weight.grad is not None

@@ -186,6 +186,29 @@ def test_backbone_counts_operators():
     reason=f'torch {torch.__version__} (< 2.4) splits the training step into frames that '
     'Dynamo recompiles with symbolic sizes, and fails there in the position-bias MLP\'s '
     'matmul(out=) ("Cannot call sizes() on tensor with symbolic sizes")')
+@pytest.mark.skipif(not fused_attention._TRITON, reason='the CUDA structure needs Triton 3')
+def test_count_operators_of_both_structures():
+    """``tools/count_operators.py``: the CUDA structure's step (fused kernels told they
+    serve, their launches no-ops) is counted on the CPU, with the fused attention's
+    autograd node, and dispatches fewer operators than the CPU's own path, whose
+    position-bias MLP and unit vectors are operator sequences."""
+    import subprocess
+    found = {}
+    for structure in ('cuda', 'cpu'):
+        done = subprocess.run(
+            [sys.executable, str(REPO / 'tools' / 'count_operators.py'), '--arch', 'micro',
+             '--size', '32', '48', '--batch', '1', '--dtype', 'fp32', '--structure', structure,
+             '--top', '40'], capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = dict(item.split('=', 1) for item in done.stdout.splitlines()[0].split()
+                       if '=' in item)
+        assert int(summary['operators']) == int(summary['forward']) + int(summary['backward'])
+        found[structure] = int(summary['operators']), done.stdout
+    assert '_FusedBiasAttentionBackward' in found['cuda'][1]
+    assert '_FusedBiasAttentionBackward' not in found['cpu'][1]
+    assert found['cuda'][0] < found['cpu'][0]
+
+
 def test_backbone_compiled_path(monkeypatch):
     """default-compiled: the model under torch.compile, timed like the others; its step
     is compiled code, so no operator count. Dynamo's 'eager' backend here (Inductor by

@@ -32,6 +32,7 @@ from ..ops import (sliding_window_aggregate, sliding_window_logits,
                    sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
 from ..ops.fused_attention import fused_bias_attention, use_fused_attention
+from ..ops.fused_unit_vectors import unit_vectors, unit_vectors_grad
 from ..ops.graph_capture import capturing_graph, exporting_graph, run_outside_graph
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
                             expand_bias)
@@ -223,7 +224,9 @@ class _UnitVectors(torch.autograd.Function):
     ``d(x / n) = (g - u (g . u)) / n`` with ``u = x / n``: a backward of five operators
     where autograd's, through the norm, the mask and the division, takes fourteen
     (torch 2.13). On a GPU the training step of TransNeXt-T waits on the host's
-    launches, and the model normalises three tensors per attention layer. At a zero
+    launches, and the model normalises three tensors per attention layer; where the
+    fused kernels serve ``x`` (:func:`~mmtransnext.ops.use_fused_attention`) one Triton
+    kernel each way does it (:mod:`~mmtransnext.ops.fused_unit_vectors`). At a zero
     vector the divisor is infinite, so the gradient is zero. The output is contiguous
     whatever the layout of ``x`` (the heads of a projection are strided), as the kernels
     downstream read it.
@@ -231,6 +234,10 @@ class _UnitVectors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        ctx.fused = use_fused_attention(x)
+        if ctx.fused:   # one kernel each way
+            ctx.save_for_backward(x)
+            return unit_vectors(x, _stats_dtype(x))
         divisor = _unit_divisor(x)
         ctx.save_for_backward(x, divisor)
         return torch.div(x, divisor, out=x.new_empty(x.shape, dtype=divisor.dtype))
@@ -238,6 +245,8 @@ class _UnitVectors(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        if ctx.fused:
+            return unit_vectors_grad(ctx.saved_tensors[0], grad)
         x, divisor = ctx.saved_tensors
         unit = x / divisor
         along = torch.linalg.vecdot(grad, unit).unsqueeze(-1)

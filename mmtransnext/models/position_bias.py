@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.fused_attention import use_fused_attention
+from ..ops.fused_offset_mlp import offset_mlp_grads, offset_mlp_table
 from ..ops.graph_capture import capturing_graph
 
 Size2d = Tuple[int, int]
@@ -193,7 +195,11 @@ class OffsetMLP(torch.autograd.Function):
     ``b = offsets_w * w1[:, 1]``. The MLP is evaluated a chunk of grid rows at a time
     and the backward pass recomputes each chunk's hidden layer, so the
     ``(Uh, Uw, hidden)`` activation (about 300 MB per stage-1 block of a detector at
-    800 x 1333) is never whole and never kept. The sums run in another order than
+    800 x 1333) is never whole and never kept. Where the fused attention kernels serve
+    the weights (:func:`~mmtransnext.ops.use_fused_attention`: CUDA, Triton 3) two
+    Triton kernels do the same without chunks
+    (:mod:`~mmtransnext.ops.fused_offset_mlp`): the loop's operators would be issued
+    again in every attention layer of every step. The sums run in another order than
     ``nn.Linear``'s, so results agree with it up to float rounding.
 
     ``OffsetMLP.apply(offsets_h, offsets_w, w1, b1, w2, b2)``:
@@ -221,25 +227,38 @@ class OffsetMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, offsets_h, offsets_w, w1, b1, w2, b2):
         row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
+        # Saved, not recomputed: (Uh + Uw) x hidden values, under 2 MB a layer.
+        ctx.save_for_backward(offsets_h, offsets_w, w1, w2, row_part, col_part)
+        ctx.fused = use_fused_attention(w1)
+        if ctx.fused:
+            return offset_mlp_table(row_part, col_part, w2, b2)
         rows, cols, heads = offsets_h.numel(), offsets_w.numel(), w2.shape[0]
         table = w2.new_empty(rows, cols, heads)
         for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0], w1.device):
             hidden = (row_part[start:stop, None] + col_part[None]).relu_()
             torch.matmul(hidden, w2.t(), out=table[start:stop])
         table += b2
-        ctx.save_for_backward(offsets_h, offsets_w, w1, b1, w2)
         return table.permute(2, 0, 1)
 
     @staticmethod
     def backward(ctx, grad_table):
         # The saved tensors' dtype rules, whatever autocast region backward() runs in.
         with torch.autocast(grad_table.device.type, enabled=False):
-            return OffsetMLP._gradients(ctx, grad_table)
+            offsets_h, offsets_w, w1, w2, row_part, col_part = ctx.saved_tensors
+            if ctx.fused:
+                grad_rows, grad_cols, grad_w2 = offset_mlp_grads(row_part, col_part, w2,
+                                                                 grad_table)
+            else:
+                grad_rows, grad_cols, grad_w2 = OffsetMLP._chunked_gradients(
+                    row_part, col_part, w2, grad_table)
+            grad_w1 = torch.stack([offsets_h.to(grad_rows.dtype) @ grad_rows,
+                                   offsets_w.to(grad_cols.dtype) @ grad_cols], dim=1)
+            return (None, None, grad_w1.to(w1.dtype), grad_rows.sum(0).to(w1.dtype),
+                    grad_w2.to(w2.dtype), grad_table.sum((1, 2)).to(w2.dtype))
 
     @staticmethod
-    def _gradients(ctx, grad_table):
-        offsets_h, offsets_w, w1, b1, w2 = ctx.saved_tensors
-        row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
+    def _chunked_gradients(row_part, col_part, w2, grad_table):
+        """Gradients of both hidden parts and of ``w2``, a chunk of grid rows at a time."""
         grad = grad_table.permute(1, 2, 0).contiguous()              # (Uh, Uw, heads)
         rows, cols, heads = grad.shape
         grad_rows = torch.empty_like(row_part)                        # d/d row_part
@@ -247,16 +266,14 @@ class OffsetMLP(torch.autograd.Function):
         # of hundreds of additions shows in fc1's gradient.
         grad_cols = torch.zeros_like(col_part, dtype=torch.float64)
         grad_w2 = torch.zeros_like(w2)
-        for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0], w1.device):
+        for start, stop in OffsetMLP._chunks(rows, cols, row_part.shape[1], row_part.device):
             hidden = (row_part[start:stop, None] + col_part[None]).relu_()
             chunk = grad[start:stop]
             grad_w2.addmm_(chunk.reshape(-1, heads).t(), hidden.reshape(-1, hidden.shape[-1]))
             grad_hidden = (chunk @ w2).mul_(hidden > 0)
             torch.sum(grad_hidden, dim=1, out=grad_rows[start:stop])
             grad_cols += grad_hidden.sum(dim=0)
-        grad_cols = grad_cols.to(col_part.dtype)
-        grad_w1 = torch.stack([offsets_h @ grad_rows, offsets_w @ grad_cols], dim=1)
-        return None, None, grad_w1, grad_rows.sum(0), grad_w2, grad.sum((0, 1))
+        return grad_rows, grad_cols.to(col_part.dtype), grad_w2
 
 
 def _resize(x: Tensor, size: Size2d) -> Tensor:

@@ -244,9 +244,6 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
         appended, at :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of
         TransNeXt-T at detection sizes.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-
     meta = launch_meta(dtype, head_dim, head_dim, resized, resized, tiles=launch)
     options = dict(num_warps=meta.pop('num_warps'))
     kernels = _kernels()
@@ -266,19 +263,42 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
     for name, kernel, extra in variants:
         constants = dict(key_pass_meta(meta, dtype) if name.startswith('backward_keys')
                          else meta, **extra)
-        signature = {}
-        for arg in inspect.signature(kernel.fn).parameters:
-            if arg in constants:
-                signature[arg] = 'constexpr'
-            elif arg in _POINTERS:
-                element = _POINTERS[arg]
-                signature[arg] = '*' + (_TRITON_TYPES[dtype] if element == 'io' else element)
-            else:
-                signature[arg] = 'i32'
-        compiled = compile(ASTSource(kernel, signature, constants),
-                           target=GPUTarget('cuda', arch, 32), options=options)
-        built[name] = compiled.asm['cubin']
+        built[name] = compile_kernel(kernel, constants, _POINTERS, dtype, arch,
+                                     options['num_warps'])
     return built
+
+
+def compile_kernel(kernel, constants: dict, pointers: dict, dtype: torch.dtype, arch: int,
+                   num_warps: int) -> bytes:
+    """One Triton kernel compiled ahead of time for a GPU architecture, without one.
+
+    Args:
+        kernel: the ``triton.jit`` function.
+        constants (dict): its ``tl.constexpr`` arguments' values.
+        pointers (dict): each pointer argument's element type: ``'io'`` for ``dtype``,
+            else a Triton type name (``'fp32'``, ``'i32'``); other arguments are ``i32``.
+        dtype (torch.dtype): the input dtype.
+        arch (int): compute capability as an integer, e.g. 80 or 90.
+        num_warps (int): warps per program.
+
+    Returns:
+        bytes: the cubin.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constants:
+            signature[arg] = 'constexpr'
+        elif arg in pointers:
+            element = pointers[arg]
+            signature[arg] = '*' + (_TRITON_TYPES[dtype] if element == 'io' else element)
+        else:
+            signature[arg] = 'i32'
+    compiled = compile(ASTSource(kernel, signature, constants),
+                       target=GPUTarget('cuda', arch, 32), options=dict(num_warps=num_warps))
+    return compiled.asm['cubin']
 
 
 def machine_code_resources(cubin: bytes) -> dict:

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""The ATen operators one step of the backbone dispatches, by where they come from.
+
+On a GPU the bfloat16 training step of TransNeXt-T waits on the host issuing operators
+(``docs/benchmarks.md``), so their number is what a change to the step's structure is
+held to. ``--structure cuda`` counts, on any machine, the operators of the path that
+CUDA tensors take: the fused kernels' rule (:func:`mmtransnext.ops.use_fused_attention`)
+is told they serve, and their Triton launches, which are not ATen operators, do
+nothing (their outputs are left unset: the count does not depend on values). CPU
+autocast stands in for CUDA's under ``--dtype bf16``; the two cast a few operators
+differently, so the figure approaches, not equals, what ``tools/benchmark_backbone.py
+--device cuda --count-ops`` counts on a GPU. ``--structure cpu`` counts the CPU's own
+path (as ``benchmark_backbone.py --count-ops`` does).
+
+Operators are counted as ``count_operators`` counts them (views apart), split into the
+forward, by the model's source line, and the backward, by the autograd node running.
+
+    python tools/count_operators.py --arch tiny --size 64 96 --batch 2 --dtype bf16
+"""
+import argparse
+import collections
+import os
+import sys
+import traceback
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='tiny')
+    parser.add_argument('--size', type=int, nargs=2, default=[64, 96], metavar=('H', 'W'))
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--img-size', type=int, default=224,
+                        help="the backbone's img_size (and pretrain_size)")
+    parser.add_argument('--dtype', default='bf16', choices=['fp32', 'bf16'],
+                        help='fp32, or bf16 autocast')
+    parser.add_argument('--mode', default='train', choices=['train', 'forward'])
+    parser.add_argument('--structure', default='cuda', choices=['cuda', 'cpu'])
+    parser.add_argument('--top', type=int, default=15, help='rows of each breakdown')
+    parser.add_argument('--json', action='store_true', help='one JSON line, no tables')
+    return parser.parse_args(argv)
+
+
+class _NoLaunch:
+    """A Triton kernel whose launches do nothing: ``kernel[grid](*args)``."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def take_cuda_structure():
+    """Point the model's fused-kernel rules at True and make every Triton launch a no-op."""
+    from mmtransnext.models import attention, position_bias
+    from mmtransnext.ops import (_fused_attention_kernels, _offset_mlp_kernels,
+                                 _unit_vectors_kernels)
+    for kernels in (_fused_attention_kernels, _offset_mlp_kernels, _unit_vectors_kernels):
+        for name in dir(kernels):
+            if hasattr(getattr(kernels, name), 'fn'):   # a triton.jit function
+                setattr(kernels, name, _NoLaunch())
+    attention.use_fused_attention = lambda tensor: True
+    position_bias.use_fused_attention = lambda tensor: True
+    # The dtype CUDA autocast gives the core: the autocast dtype, also on the CPU here.
+    core_dtype = attention.core_dtype
+    attention.core_dtype = lambda device, autocast, dtypes: core_dtype('cuda', autocast, dtypes)
+
+
+def count(step, package: str) -> dict:
+    """Operators of one ``step()``: forward ones by the last two source lines in
+    ``package`` (a directory) they come from, backward ones by the autograd node running."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+
+        def __init__(self):
+            super().__init__()
+            self.forward = collections.Counter()
+            self.backward = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                node = torch._C._current_autograd_node()
+                if node is not None:
+                    self.backward[node.name()] += 1
+                else:
+                    frames = [frame for frame in traceback.extract_stack()
+                              if frame.filename.startswith(package + os.sep)]
+                    self.forward[' < '.join(
+                        f'{os.path.relpath(frame.filename, os.path.dirname(package))}:'
+                        f'{frame.lineno}' for frame in frames[-2:]) or '(outside)'] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Counter()
+    with counter:
+        step()
+    return dict(forward=counter.forward, backward=counter.backward)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.structure == 'cuda':
+        # Kernels would be defined for the GPU otherwise; they never launch here.
+        os.environ.setdefault('TRITON_INTERPRET', '1')
+    import torch
+    import mmtransnext
+    from mmtransnext.models import TransNeXt
+    if args.structure == 'cuda':
+        take_cuda_structure()
+    torch.manual_seed(0)
+    model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=args.img_size)
+    model.train(args.mode == 'train')
+    x = torch.randn(args.batch, 3, *args.size)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.dtype == 'bf16')
+
+    def step():
+        if args.mode == 'forward':
+            with torch.no_grad(), autocast:
+                model(x)
+            return
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = sum(out.float().mean() for out in model(x))
+        loss.backward()
+
+    step()   # caches (layouts, column taps) are filled in the first step
+    found = count(step, os.path.dirname(os.path.abspath(mmtransnext.__file__)))
+    forward, backward = sum(found['forward'].values()), sum(found['backward'].values())
+    summary = dict(arch=args.arch, size=args.size, batch=args.batch, dtype=args.dtype,
+                   mode=args.mode, structure=args.structure, operators=forward + backward,
+                   forward=forward, backward=backward, torch=torch.__version__)
+    if args.json:
+        import json
+        print(json.dumps(summary))
+        return summary
+    print(' '.join(f'{key}={value}' for key, value in summary.items()))
+    for part in ('forward', 'backward'):
+        print(f'\n{part}: {sum(found[part].values())} operators, the most frequent sources')
+        for where, number in found[part].most_common(args.top):
+            print(f'{number:6d}  {where}')
+    return summary
+
+
+if __name__ == '__main__':
+    sys.exit(main() and 0)
