@@ -125,7 +125,8 @@ def test_offset_mlp_kernels_on_cuda(dtype, tol, monkeypatch):
 def test_unit_vector_kernels_on_cuda(dtype, tol, monkeypatch):
     """On a GPU the model's unit vectors take the kernels (the rule, not a patch), from
     strided heads of a projection: output (float32 under autocast, as the CPU's) and
-    gradient against the operators in float64 on the CPU; a zero vector gives zeros."""
+    gradient against the operators in float64 on the CPU; a zero vector gives zeros;
+    keys (``into_core``) in the core's dtype, equal to the output cast to it."""
     from mmtransnext.models import attention
     launched = []
     for name in ('unit_vectors', 'unit_vectors_grad'):
@@ -143,8 +144,11 @@ def test_unit_vector_kernels_on_cuda(dtype, tol, monkeypatch):
     x = projection.to('cuda', dtype).requires_grad_()
     with torch.autocast('cuda', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = attention._unit_vectors(x.permute(2, 0, 3, 1, 4)[0])
+        keys = attention._unit_vectors(x.detach().permute(2, 0, 3, 1, 4)[0], into_core=True)
     got_grad, = torch.autograd.grad(out, x, grad.to('cuda', out.dtype))
-    assert launched == ['unit_vectors', 'unit_vectors_grad'] and out.dtype == torch.float32
+    assert launched[-2:] == ['unit_vectors', 'unit_vectors_grad'] and out.dtype == torch.float32
+    # keys straight into the core's dtype: the autocast dtype, as a cast would give
+    assert keys.dtype == dtype and torch.equal(keys, out.detach().to(dtype))
     assert_near(out.cpu(), ref.detach(), tol, 'unit vectors')
     assert_near(got_grad.permute(2, 0, 3, 1, 4)[0].cpu(), ref_grad, tol, 'gradient')
     assert not out[0, 1, 5].any()

@@ -522,7 +522,7 @@ def test_unit_vectors_gradient_formula():
     captured graph differentiates), zero vectors included."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_UnitVectors.apply, (x, ))
+    assert torch.autograd.gradcheck(_UnitVectors.apply, (x, torch.float64))
     # bfloat16: both end in one rounding of a float32 gradient computed in another order.
     tolerances = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1.6e-2}
     for dtype, tol in tolerances.items():
@@ -531,14 +531,14 @@ def test_unit_vectors_gradient_formula():
         grad = torch.randn(2, 3, 5, 7, dtype=_stats_dtype(x))
         eager = x.clone().requires_grad_()
         traced = x.clone().requires_grad_()
-        torch.autograd.backward(_UnitVectors.apply(eager), grad)
+        torch.autograd.backward(_UnitVectors.apply(eager, _stats_dtype(x)), grad)
         torch.autograd.backward(traced / _unit_divisor(traced), grad)
         assert eager.grad.dtype == dtype
         torch.testing.assert_close(eager.grad, traced.grad, rtol=tol, atol=tol)
         assert eager.grad[1, 2, 3].abs().max() == 0
     # The heads of a projection are strided; the kernels downstream read them contiguous.
     strided = torch.randn(2, 5, 3, 7).transpose(1, 2)
-    assert _UnitVectors.apply(strided).is_contiguous()
+    assert _UnitVectors.apply(strided, torch.float32).is_contiguous()
 
 
 def test_unit_vectors_dispatch_fewer_operators():
@@ -552,9 +552,34 @@ def test_unit_vectors_dispatch_fewer_operators():
     def counted(unit):
         return count_operators(lambda: torch.autograd.backward(unit(x), grad))['operators']
 
-    eager = counted(_UnitVectors.apply)
+    eager = counted(lambda t: _UnitVectors.apply(t, torch.float32))
     traced = counted(lambda t: t / _unit_divisor(t))
     assert eager < traced, (eager, traced)
+
+
+def test_keys_normalised_into_the_core_dtype(monkeypatch):
+    """Under autocast the keys' unit vectors come out in the attention core's dtype
+    (``into_core``): on CUDA the autocast dtype (here the CPU told so), the same numbers
+    and gradient as the float32 unit vectors cast to it, without the cast; the queries'
+    stay float32, and on the CPU the core's float32 is what both give."""
+    from mmtransnext.models import attention
+    x = torch.randn(2, 3, 5, 7).to(torch.bfloat16)
+    grad = torch.randn(2, 3, 5, 7).to(torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert _unit_vectors(x, into_core=True).dtype == torch.float32      # CPU core
+        core_dtype = attention.core_dtype
+        monkeypatch.setattr(attention, 'core_dtype',
+                            lambda device, autocast, dtypes: core_dtype('cuda', autocast, dtypes))
+        keys = x.clone().requires_grad_()
+        cast = x.clone().requires_grad_()
+        direct = _unit_vectors(keys, into_core=True)
+        later = _unit_vectors(cast)
+        assert direct.dtype == torch.bfloat16 and later.dtype == torch.float32
+        later = later.to(torch.bfloat16)
+    assert torch.equal(direct, later)
+    torch.autograd.backward(direct, grad)
+    torch.autograd.backward(later, grad)
+    assert torch.equal(keys.grad, cast.grad)
 
 
 @pytest.mark.parametrize('module', ['aggregated', 'full'])

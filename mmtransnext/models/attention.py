@@ -203,8 +203,11 @@ def _as_input(out: Tensor, x: Tensor) -> Tensor:
 
 
 def _stats_dtype(tensor: Tensor) -> torch.dtype:
-    """Softmax statistics (maxima, sums, log-sum-exps) run in float32 or wider."""
-    return torch.promote_types(tensor.dtype, torch.float32)
+    """Softmax statistics (maxima, sums, log-sum-exps) run in float32 or wider.
+
+    Decided in Python: ``torch.promote_types`` is an operator the host dispatches.
+    """
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _unit_divisor(x: Tensor) -> Tensor:
@@ -233,33 +236,36 @@ class _UnitVectors(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, dtype):
         ctx.fused = use_fused_attention(x)
         if ctx.fused:   # one kernel each way
             ctx.save_for_backward(x)
-            return unit_vectors(x, _stats_dtype(x))
+            return unit_vectors(x, dtype)
         divisor = _unit_divisor(x)
         ctx.save_for_backward(x, divisor)
-        return torch.div(x, divisor, out=x.new_empty(x.shape, dtype=divisor.dtype))
+        return torch.div(x, divisor, out=x.new_empty(x.shape, dtype=dtype))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         if ctx.fused:
-            return unit_vectors_grad(ctx.saved_tensors[0], grad)
+            return unit_vectors_grad(ctx.saved_tensors[0], grad), None
         x, divisor = ctx.saved_tensors
+        grad = grad.to(divisor.dtype)
         unit = x / divisor
         along = torch.linalg.vecdot(grad, unit).unsqueeze(-1)
-        return torch.addcmul(grad, unit, along, value=-1).div_(divisor).to(x.dtype)
+        return torch.addcmul(grad, unit, along, value=-1).div_(divisor).to(x.dtype), None
 
 
-def _unit_vectors(x: Tensor) -> Tensor:
+def _unit_vectors(x: Tensor, into_core: bool = False) -> Tensor:
     """``x / ||x||`` over the last dim, zero where ``||x|| <= 1e-12``.
 
     ``F.normalize`` in every other respect: the same value wherever the norm exceeds
     its ``eps`` (1e-12), bit for bit in float32, and the same dtype as under CUDA
-    autocast (float32, which the core then casts once) and without autocast (``x``'s).
-    Two things differ. The norm is taken in float32 or wider (see
+    autocast (float32) and without autocast (``x``'s). With ``into_core`` (the keys,
+    which enter the attention core as they are) the output under autocast takes the
+    core's dtype (:func:`core_dtype`) at once, the same numbers as a later cast to it
+    without that cast and its gradient's. Two things differ from ``F.normalize``. The norm is taken in float32 or wider (see
     :func:`_unit_divisor`). And a zero vector, which ``F.normalize`` divides by
     ``eps``, has zero output and zero gradient: its gradient there, the upstream
     gradient times 1e12, overflowed float16 at any loss scale. Tokens are zero vectors
@@ -270,11 +276,16 @@ def _unit_vectors(x: Tensor) -> Tensor:
     Eager mode takes the gradient from :class:`_UnitVectors`; a captured or traced
     graph takes the same forward as plain operators, which autograd differentiates.
     """
-    if capturing_graph() or torch.jit.is_tracing():
-        unit = x / _unit_divisor(x)
+    autocast_dtype = _active_autocast_dtype(x.device.type)
+    if autocast_dtype is None:
+        dtype = x.dtype
+    elif into_core:
+        dtype = core_dtype(x.device.type, autocast_dtype, [_stats_dtype(x)])
     else:
-        unit = _UnitVectors.apply(x)
-    return unit if _active_autocast_dtype(x.device.type) is not None else unit.to(x.dtype)
+        dtype = _stats_dtype(x)
+    if capturing_graph() or torch.jit.is_tracing():
+        return (x / _unit_divisor(x)).to(dtype)
+    return _UnitVectors.apply(x, dtype)
 
 
 class _PositionBiasAttention(nn.Module):
@@ -434,7 +445,7 @@ class AggregatedAttention(_PositionBiasAttention):
 
         query = _unit_vectors(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2))
         key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        key = _unit_vectors(key)
+        key = _unit_vectors(key, into_core=True)
         scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
         query_scaled = self._scaled_query(query, scale)
 
@@ -444,7 +455,7 @@ class AggregatedAttention(_PositionBiasAttention):
         periphery = self.norm(periphery.reshape(batch, channels, pooled).transpose(1, 2))
         pool_key, pool_value = self.kv(periphery).view(batch, pooled, 2, heads,
                                                        head_dim).permute(2, 0, 3, 1, 4)
-        pool_key = _unit_vectors(pool_key)
+        pool_key = _unit_vectors(pool_key, into_core=True)
 
         # Learnable tokens: extra, query-dependent weights on the local values
         # (from the unscaled query), added after the softmax.
@@ -555,7 +566,7 @@ class FullAttention(_PositionBiasAttention):
         else:
             scale = math.log(tokens)
         query = self._scaled_query(_unit_vectors(query), scale)
-        key = _unit_vectors(key)
+        key = _unit_vectors(key, into_core=True)
         operands = _one_dtype((query, key, value), x.device.type) + ((height, width), )
         out = _run_core(self._factored_core, self._whole_core, x, operands)
         return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))

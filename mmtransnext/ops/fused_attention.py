@@ -40,6 +40,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import inspect
+import math
 import re
 import subprocess
 import tempfile
@@ -481,10 +482,12 @@ class _FusedBiasAttention(torch.autograd.Function):
         taps = bias.separable_col_taps()[:4]
         want_bias = ctx.needs_input_grad[3]
         grad_query = torch.empty_like(query)
-        grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        grad_table = torch.zeros(table.shape if want_bias else (1, ), dtype=torch.float32,
-                                 device=table.device)
+        # The atomics' float32 sums, zeroed and at the end cast to the inputs' dtype as
+        # one buffer: one operator each instead of three.
+        grad_shapes = (key.shape, value.shape, table.shape if want_bias else (1, ))
+        sums = torch.zeros(sum(math.prod(shape) for shape in grad_shapes), dtype=torch.float32,
+                           device=key.device)
+        grad_key, grad_value, grad_table = _views(sums, grad_shapes)
         grid, shapes, meta = _launch_args(query, key, value, table, bias)
         two_pass = _backward_way('BACKWARD_KV', BACKWARD_KV_CHOICES) == 'two-pass'
         slots, slot_meta = _tile_slots(bias, table, meta)
@@ -504,8 +507,15 @@ class _FusedBiasAttention(torch.autograd.Function):
                 _kernels().pooled_attention_backward_keys[keys_grid](
                     query, key, value, grad_out, lse, shift, table, *taps, *slots, grad_key,
                     grad_value, *shapes, KEY_PASS_ROWS, **keys_meta, **slot_meta)
-        return (grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype),
-                grad_table.to(table.dtype) if want_bias else None, None)
+        # Key, value and table have the queries' dtype (_check_args; the table is cast).
+        grad_key, grad_value, grad_table = _views(sums.to(query.dtype), grad_shapes)
+        return grad_query, grad_key, grad_value, grad_table if want_bias else None, None
+
+
+def _views(flat: Tensor, shapes) -> list:
+    """``flat`` cut into consecutive views of ``shapes``."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
 
 def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tuple:
