@@ -498,3 +498,74 @@ def test_unit_vector_kernels_refuse_bad_input():
         unit_vectors(torch.ones(1, 1, 3, 4, dtype=torch.float64), torch.float32)
     with pytest.raises(ValueError, match=r'grad_out of shape \(1, 1, 3, 5\)'):
         unit_vectors_grad(torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 5))
+
+
+def _query_term_inputs(tokens: bool, per_token: bool, dtype=torch.float64, seed=0):
+    """Unit queries ``(2, 3, 37, 13)`` (odd sizes, several programs), the layer's
+    parameters (temperature over softplus's threshold in one head) and scales."""
+    gen = torch.Generator().manual_seed(seed)
+    unit = torch.nn.functional.normalize(
+        torch.randn(2, 3, 37, 13, generator=gen, dtype=torch.float64), dim=-1)
+    params = [torch.randn(3, 1, 13, generator=gen, dtype=torch.float64),
+              torch.tensor([0.5, 4.0, 25.0], dtype=torch.float64).view(3, 1, 1)]
+    if tokens:
+        params += [torch.randn(3, 13, 9, generator=gen, dtype=torch.float64),
+                   torch.randn(3, 1, 9, generator=gen, dtype=torch.float64)]
+    scale = (torch.rand(37, 1, generator=gen, dtype=torch.float64) + 2 if per_token
+             else 3.7)
+    return [unit] + [p.to(dtype) for p in params], scale
+
+
+@pytest.mark.parametrize('tokens, per_token', [(True, True), (False, False)],
+                         ids=['aggregated', 'full'])
+def test_query_term_kernels_equal_the_operators(tokens, per_token, monkeypatch):
+    """The scaled queries and token weights from the kernels (float32, results in
+    float16 as a core under autocast would take them, and in float32) against the
+    model's operators in float64: both results and every input's gradient within 1e-5
+    of the largest magnitude in float32 (observed 1e-7) and 2e-3 for the float16
+    results' rounding."""
+    layer = attention_module.AggregatedAttention(39, 3, 3, 2, None, None, 8).double()
+    leaves, scale = _query_term_inputs(tokens, per_token)
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(2, 3, 37, size, generator=gen, dtype=torch.float64)
+             for size in ((13, 9) if tokens else (13, ))]
+
+    def run(inputs, fused, core):
+        with torch.no_grad():
+            layer.query_embedding.copy_(inputs[1])
+            layer.temperature.copy_(inputs[2])
+        monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: fused)
+        monkeypatch.setattr(attention_module, 'core_dtype', lambda *args: core)
+        unit = inputs[0].clone().requires_grad_()
+        layer.zero_grad()
+        extra = [t.clone().requires_grad_() for t in inputs[3:]]
+        outs = [o for o in layer._query_terms(unit, scale, *extra) if o is not None]
+        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+        return outs, [unit.grad, layer.query_embedding.grad, layer.temperature.grad] + [
+            t.grad for t in extra]
+
+    ref_outs, ref_grads = run(leaves, False, torch.float64)
+    layer.float()
+    for core, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        outs, got = run([t.float() for t in leaves], True, core)
+        assert [o.dtype for o in outs] == [core] * len(ref_outs)
+        for got_out, ref_out in zip(outs, ref_outs):
+            assert_near(got_out, ref_out, tol, 'result')
+        for name, got_grad, ref_grad in zip(('unit', 'embedding', 'temperature', 'tokens',
+                                             'token bias'), got, ref_grads):
+            assert got_grad.dtype == torch.float32
+            assert_near(got_grad, ref_grad, tol, name)
+
+
+def test_query_term_kernels_refuse_bad_input():
+    from mmtransnext.ops.fused_query_terms import query_terms
+    unit, embedding, temperature = torch.ones(1, 2, 5, 4), torch.ones(2, 1, 4), torch.ones(2, 1, 1)
+    with pytest.raises(ValueError, match='must be 4-D .* and contiguous'):
+        query_terms(unit.transpose(1, 2), embedding, temperature, 1.0, None, None, torch.float32)
+    with pytest.raises(ValueError, match=r'embedding of shape \(2, 1, 3\)'):
+        query_terms(unit, torch.ones(2, 1, 3), temperature, 1.0, None, None, torch.float32)
+    with pytest.raises(ValueError, match=r'tokens of shape \(2, 3, 9\)'):
+        query_terms(unit, embedding, temperature, 1.0, torch.ones(2, 3, 9), torch.ones(2, 1, 9),
+                    torch.float32)
+    with pytest.raises(ValueError, match='4 scales for 5 queries'):
+        query_terms(unit, embedding, temperature, torch.ones(4, 1), None, None, torch.float32)

@@ -125,10 +125,12 @@ def test_offset_mlp_kernels_compile_for_gpus_without_spilling(arch, dtype):
 @needs_triton_3
 @pytest.mark.parametrize('arch', [80, 90])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
-def test_unit_vector_kernels_compile_for_gpus_without_spilling(arch, dtype):
-    """The unit vectors' two kernels, built to cubins: no spills, no memory barriers."""
-    from mmtransnext.ops import fused_unit_vectors
-    built = fused_unit_vectors.compile_for_gpu(arch, dtype)
+@pytest.mark.parametrize('op', ['fused_unit_vectors', 'fused_query_terms'])
+def test_query_and_key_kernels_compile_for_gpus_without_spilling(op, arch, dtype):
+    """The unit vectors' and the query terms' kernels, built to cubins: no spills, no
+    memory barriers."""
+    import importlib
+    built = importlib.import_module(f'mmtransnext.ops.{op}').compile_for_gpu(arch, dtype)
     assert built.keys() == {'forward', 'backward'}
     for name, cubin in built.items():
         resources = fused_attention.machine_code_resources(cubin)

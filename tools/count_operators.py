@@ -50,10 +50,15 @@ class _NoLaunch:
 
 def take_cuda_structure():
     """Point the model's fused-kernel rules at True and make every Triton launch a no-op."""
+    import importlib
+    import pkgutil
+
+    import mmtransnext.ops
     from mmtransnext.models import attention, position_bias
-    from mmtransnext.ops import (_fused_attention_kernels, _offset_mlp_kernels,
-                                 _unit_vectors_kernels)
-    for kernels in (_fused_attention_kernels, _offset_mlp_kernels, _unit_vectors_kernels):
+    for module in pkgutil.iter_modules(mmtransnext.ops.__path__):
+        if not module.name.endswith('_kernels'):
+            continue
+        kernels = importlib.import_module(f'mmtransnext.ops.{module.name}')
         for name in dir(kernels):
             if hasattr(getattr(kernels, name), 'fn'):   # a triton.jit function
                 setattr(kernels, name, _NoLaunch())

@@ -32,6 +32,7 @@ from ..ops import (sliding_window_aggregate, sliding_window_logits,
                    sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
 from ..ops.fused_attention import fused_bias_attention, use_fused_attention
+from ..ops.fused_query_terms import query_terms, query_terms_grads
 from ..ops.fused_unit_vectors import unit_vectors, unit_vectors_grad
 from ..ops.graph_capture import capturing_graph, exporting_graph, run_outside_graph
 from .position_bias import (BiasLayout, OffsetMLP, RowFactoredBias, bias_layout,
@@ -257,6 +258,31 @@ class _UnitVectors(torch.autograd.Function):
         return torch.addcmul(grad, unit, along, value=-1).div_(divisor).to(x.dtype), None
 
 
+class _QueryTerms(torch.autograd.Function):
+    """:meth:`_PositionBiasAttention._query_terms` in the fused kernels, with gradients.
+
+    ``apply(unit, embedding, temperature, scale, tokens, token_bias, dtype)``; ``tokens``
+    may be None (then no weights), ``scale`` a tensor (no gradient) or a number.
+    """
+
+    @staticmethod
+    def forward(ctx, unit, embedding, temperature, scale, tokens, token_bias, dtype):
+        ctx.save_for_backward(unit, embedding, temperature, tokens)
+        ctx.scale = scale
+        return query_terms(unit, embedding, temperature, scale, tokens, token_bias, dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_query, grad_weights):
+        unit, embedding, temperature, tokens = ctx.saved_tensors
+        grad_unit, grad_embedding, grad_temperature, grad_tokens, grad_bias = query_terms_grads(
+            unit, embedding, temperature, ctx.scale, tokens, grad_query, grad_weights)
+        if tokens is not None:
+            grad_tokens, grad_bias = grad_tokens.to(tokens.dtype), grad_bias.to(tokens.dtype)
+        return (grad_unit, grad_embedding.to(embedding.dtype),
+                grad_temperature.to(temperature.dtype), None, grad_tokens, grad_bias, None)
+
+
 def _unit_vectors(x: Tensor, into_core: bool = False) -> Tensor:
     """``x / ||x||`` over the last dim, zero where ``||x|| <= 1e-12``.
 
@@ -325,8 +351,28 @@ class _PositionBiasAttention(nn.Module):
         trunc_normal_(self.query_embedding, std=0.02)
         nn.init.constant_(self.temperature, _INITIAL_TEMPERATURE)
 
-    def _scaled_query(self, query: Tensor, scale) -> Tensor:
-        return (query + self.query_embedding) * F.softplus(self.temperature) * scale
+    def _query_terms(self, query: Tensor, scale, tokens: Tensor = None,
+                     token_bias: Tensor = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """The scaled queries and, given ``tokens``, the learnable tokens' weights.
+
+        Args:
+            query (Tensor): ``(B, heads, N, d)`` unit queries.
+            scale (Tensor | float): ``(N, 1)`` each query's scale, or one for all.
+            tokens (Tensor, optional): ``(heads, d, L)``; ``token_bias`` ``(heads, 1, L)``.
+
+        Returns:
+            tuple[Tensor, Tensor | None]: ``(query + embedding) * softplus(temperature)
+            * scale`` and ``query @ tokens + token_bias``. Where the fused kernels serve
+            the queries, both from one kernel (:mod:`~mmtransnext.ops.fused_query_terms`)
+            in float32, written in the core's dtype.
+        """
+        if use_fused_attention(query) and not (capturing_graph() or torch.jit.is_tracing()):
+            dtype = core_dtype(query.device.type, _active_autocast_dtype(query.device.type),
+                               [query.dtype, self.query_embedding.dtype])
+            return _QueryTerms.apply(query, self.query_embedding, self.temperature, scale,
+                                     tokens, token_bias, dtype)
+        scaled = (query + self.query_embedding) * F.softplus(self.temperature) * scale
+        return scaled, (query @ tokens + token_bias if tokens is not None else None)
 
     def _layout(self, query_size, key_size, device) -> BiasLayout:
         if self.build_size is None:    # extrapolation: evaluate on the run-time grids
@@ -447,7 +493,10 @@ class AggregatedAttention(_PositionBiasAttention):
         key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         key = _unit_vectors(key, into_core=True)
         scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
-        query_scaled = self._scaled_query(query, scale)
+        # Learnable tokens: extra, query-dependent weights on the local values
+        # (from the unscaled query), added after the softmax.
+        query_scaled, token_weights = self._query_terms(query, scale, self.learnable_tokens,
+                                                        self.learnable_bias)
 
         # The periphery: keys and values of the pooled map, through the same kv.
         periphery = self.act(self.sr(x.transpose(1, 2).reshape(batch, channels, height, width)))
@@ -456,10 +505,6 @@ class AggregatedAttention(_PositionBiasAttention):
         pool_key, pool_value = self.kv(periphery).view(batch, pooled, 2, heads,
                                                        head_dim).permute(2, 0, 3, 1, 4)
         pool_key = _unit_vectors(pool_key, into_core=True)
-
-        # Learnable tokens: extra, query-dependent weights on the local values
-        # (from the unscaled query), added after the softmax.
-        token_weights = query @ self.learnable_tokens + self.learnable_bias
         return (query_scaled, key, value, pool_key, pool_value, token_weights, height, width,
                 (pool_h, pool_w))
 
@@ -565,7 +610,7 @@ class FullAttention(_PositionBiasAttention):
             scale = torch.full((), tokens, dtype=torch.float64, device=x.device).log()
         else:
             scale = math.log(tokens)
-        query = self._scaled_query(_unit_vectors(query), scale)
+        query, _ = self._query_terms(_unit_vectors(query), scale)
         key = _unit_vectors(key, into_core=True)
         operands = _one_dtype((query, key, value), x.device.type) + ((height, width), )
         out = _run_core(self._factored_core, self._whole_core, x, operands)

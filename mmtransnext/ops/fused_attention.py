@@ -270,14 +270,16 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
 
 
 def compile_kernel(kernel, constants: dict, pointers: dict, dtype: torch.dtype, arch: int,
-                   num_warps: int) -> bytes:
+                   num_warps: int, scalars: dict = None) -> bytes:
     """One Triton kernel compiled ahead of time for a GPU architecture, without one.
 
     Args:
         kernel: the ``triton.jit`` function.
         constants (dict): its ``tl.constexpr`` arguments' values.
         pointers (dict): each pointer argument's element type: ``'io'`` for ``dtype``,
-            else a Triton type name (``'fp32'``, ``'i32'``); other arguments are ``i32``.
+            else a Triton type name (``'fp32'``, ``'i32'``).
+        scalars (dict, optional): the Triton types of arguments that are neither
+            pointers nor ``i32`` (e.g. ``'fp32'``). Default: None, all ``i32``.
         dtype (torch.dtype): the input dtype.
         arch (int): compute capability as an integer, e.g. 80 or 90.
         num_warps (int): warps per program.
@@ -296,7 +298,7 @@ def compile_kernel(kernel, constants: dict, pointers: dict, dtype: torch.dtype, 
             element = pointers[arg]
             signature[arg] = '*' + (_TRITON_TYPES[dtype] if element == 'io' else element)
         else:
-            signature[arg] = 'i32'
+            signature[arg] = (scalars or {}).get(arg, 'i32')
     compiled = compile(ASTSource(kernel, signature, constants),
                        target=GPUTarget('cuda', arch, 32), options=dict(num_warps=num_warps))
     return compiled.asm['cubin']
