@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument('--size', type=int, nargs=2, default=[64, 96], metavar=('H', 'W'))
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--img-size', type=int, default=224,
-                        help="the backbone's img_size (and pretrain_size)")
+                        help="the backbone's img_size (800 for detection, as benchmark_backbone.py)")
     parser.add_argument('--dtype', default='bf16', choices=['fp32', 'bf16'],
                         help='fp32, or bf16 autocast')
     parser.add_argument('--mode', default='train', choices=['train', 'forward'])
@@ -64,6 +64,9 @@ def take_cuda_structure():
                 setattr(kernels, name, _NoLaunch())
     attention.use_fused_attention = lambda tensor: True
     position_bias.use_fused_attention = lambda tensor: True
+    # Operators the MLP would run in chunks run in CUDA's chunks.
+    chunks = position_bias._MLP_CHUNK_ELEMENTS
+    chunks['cpu'] = chunks['cuda']
     # The dtype CUDA autocast gives the core: the autocast dtype, also on the CPU here.
     core_dtype = attention.core_dtype
     attention.core_dtype = lambda device, autocast, dtypes: core_dtype('cuda', autocast, dtypes)
@@ -112,7 +115,7 @@ def main(argv=None):
     if args.structure == 'cuda':
         take_cuda_structure()
     torch.manual_seed(0)
-    model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=args.img_size)
+    model = TransNeXt(arch=args.arch, img_size=args.img_size, pretrain_size=224)
     model.train(args.mode == 'train')
     x = torch.randn(args.batch, 3, *args.size)
     autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.dtype == 'bf16')
