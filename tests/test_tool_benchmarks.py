@@ -181,11 +181,6 @@ def test_backbone_counts_operators():
     assert not {'host_ms', 'synchronizations'} & (forward.keys() | train.keys())
 
 
-@pytest.mark.skipif(
-    not hasattr(torch.library, 'register_fake'),
-    reason=f'torch {torch.__version__} (< 2.4) splits the training step into frames that '
-    'Dynamo recompiles with symbolic sizes, and fails there in the position-bias MLP\'s '
-    'matmul(out=) ("Cannot call sizes() on tensor with symbolic sizes")')
 @pytest.mark.skipif(not fused_attention._TRITON, reason='the CUDA structure needs Triton 3')
 def test_count_operators_of_both_structures():
     """``tools/count_operators.py``: the CUDA structure's step (fused kernels told they
@@ -209,6 +204,11 @@ def test_count_operators_of_both_structures():
     assert found['cuda'][0] < found['cpu'][0]
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.library, 'register_fake'),
+    reason=f'torch {torch.__version__} (< 2.4) splits the training step into frames that '
+    'Dynamo recompiles with symbolic sizes, and fails there in the position-bias MLP\'s '
+    'matmul(out=) ("Cannot call sizes() on tensor with symbolic sizes")')
 def test_backbone_compiled_path(monkeypatch):
     """default-compiled: the model under torch.compile, timed like the others; its step
     is compiled code, so no operator count. Dynamo's 'eager' backend here (Inductor by

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     parser.add_argument('--size', type=int, nargs=2, default=[64, 96], metavar=('H', 'W'))
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--img-size', type=int, default=224,
-                        help="the backbone's img_size (800 for detection, as benchmark_backbone.py)")
+                        help="the backbone's img_size (800 for detection, as in "
+                        "benchmark_backbone.py)")
     parser.add_argument('--dtype', default='bf16', choices=['fp32', 'bf16'],
                         help='fp32, or bf16 autocast')
     parser.add_argument('--mode', default='train', choices=['train', 'forward'])

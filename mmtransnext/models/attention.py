@@ -291,13 +291,13 @@ def _unit_vectors(x: Tensor, into_core: bool = False) -> Tensor:
     autocast (float32) and without autocast (``x``'s). With ``into_core`` (the keys,
     which enter the attention core as they are) the output under autocast takes the
     core's dtype (:func:`core_dtype`) at once, the same numbers as a later cast to it
-    without that cast and its gradient's. Two things differ from ``F.normalize``. The norm is taken in float32 or wider (see
-    :func:`_unit_divisor`). And a zero vector, which ``F.normalize`` divides by
-    ``eps``, has zero output and zero gradient: its gradient there, the upstream
-    gradient times 1e12, overflowed float16 at any loss scale. Tokens are zero vectors
-    wherever an image's padding meets zero biases (the release's initialisation,
-    training from scratch), and a float16 Mask R-CNN had every step skipped by its
-    loss scaler.
+    without that cast and its gradient's. Two things differ from ``F.normalize``. The
+    norm is taken in float32 or wider (see :func:`_unit_divisor`). And a zero vector,
+    which ``F.normalize`` divides by ``eps``, has zero output and zero gradient: its
+    gradient there, the upstream gradient times 1e12, overflowed float16 at any loss
+    scale. Tokens are zero vectors wherever an image's padding meets zero biases (the
+    release's initialisation, training from scratch), and a float16 Mask R-CNN had
+    every step skipped by its loss scaler.
 
     Eager mode takes the gradient from :class:`_UnitVectors`; a captured or traced
     graph takes the same forward as plain operators, which autograd differentiates.

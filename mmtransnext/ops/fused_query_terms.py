@@ -78,6 +78,7 @@ def query_terms(unit: Tensor, embedding: Tensor, temperature: Tensor, scale, tok
     query = torch.empty(unit.shape, dtype=dtype, device=unit.device)
     weights = (torch.empty(unit.shape[:3] + tokens.shape[2:], dtype=dtype, device=unit.device)
                if tokens is not None else None)
+    # Without tokens their pointers are placeholders the kernel does not read.
     with _on_device(unit):
         _kernels().query_terms_forward[grid](
             unit, embedding, temperature, scale_args[0],
@@ -108,6 +109,7 @@ def query_terms_grads(unit: Tensor, embedding: Tensor, temperature: Tensor, scal
                        device=unit.device)
     parts = _views(sums, shapes) + [None] * (4 - len(shapes))
     grad_unit = torch.empty_like(unit)
+    # Without tokens their pointers are placeholders the kernel does not read.
     with _on_device(unit):
         _kernels().query_terms_backward[grid](
             unit, embedding, temperature, scale_args[0],
