@@ -278,11 +278,11 @@ def compile_kernel(kernel, constants: dict, pointers: dict, dtype: torch.dtype, 
         constants (dict): its ``tl.constexpr`` arguments' values.
         pointers (dict): each pointer argument's element type: ``'io'`` for ``dtype``,
             else a Triton type name (``'fp32'``, ``'i32'``).
-        scalars (dict, optional): the Triton types of arguments that are neither
-            pointers nor ``i32`` (e.g. ``'fp32'``). Default: None, all ``i32``.
         dtype (torch.dtype): the input dtype.
         arch (int): compute capability as an integer, e.g. 80 or 90.
         num_warps (int): warps per program.
+        scalars (dict, optional): the Triton types of arguments that are neither
+            pointers nor ``i32`` (e.g. ``'fp32'``). Default: None, all ``i32``.
 
     Returns:
         bytes: the cubin.
