@@ -69,3 +69,15 @@ def assert_near(got, ref, tol, name):
     assert err <= limit, f'{name}: max error {err:.3g} > {limit:.3g}'
 
 
+
+
+def record_calls(monkeypatch, module, names) -> list:
+    """Each function ``names`` of ``module``, as the module looks it up, wrapped to record
+    its calls: returns the list the wrappers append the called names to, in order."""
+    calls = []
+    for name in names:
+        def recorded(*args, function=getattr(module, name), name=name):
+            calls.append(name)
+            return function(*args)
+        monkeypatch.setattr(module, name, recorded)
+    return calls

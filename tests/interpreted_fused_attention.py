@@ -23,7 +23,7 @@ import torch
 
 from conftest import golden_arch
 from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, make_inputs,
-                                   whole_matrix)
+                                   record_calls, whole_matrix)
 from mmtransnext.models import TransNeXt
 from mmtransnext.models import attention as attention_module
 from mmtransnext.models import position_bias
@@ -388,15 +388,8 @@ def _offset_mlp(rows, cols, hidden, heads, dtype, seed=0):
 @pytest.fixture
 def counted_mlp_kernels(monkeypatch):
     """The MLP's rule told the fused kernels serve; yields the names of those launched."""
-    from mmtransnext.ops import fused_offset_mlp
     monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: True)
-    launched = []
-    for name in ('offset_mlp_table', 'offset_mlp_grads'):
-        def counted(*args, name=name):
-            launched.append(name)
-            return getattr(fused_offset_mlp, name)(*args)
-        monkeypatch.setattr(position_bias, name, counted)
-    yield launched
+    yield record_calls(monkeypatch, position_bias, ('offset_mlp_table', 'offset_mlp_grads'))
 
 
 @pytest.mark.parametrize('rows, cols, hidden, heads', _MLP_CASES)
@@ -467,13 +460,7 @@ def test_unit_vector_kernels_equal_the_operators(dtype, tol, monkeypatch):
     the same through PyTorch operators in float64: output and gradient, from strided
     heads of a projection, within ``tol`` of the largest magnitude (observed 1e-7 in
     float32, 5e-4 from float16 inputs); a zero vector has zero output and gradient."""
-    from mmtransnext.ops import fused_unit_vectors
-    launched = []
-    for name in ('unit_vectors', 'unit_vectors_grad'):
-        def counted(*args, kernel=getattr(fused_unit_vectors, name), name=name):
-            launched.append(name)
-            return kernel(*args)
-        monkeypatch.setattr(attention_module, name, counted)
+    launched = record_calls(monkeypatch, attention_module, ('unit_vectors', 'unit_vectors_grad'))
     x = _heads_of_projection(dtype).requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref_x = _heads_of_projection(torch.float64).requires_grad_()

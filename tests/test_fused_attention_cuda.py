@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mmtransnext.models.position_bias import bias_layout
-from fused_attention_cases import assert_near, fused, gradients, make_inputs, whole_matrix
+from fused_attention_cases import (assert_near, fused, gradients, make_inputs, record_calls,
+                                   whole_matrix)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -92,12 +93,7 @@ def test_offset_mlp_kernels_on_cuda(dtype, tol, monkeypatch):
     hidden units, 2 heads), within ``tol`` of the largest magnitude."""
     from mmtransnext.models import position_bias
     from mmtransnext.models.position_bias import OffsetMLP
-    launched = []
-    for name in ('offset_mlp_table', 'offset_mlp_grads'):
-        def counted(*args, kernel=getattr(position_bias, name), name=name):
-            launched.append(name)
-            return kernel(*args)
-        monkeypatch.setattr(position_bias, name, counted)
+    launched = record_calls(monkeypatch, position_bias, ('offset_mlp_table', 'offset_mlp_grads'))
     gen = torch.Generator().manual_seed(0)
     offsets = [torch.randn(392, generator=gen, dtype=torch.float64) for _ in range(2)]
     params = [torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -128,12 +124,7 @@ def test_unit_vector_kernels_on_cuda(dtype, tol, monkeypatch):
     gradient against the operators in float64 on the CPU; a zero vector gives zeros;
     keys (``into_core``) in the core's dtype, equal to the output cast to it."""
     from mmtransnext.models import attention
-    launched = []
-    for name in ('unit_vectors', 'unit_vectors_grad'):
-        def counted(*args, kernel=getattr(attention, name), name=name):
-            launched.append(name)
-            return kernel(*args)
-        monkeypatch.setattr(attention, name, counted)
+    launched = record_calls(monkeypatch, attention, ('unit_vectors', 'unit_vectors_grad'))
     gen = torch.Generator().manual_seed(0)
     projection = torch.randn(2, 999, 2, 4, 24, generator=gen, dtype=torch.float64)
     projection[0, 5, 0, 1] = 0
