@@ -110,7 +110,7 @@ def test_offset_mlp_kernels_compile_for_gpus_without_spilling(arch, dtype):
     """The position-bias MLP's two kernels, built to cubins for up to 16 heads (every
     TransNeXt-T layer; Base's last stage has 32, whose float32 backward spills about
     100 bytes on a table of a few thousand points): no spills, tensor cores for 16-bit
-    weights, relaxed atomics."""
+    weights, no memory barriers."""
     from mmtransnext.ops import fused_offset_mlp
     built = fused_offset_mlp.compile_for_gpu(arch, dtype, heads=16)
     assert built.keys() == {'forward', 'backward'}

@@ -396,9 +396,7 @@ class _PositionBiasAttention(nn.Module):
 
     def _chunked_bias_table(self, layout: BiasLayout, dtype) -> Tensor:
         """The same table through :class:`OffsetMLP`, which keeps no hidden layer."""
-        weight_dtype = self.cpb_fc1.weight.dtype
-        return OffsetMLP.apply(layout.offsets_h.to(weight_dtype),
-                               layout.offsets_w.to(weight_dtype), self.cpb_fc1.weight,
+        return OffsetMLP.apply(layout.offsets_h, layout.offsets_w, self.cpb_fc1.weight,
                                self.cpb_fc1.bias, self.cpb_fc2.weight,
                                self.cpb_fc2.bias).to(dtype)
 

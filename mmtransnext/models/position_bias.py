@@ -205,8 +205,9 @@ class OffsetMLP(torch.autograd.Function):
     ``OffsetMLP.apply(offsets_h, offsets_w, w1, b1, w2, b2)``:
 
     Args:
-        offsets_h (Tensor): ``(Uh,)`` row offsets (no gradient).
-        offsets_w (Tensor): ``(Uw,)`` column offsets (no gradient).
+        offsets_h (Tensor): ``(Uh,)`` row offsets (no gradient), in any floating dtype:
+            the first layer takes them rounded to ``w1``'s.
+        offsets_w (Tensor): ``(Uw,)`` column offsets, likewise.
         w1 (Tensor): ``(hidden, 2)`` weight of ``fc1``; ``b1`` ``(hidden,)`` its bias.
         w2 (Tensor): ``(heads, hidden)`` weight of ``fc2``; ``b2`` ``(heads,)`` its bias.
 
@@ -222,16 +223,18 @@ class OffsetMLP(torch.autograd.Function):
 
     @staticmethod
     def _hidden_parts(offsets_h, offsets_w, w1, b1):
-        return torch.outer(offsets_h, w1[:, 0]) + b1, torch.outer(offsets_w, w1[:, 1])
+        return (torch.outer(offsets_h.to(w1.dtype), w1[:, 0]) + b1,
+                torch.outer(offsets_w.to(w1.dtype), w1[:, 1]))
 
     @staticmethod
     def forward(ctx, offsets_h, offsets_w, w1, b1, w2, b2):
+        ctx.fused = use_fused_attention(w1)
+        if ctx.fused:   # the first layer too is computed in the kernels
+            ctx.save_for_backward(offsets_h, offsets_w, w1, b1, w2)
+            return offset_mlp_table(offsets_h, offsets_w, w1, b1, w2, b2)
         row_part, col_part = OffsetMLP._hidden_parts(offsets_h, offsets_w, w1, b1)
         # Saved, not recomputed: (Uh + Uw) x hidden values, under 2 MB a layer.
         ctx.save_for_backward(offsets_h, offsets_w, w1, w2, row_part, col_part)
-        ctx.fused = use_fused_attention(w1)
-        if ctx.fused:
-            return offset_mlp_table(row_part, col_part, w2, b2)
         rows, cols, heads = offsets_h.numel(), offsets_w.numel(), w2.shape[0]
         table = w2.new_empty(rows, cols, heads)
         for start, stop in OffsetMLP._chunks(rows, cols, w1.shape[0], w1.device):
@@ -244,13 +247,13 @@ class OffsetMLP(torch.autograd.Function):
     def backward(ctx, grad_table):
         # The saved tensors' dtype rules, whatever autocast region backward() runs in.
         with torch.autocast(grad_table.device.type, enabled=False):
-            offsets_h, offsets_w, w1, w2, row_part, col_part = ctx.saved_tensors
             if ctx.fused:
-                grad_rows, grad_cols, grad_w2 = offset_mlp_grads(row_part, col_part, w2,
-                                                                 grad_table)
-            else:
-                grad_rows, grad_cols, grad_w2 = OffsetMLP._chunked_gradients(
-                    row_part, col_part, w2, grad_table)
+                offsets_h, offsets_w, w1, b1, w2 = ctx.saved_tensors
+                grads = offset_mlp_grads(offsets_h, offsets_w, w1, b1, w2, grad_table)
+                return (None, None) + tuple(grad.to(w1.dtype) for grad in grads)
+            offsets_h, offsets_w, w1, w2, row_part, col_part = ctx.saved_tensors
+            grad_rows, grad_cols, grad_w2 = OffsetMLP._chunked_gradients(
+                row_part, col_part, w2, grad_table)
             grad_w1 = torch.stack([offsets_h.to(grad_rows.dtype) @ grad_rows,
                                    offsets_w.to(grad_cols.dtype) @ grad_cols], dim=1)
             return (None, None, grad_w1.to(w1.dtype), grad_rows.sum(0).to(w1.dtype),

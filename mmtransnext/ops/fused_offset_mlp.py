@@ -6,15 +6,17 @@ a loop over chunks of grid rows, about ten operators a chunk forward and backwar
 and 10 chunks at stage 1 of TransNeXt-T at 800x1333; a GPU's training step of the
 backbone waits on the host issuing operators (``docs/benchmarks.md``), and every
 attention layer evaluates its MLP once a step. Here the forward is one kernel and
-the backward one kernel plus a few operators, whatever the grid's size, and the
-hidden layer never reaches memory. The kernels serve where
+the backward one kernel and one sum of its partial results, whatever the grid's
+size; the first layer is computed in the kernels, and the hidden layer never reaches
+memory. The kernels serve where
 :func:`~mmtransnext.ops.fused_attention.use_fused_attention` picks the fused attention
 kernels for the MLP's weights; the CPU keeps the chunked operators, sized for its
 caches.
 
-Both functions take the first layer's two affine parts, ``row_part (Uh, hidden)``
-(row offsets times fc1's first column, plus fc1's bias) and ``col_part (Uw, hidden)``
-(column offsets times its second column), and fc2's weight ``w2 (heads, hidden)``.
+Both functions take the grid's row and column offsets ``offsets_h (Uh, )`` and
+``offsets_w (Uw, )`` in any floating dtype (the kernels round them to the weights'
+dtype, as casting them first would), fc1's weight ``w1 (hidden, 2)`` and bias
+``b1 (hidden, )`` and fc2's weight ``w2 (heads, hidden)``, the weights in one dtype.
 """
 import torch
 from torch import Tensor
@@ -41,74 +43,81 @@ def _meta(launch: dict, w2: Tensor) -> dict:
     return dict(launch, HEADS_PAD=_pad(w2.shape[0]), DOT_PRECISION=precision)
 
 
-def _check(row_part: Tensor, col_part: Tensor, w2: Tensor):
-    hidden = w2.shape[1]
-    if row_part.dim() != 2 or col_part.dim() != 2 or w2.dim() != 2:
-        raise ValueError('offset MLP: row_part, col_part and w2 must be 2-D, got shapes '
-                         f'{tuple(row_part.shape)}, {tuple(col_part.shape)}, {tuple(w2.shape)}')
-    if row_part.shape[1] != hidden or col_part.shape[1] != hidden:
-        raise ValueError(f'offset MLP: hidden sizes differ: row_part {row_part.shape[1]}, '
-                         f'col_part {col_part.shape[1]}, w2 {hidden}')
-    if not row_part.dtype == col_part.dtype == w2.dtype:
-        raise ValueError(f'offset MLP: dtypes differ: {row_part.dtype}, {col_part.dtype}, '
-                         f'{w2.dtype}')
+def _check(offsets_h: Tensor, offsets_w: Tensor, w1: Tensor, b1: Tensor, w2: Tensor):
+    hidden = w2.shape[-1]
+    if offsets_h.dim() != 1 or offsets_w.dim() != 1:
+        raise ValueError('offset MLP: offsets_h and offsets_w must be 1-D, got shapes '
+                         f'{tuple(offsets_h.shape)}, {tuple(offsets_w.shape)}')
+    if w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError(f'offset MLP: w1 and w2 must be 2-D, got shapes {tuple(w1.shape)}, '
+                         f'{tuple(w2.shape)}')
+    if w1.shape != (hidden, 2) or b1.shape != (hidden, ):
+        raise ValueError(f'offset MLP: w1 {tuple(w1.shape)} and b1 {tuple(b1.shape)} do not '
+                         f'fit w2 {tuple(w2.shape)}: expected ({hidden}, 2) and ({hidden},)')
+    if not w1.dtype == b1.dtype == w2.dtype:
+        raise ValueError(f'offset MLP: weight dtypes differ: {w1.dtype}, {b1.dtype}, {w2.dtype}')
+    if not (offsets_h.is_floating_point() and offsets_w.is_floating_point()):
+        raise ValueError(f'offset MLP: offsets must be floating point, got {offsets_h.dtype} '
+                         f'and {offsets_w.dtype}')
 
 
-def offset_mlp_table(row_part: Tensor, col_part: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-    """``fc2(relu(row_part[u] + col_part[v]))`` at every grid point, in one kernel.
+def offset_mlp_table(offsets_h: Tensor, offsets_w: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                     b2: Tensor) -> Tensor:
+    """``fc2(relu(fc1((offsets_h[u], offsets_w[v]))))`` at every grid point, in one kernel.
 
     Returns:
         Tensor: ``(heads, Uh, Uw)`` in ``w2``'s dtype, contiguous.
     """
-    _check(row_part, col_part, w2)
-    rows, cols, (heads, hidden) = row_part.shape[0], col_part.shape[0], w2.shape
+    _check(offsets_h, offsets_w, w1, b1, w2)
+    rows, cols, (heads, hidden) = offsets_h.shape[0], offsets_w.shape[0], w2.shape
     table = w2.new_empty(heads, rows, cols)
     meta = _meta(FORWARD, w2)
     grid = (-(-rows // meta['BLOCK_U']), -(-cols // meta['BLOCK_V']))
     with _on_device(w2):
-        _kernels().offset_mlp_forward[grid](row_part.contiguous(), col_part.contiguous(),
-                                            w2.contiguous(), b2.contiguous(), table, rows,
-                                            cols, hidden, heads, **meta)
+        _kernels().offset_mlp_forward[grid](
+            offsets_h.contiguous(), offsets_w.contiguous(), w1.contiguous(), b1.contiguous(),
+            w2.contiguous(), b2.contiguous(), table, rows, cols, hidden, heads, **meta)
     return table
 
 
-def offset_mlp_grads(row_part: Tensor, col_part: Tensor, w2: Tensor,
+def offset_mlp_grads(offsets_h: Tensor, offsets_w: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
                      grad_table: Tensor) -> tuple:
-    """Gradients of ``row_part``, ``col_part`` and ``w2`` from the table's, in one kernel.
+    """Every parameter's gradient from the table's: one kernel and one sum.
 
     Args:
         grad_table (Tensor): ``(heads, Uh, Uw)``.
 
     Returns:
-        tuple[Tensor, Tensor, Tensor]: float32, shaped as ``row_part``, ``col_part``
-        and ``w2``.
+        tuple[Tensor, Tensor, Tensor, Tensor]: float32 gradients of ``w1``, ``b1``,
+        ``w2`` and ``b2`` (``(heads, )``), views of one tensor.
     """
-    _check(row_part, col_part, w2)
-    rows, cols, (heads, hidden) = row_part.shape[0], col_part.shape[0], w2.shape
+    _check(offsets_h, offsets_w, w1, b1, w2)
+    rows, cols, (heads, hidden) = offsets_h.shape[0], offsets_w.shape[0], w2.shape
     if grad_table.shape != (heads, rows, cols):
         raise ValueError(f'offset MLP: grad_table of shape {tuple(grad_table.shape)}, '
                          f'expected {(heads, rows, cols)}')
     grad_table = grad_table.to(w2.dtype)
     if grad_table.stride(-1) != 1:
         grad_table = grad_table.contiguous()
-    # One buffer, one operator: the three are sliced from it.
-    grads = torch.zeros((rows + cols + heads) * hidden, dtype=torch.float32,
-                        device=w2.device).view(-1, hidden)
-    grad_row, grad_col, grad_w2 = grads.split([rows, cols, heads])
     meta = _meta(BACKWARD, w2)
     grid = (-(-cols // meta['BLOCK_V']), -(-hidden // meta['BLOCK_K']),
             -(-rows // meta['ROWS_PER_PROGRAM']))
+    # Each program's sums in a row of its own (every entry written), summed once.
+    sizes = [hidden * 2, hidden, heads * hidden, heads]
+    partial = torch.empty(grid[0] * grid[2], sum(sizes), dtype=torch.float32, device=w2.device)
     with _on_device(w2):
-        _kernels().offset_mlp_backward[grid](row_part.contiguous(), col_part.contiguous(),
-                                             w2.contiguous(), grad_table, grad_row, grad_col,
-                                             grad_w2, rows, cols, hidden, heads,
-                                             grad_table.stride(0), grad_table.stride(1), **meta)
-    return grad_row, grad_col, grad_w2
+        _kernels().offset_mlp_backward[grid](
+            offsets_h.contiguous(), offsets_w.contiguous(), w1.contiguous(), b1.contiguous(),
+            w2.contiguous(), grad_table, partial, rows, cols, hidden, heads,
+            grad_table.stride(0), grad_table.stride(1), partial.stride(0), **meta)
+    grad_w1, grad_b1, grad_w2, grad_b2 = partial.sum(0).split(sizes)
+    return grad_w1.view(hidden, 2), grad_b1, grad_w2.view(heads, hidden), grad_b2
 
 
 # Element types of the kernels' pointer arguments: 'io' is the weights' dtype.
-_POINTERS = dict(ROW='io', COL='io', W2='io', B2='io', TABLE='io', GRAD_TABLE='io',
-                 GRAD_ROW='fp32', GRAD_COL='fp32', GRAD_W2='fp32')
+# The offsets are float64, as the model's layouts hold them.
+_POINTERS = dict(OFFSETS_H='fp64', OFFSETS_W='fp64', W1='io', B1='io', W2='io', B2='io',
+                 TABLE='io', GRAD_TABLE='io', PARTIAL='fp32')
 
 
 def compile_for_gpu(arch: int, dtype: torch.dtype, heads: int = 16) -> dict:
