@@ -27,7 +27,7 @@ from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, ma
 from mmtransnext.models import TransNeXt
 from mmtransnext.models import attention as attention_module
 from mmtransnext.models import position_bias
-from mmtransnext.models.position_bias import OffsetMLP, RowFactoredBias
+from mmtransnext.models.position_bias import OffsetMLP, RowFactoredBias, bias_layout
 from mmtransnext.ops import DISABLE_ENV
 from mmtransnext.ops.banded_attention import banded_bias_attention
 from mmtransnext.ops.fused_attention import fused_bias_attention
@@ -457,6 +457,69 @@ def test_offset_mlp_kernels_refuse_mismatched_operands():
         offset_mlp_table(rows.long(), cols, w1, b1, w2, b2)
     with pytest.raises(ValueError, match=r'grad_table of shape \(2, 3, 4\)'):
         offset_mlp_grads(rows, cols, w1, b1, w2, torch.ones(2, 3, 4))
+
+
+# (build query grid, build key grid, run-time query grid, run-time key grid): the rows
+# resized on both axes (query rows up, key rows down), on neither, and on the key
+# axis only; several programs along both axes (16 rows, 64 columns a program).
+_BIAS_ROWS_CASES = [((12, 12), (3, 3), (17, 9), (2, 4)), ((9, 14), (4, 5), (9, 14), (4, 5)),
+                    ((40, 40), (5, 5), (40, 30), (7, 3))]
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -7),
+                                        (torch.float16, 2 ** -10)], ids=str)
+@pytest.mark.parametrize('build_q, build_k, query, key', _BIAS_ROWS_CASES)
+def test_bias_rows_kernels_equal_the_operators(build_q, build_k, query, key, dtype, tol,
+                                               monkeypatch):
+    """The kernels' bias table built by the two kernels (the rule told they serve), from
+    a float32 MLP table, against the operators (gather, resize, spread) in float64: the
+    table within ``tol`` of the largest magnitude (one rounding to ``dtype``, which
+    Triton's interpreter does to bfloat16 by truncation, a GPU to nearest; float32
+    observed <= 8e-7, the float64 resize placing its sources in float64), the MLP
+    table's gradient for a random incoming one within 1e-5 (float32 sums; observed
+    <= 4e-7)."""
+    layout = bias_layout(build_q, build_k, build_q, query, key, torch.device('cpu'))
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(3, *layout.coords.shape[:2], generator=gen)
+    monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: True)
+    launched = record_calls(monkeypatch, position_bias, ('bias_rows', 'bias_rows_grad'))
+    leaf = table.clone().requires_grad_()
+    got = RowFactoredBias(leaf, layout).kernel_table(dtype)
+    grad = torch.randn(got.shape, generator=gen).to(dtype)
+    got.backward(grad)
+    assert launched == ['bias_rows', 'bias_rows_grad']
+    monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: False)
+    ref_leaf = table.double().requires_grad_()
+    ref = RowFactoredBias(ref_leaf, layout).kernel_table(torch.float64)
+    ref.backward(grad.double())
+    assert len(launched) == 2
+    assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
+    assert_near(got.double(), ref.detach(), tol, 'table')
+    assert leaf.grad.dtype == torch.float32
+    assert_near(leaf.grad.double(), ref_leaf.grad, 1e-5, 'gradient')
+
+
+def test_bias_rows_kernels_refuse_bad_input():
+    from mmtransnext.ops.fused_bias_rows import bias_rows, bias_rows_grad
+    layout = bias_layout((12, 12), (3, 3), (12, 12), (17, 9), (2, 4), torch.device('cpu'))
+    bias = RowFactoredBias(torch.zeros(2, *layout.coords.shape[:2]), layout)
+    index_h, (q_src, q_weight, k_src, k_weight) = layout.index_h, bias.row_taps()
+    spread, table = bias.separable_col_taps()[4], bias.table
+    with pytest.raises(ValueError, match=r'table must be \(heads, Uh, Uw\)'):
+        bias_rows(table[0], index_h, bias.row_taps(), spread, torch.float32)
+    with pytest.raises(ValueError, match='index_h must be a 2-D integer tensor'):
+        bias_rows(table, index_h.float(), bias.row_taps(), spread, torch.float32)
+    with pytest.raises(ValueError, match='query row taps must be int32 and float32'):
+        bias_rows(table, index_h, (q_src.long(), q_weight, k_src, k_weight), spread,
+                  torch.float32)
+    with pytest.raises(ValueError, match=r'key row taps must be two \(rows, 2\) tensors'):
+        bias_rows(table, index_h, (q_src, q_weight, k_src[:, :1], k_weight), spread,
+                  torch.float32)
+    with pytest.raises(ValueError, match='spread must be a 1-D integer tensor'):
+        bias_rows(table, index_h, bias.row_taps(), spread.double(), torch.float32)
+    with pytest.raises(ValueError, match=r'gradient of shape \(2, 17, 2, 3\), expected'):
+        bias_rows_grad(torch.zeros(2, 17, 2, 3), index_h, bias.row_taps(), spread,
+                       table.shape)
 
 
 def _heads_of_projection(dtype, zero_token=5, seed=0):

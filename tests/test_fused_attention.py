@@ -125,6 +125,22 @@ def test_offset_mlp_kernels_compile_for_gpus_without_spilling(arch, dtype):
 @needs_triton_3
 @pytest.mark.parametrize('arch', [80, 90])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
+def test_bias_rows_kernels_compile_for_gpus_without_spilling(arch, dtype):
+    """The kernels that build the fused attention's bias table from the MLP's, built to
+    cubins: no spills, and the backward's atomics relaxed (no memory barriers)."""
+    from mmtransnext.ops import fused_bias_rows
+    built = fused_bias_rows.compile_for_gpu(arch, dtype)
+    assert built.keys() == {'forward', 'backward'}
+    for name, cubin in built.items():
+        resources = fused_attention.machine_code_resources(cubin)
+        assert resources['instructions'] > 50, name
+        assert resources['stack_bytes'] == 0, (name, resources)
+        assert resources['memory_barriers'] == 0, (name, resources)
+
+
+@needs_triton_3
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('op', ['fused_unit_vectors', 'fused_query_terms'])
 def test_query_and_key_kernels_compile_for_gpus_without_spilling(op, arch, dtype):
     """The unit vectors' and the query terms' kernels, built to cubins: no spills, no
@@ -292,7 +308,7 @@ def test_bias_slots_number_each_blocks_offsets(build_q, build_k, query, key):
     zero take none."""
     layout = bias_layout(build_q, build_k, build_q, query, key, torch.device('cpu'))
     bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2]), layout)
-    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4])
+    table = bias.kernel_table(torch.float32)
     row_stride, pool_row_stride = table.stride()[1:3]
     found = fused_attention.bias_slots(bias, 32, 16, row_stride, pool_row_stride)
     assert fused_attention.bias_slots(bias, 32, 16, row_stride, pool_row_stride) is found
@@ -333,7 +349,7 @@ def test_which_launches_read_the_bias_by_slots(case, query, key, dtype, by_slots
     layout = bias_layout((20, 20), (5, 5), (20, 20), query, key, torch.device('cpu'))
     # the table in float32 (torch 2.1's CPU resizes no float16), cast as the op casts it
     bias = RowFactoredBias(torch.zeros(1, *layout.coords.shape[:2]), layout)
-    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4]).to(dtype)
+    table = bias.kernel_table(dtype)
     tokens, keys = query[0] * query[1], key[0] * key[1]
     inputs = [torch.zeros(1, 1, n, 24, dtype=dtype) for n in (tokens, keys, keys)]
     _, _, meta = fused_attention._launch_args(*inputs, table, bias)

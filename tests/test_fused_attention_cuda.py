@@ -117,6 +117,34 @@ def test_offset_mlp_kernels_on_cuda(dtype, tol, monkeypatch):
         assert_near(got.cpu(), want, tol, name)
 
 
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)],
+                         ids=str)
+def test_bias_rows_kernels_on_cuda(dtype, tol, monkeypatch):
+    """On a GPU the kernels' bias table is built by the two kernels (the rule, not a
+    patch) from a float32 MLP table at stage 1 of TransNeXt-T for a 1333x800 image (rows
+    resized 200 -> 334 and 25 -> 41): the table against the operators in float64 on the
+    CPU within ``tol`` of the largest magnitude (one rounding to ``dtype``), the MLP
+    table's gradient within 1e-5."""
+    from mmtransnext.models import position_bias
+    from mmtransnext.models.position_bias import RowFactoredBias
+    launched = record_calls(monkeypatch, position_bias, ('bias_rows', 'bias_rows_grad'))
+    spec = ((200, 200), (25, 25), (56, 56), (334, 200), (41, 25))
+    gen = torch.Generator().manual_seed(0)
+    layout = bias_layout(*spec, torch.device('cpu'))
+    table = torch.randn(3, *layout.coords.shape[:2], generator=gen)
+    leaf = table.cuda().requires_grad_()
+    got = RowFactoredBias(leaf, bias_layout(*spec, torch.device('cuda'))).kernel_table(dtype)
+    grad = torch.randn(got.shape, generator=gen).to(dtype)
+    got.backward(grad.cuda())
+    assert launched == ['bias_rows', 'bias_rows_grad']
+    ref_leaf = table.double().requires_grad_()
+    ref = RowFactoredBias(ref_leaf, layout).kernel_table(torch.float64)
+    ref.backward(grad.double())
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert_near(got.cpu().double(), ref.detach(), tol, 'table')
+    assert_near(leaf.grad.cpu().double(), ref_leaf.grad, 1e-5, 'gradient')
+
+
 @pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=str)
 def test_unit_vector_kernels_on_cuda(dtype, tol, monkeypatch):
     """On a GPU the model's unit vectors take the kernels (the rule, not a patch), from

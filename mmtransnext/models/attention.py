@@ -394,11 +394,11 @@ class _PositionBiasAttention(nn.Module):
         table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(coords))).permute(2, 0, 1)
         return table.to(dtype)
 
-    def _chunked_bias_table(self, layout: BiasLayout, dtype) -> Tensor:
-        """The same table through :class:`OffsetMLP`, which keeps no hidden layer."""
+    def _chunked_bias_table(self, layout: BiasLayout) -> Tensor:
+        """The same table through :class:`OffsetMLP`, which keeps no hidden layer, in
+        the weights' dtype."""
         return OffsetMLP.apply(layout.offsets_h, layout.offsets_w, self.cpb_fc1.weight,
-                               self.cpb_fc1.bias, self.cpb_fc2.weight,
-                               self.cpb_fc2.bias).to(dtype)
+                               self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
 
     def _full_bias(self, query_size, key_size, like: Tensor) -> Tensor:
         """The whole ``(heads, N, P)`` bias, as the released model builds it."""
@@ -417,7 +417,10 @@ class _PositionBiasAttention(nn.Module):
             if self._bias_cache is not None and self._bias_cache[0] == key:
                 return self._bias_cache[1]
         layout = self._layout(query_size, key_size, like.device)
-        bias = RowFactoredBias(self._chunked_bias_table(layout, like.dtype), layout)
+        table = self._chunked_bias_table(layout)
+        if not use_fused_attention(like):  # the fused kernels cast it as they expand it
+            table = table.to(like.dtype)
+        bias = RowFactoredBias(table, layout)
         self._bias_cache = (key, bias) if cacheable else None
         return bias
 

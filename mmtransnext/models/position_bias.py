@@ -27,8 +27,10 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..ops.fused_attention import use_fused_attention
+from ..ops.fused_bias_rows import bias_rows, bias_rows_grad
 from ..ops.fused_offset_mlp import offset_mlp_grads, offset_mlp_table
 from ..ops.graph_capture import capturing_graph
 
@@ -332,15 +334,36 @@ def _interp_taps(in_len: int, out_len: int, dtype=torch.float32):
     return torch.stack([low, high], -1), torch.stack([1 - frac, frac], -1)
 
 
+class _KernelTable(torch.autograd.Function):
+    """:meth:`RowFactoredBias.kernel_table` in the fused kernels
+    (:mod:`~mmtransnext.ops.fused_bias_rows`): ``apply(table, bias, dtype)``."""
+
+    @staticmethod
+    def forward(ctx, table, bias, dtype):
+        ctx.bias, ctx.table_shape, ctx.table_dtype = bias, table.shape, table.dtype
+        return bias_rows(table, bias.layout.index_h, bias.row_taps(),
+                         bias.separable_col_taps()[4], dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        bias = ctx.bias
+        grad_table = bias_rows_grad(grad, bias.layout.index_h, bias.row_taps(),
+                                    bias.separable_col_taps()[4], ctx.table_shape)
+        return grad_table.to(ctx.table_dtype), None, None
+
+
 class RowFactoredBias:
     """The bias of a band of query rows, without building the whole bias.
 
     Bilinear resizing is separable, so the row axes (query rows with key rows)
-    are gathered and resized once, here, into ``by_rows`` of shape
+    are gathered and resized once, on first use, into ``by_rows`` of shape
     ``(heads, H, Hp, Uw)``, a few megabytes. The column axes are resized per
     band: a bias entry is then a 4-tap weighted sum over one ``Uw`` vector of
     ``by_rows``, whose taps (``col_index``, ``col_weight``, each ``(W, Wp, 4)``)
-    are the product of the query-column and key-column resizes.
+    are the product of the query-column and key-column resizes. The fused GPU
+    kernels read the same rows with their columns numbered evenly
+    (:meth:`kernel_table`).
 
     Args:
         table (Tensor): ``(heads, Uh, Uw)`` the MLP's output on ``layout.coords``.
@@ -349,13 +372,67 @@ class RowFactoredBias:
 
     def __init__(self, table: Tensor, layout: BiasLayout):
         self.layout = layout
-        (height, width), (pool_h, pool_w) = layout.query_size, layout.key_size
-        by_rows = table[:, layout.index_h].permute(0, 3, 1, 2)   # (h, Uw, Qh, Kh)
-        by_rows = _resize(by_rows, (height, pool_h))               # (h, Uw, H, Hp)
-        self.by_rows = by_rows.permute(0, 2, 3, 1).contiguous()    # (h, H, Hp, Uw)
-        # The column taps below depend on the layout alone: kept in layout.derived, they
-        # are built and copied to its device once, not in every forward (building them
-        # on CUDA reads the offsets' numbering back from the GPU, which waits for it).
+        self.table = table
+        self._by_rows = None
+        # The taps below depend on the layout alone: kept in layout.derived, they are
+        # built and copied to its device once, not in every forward (building them on
+        # CUDA reads the offsets' numbering back from the GPU, which waits for it).
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """``(heads, H, Hp, Uw)``, the shape of :attr:`by_rows`."""
+        return ((self.table.shape[0], ) + tuple(self.layout.query_size[:1])
+                + tuple(self.layout.key_size[:1]) + (self.table.shape[2], ))
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    @property
+    def by_rows(self) -> Tensor:
+        """``(heads, H, Hp, Uw)``: the table at every query row and key row."""
+        if self._by_rows is None:
+            (height, _), (pool_h, _) = self.layout.query_size, self.layout.key_size
+            by_rows = self.table[:, self.layout.index_h].permute(0, 3, 1, 2)  # (h, Uw, Qh, Kh)
+            by_rows = _resize(by_rows, (height, pool_h))                      # (h, Uw, H, Hp)
+            self._by_rows = by_rows.permute(0, 2, 3, 1).contiguous()          # (h, H, Hp, Uw)
+        return self._by_rows
+
+    def kernel_table(self, dtype: torch.dtype) -> Tensor:
+        """:attr:`by_rows` with its columns numbered evenly, the fused kernels' table.
+
+        Where the fused kernels serve the table
+        (:func:`~mmtransnext.ops.use_fused_attention`) one kernel each way builds it
+        from :attr:`table` (:mod:`~mmtransnext.ops.fused_bias_rows`), resized in float32;
+        elsewhere it is :attr:`by_rows` spread and cast. Gradients reach :attr:`table`.
+
+        Args:
+            dtype (torch.dtype): the queries' dtype, which the kernels read it in.
+
+        Returns:
+            Tensor: ``(heads, H, Hp, Ue)`` in ``dtype``, contiguous; column ``e`` holds
+            offset ``spread[e]`` (:attr:`BiasLayout.even_columns`).
+        """
+        spread = self.separable_col_taps()[4]
+        if use_fused_attention(self.table):
+            return _KernelTable.apply(self.table, self, dtype)
+        # Autograd sums the gradient of each offset's copies back (copies of an offset
+        # that never occurs get none).
+        return self.by_rows.index_select(-1, spread).to(dtype).contiguous()
+
+    def row_taps(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The resize of the built rows to ``(H, Hp)``: ``(H, 2)`` source query rows
+        (int32) and weights (float32), then ``(Hp, 2)`` source key rows and weights, on
+        the layout's device. An axis that is not resized has taps ``(1, 0)``."""
+        if 'row_taps' not in self.layout.derived:
+            (height, _), (pool_h, _) = self.layout.query_size, self.layout.key_size
+            qh, kh = self.layout.index_h.shape
+            device = self.layout.index_h.device
+            taps = _interp_taps(qh, height) + _interp_taps(kh, pool_h)
+            self.layout.derived['row_taps'] = tuple(
+                t.to(device, torch.int32 if i % 2 == 0 else torch.float32).contiguous()
+                for i, t in enumerate(taps))
+        return self.layout.derived['row_taps']
 
     def _column_resizes(self, dtype):
         """Source columns and weights of the query-column and key-column resizes."""

@@ -80,11 +80,11 @@ def check_bias_attention_args(op: str, query, key, value, bias) -> None:
             f'is laid out for {height}x{width} queries and {pool_h}x{pool_w} keys')
     # A bias of fewer heads would broadcast over the logits in the forward pass and fail
     # only in the backward.
-    if tuple(bias.by_rows.shape[:3]) != (heads, height, pool_h):
-        raise ValueError(f'{op}: bias table {tuple(bias.by_rows.shape)} is not '
+    if tuple(bias.shape[:3]) != (heads, height, pool_h):
+        raise ValueError(f'{op}: bias table {tuple(bias.shape)} is not '
                          f'(heads={heads}, H={height}, Hp={pool_h}, Uw)')
-    if bias.by_rows.device != query.device:
-        raise ValueError(f'{op}: bias on {bias.by_rows.device}, query on {query.device}')
+    if bias.device != query.device:
+        raise ValueError(f'{op}: bias on {bias.device}, query on {query.device}')
 
 
 def _biased_exp_(logits: Tensor, bias, by_rows: Tensor, start: int, stop: int,

@@ -424,7 +424,7 @@ def bias_slots(bias, block_m: int, block_n: int, row_stride: int,
                        + term[position % size, :taps].long())
             live = weight[position % size, :taps] != 0
             slot, table, count = _slots(address, live, block)
-            found += [slot.to(bias.by_rows.device), table.to(bias.by_rows.device), count]
+            found += [slot.to(bias.device), table.to(bias.device), count]
         cache[key] = tuple(found)
     return cache[key]
 
@@ -449,8 +449,9 @@ def _tile_slots(bias, table: Tensor, meta: dict, allowed: bool = True) -> tuple:
 
 
 class _FusedBiasAttention(torch.autograd.Function):
-    """``apply(query, key, value, table, bias)``, ``table`` the bias's ``by_rows`` with
-    its column offsets numbered evenly (the kernels compute each entry's position)."""
+    """``apply(query, key, value, table, bias)``, ``table`` the bias's
+    :meth:`~mmtransnext.models.position_bias.RowFactoredBias.kernel_table` (its column
+    offsets numbered evenly: the kernels compute each entry's position)."""
 
     @staticmethod
     def forward(ctx, query, key, value, table, bias):
@@ -540,11 +541,8 @@ def fused_bias_attention(query: Tensor, key: Tensor, value: Tensor, bias) -> tup
         and the log-sum-exp of each query's logits ``(B, heads, N)`` in float32.
     """
     _check_args(query, key, value, bias)
-    # Spread to the even numbering outside the Function: autograd sums the gradient
-    # of each offset's copies back (copies of an offset that never occurs get none).
-    # The kernels read the table in the queries' dtype (the model builds it so).
-    table = bias.by_rows.index_select(-1, bias.separable_col_taps()[4]).to(query.dtype)
-    return _FusedBiasAttention.apply(query, key, value, table, bias)
+    # Built outside the Function, whose backward returns the gradient of this table.
+    return _FusedBiasAttention.apply(query, key, value, bias.kernel_table(query.dtype), bias)
 
 
 def _check_args(query, key, value, bias):
