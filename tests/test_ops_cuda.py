@@ -103,6 +103,47 @@ def test_each_operand_is_cast_once(monkeypatch):
     assert torch.bfloat16 in {src for src, _ in calls[0]}  # the projections did need it
 
 
+def test_block_input_is_cast_once_for_its_projections(monkeypatch):
+    """A float32 input under autocast (CUDA's layer norms give float32) is cast to the
+    autocast dtype once for ``q``, ``kv`` and ``sr``, not by each; its gradient then
+    comes back through one cast, equal to the three casts' within bfloat16 rounding.
+    float64 and the autocast dtype are left as they are, as autocast leaves them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmtransnext.models import attention
+    from mmtransnext.models.attention import _cast_for_autocast
+
+    class CastsOf(TorchDispatchMode):
+        def __init__(self, tensor):
+            super().__init__()
+            self.tensor, self.casts = tensor, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and args[0] is self.tensor:
+                self.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    attn = AggregatedAttention(32, 2, 3, 2, None, None, 16)
+    x = torch.randn(1, 36, 32, requires_grad=True)
+    counter = CastsOf(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16), counter:
+        out = attn(x, 6, 6)
+    assert counter.casts == 1
+    out.float().sum().backward()
+    grad, x.grad = x.grad, None
+    monkeypatch.setattr(attention, '_cast_for_autocast', lambda tensor: tensor)
+    with torch.autocast('cpu', dtype=torch.bfloat16):   # each projection casting for itself
+        attn(x, 6, 6).float().sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=2 ** -7, atol=2 ** -7 * x.grad.abs().max())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low, wide = torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64)
+        assert _cast_for_autocast(low) is low and _cast_for_autocast(wide) is wide
+        assert _cast_for_autocast(torch.ones(2)).dtype == torch.bfloat16
+    plain = torch.ones(2)
+    assert _cast_for_autocast(plain) is plain
+
+
 @pytest.mark.parametrize('dtype', LOW, ids=str)
 def test_low_precision_core_matches_float32(monkeypatch, dtype):
     """The core as CUDA autocast runs it (every operand in the low dtype, the pooled

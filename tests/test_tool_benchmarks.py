@@ -204,6 +204,22 @@ def test_count_operators_of_both_structures():
     assert found['cuda'][0] < found['cpu'][0]
 
 
+def test_count_operators_runs_layer_norms_as_cuda_autocast():
+    """The CUDA structure's stand-in for CUDA autocast: a layer norm of a bfloat16 input
+    gives float32, as under CUDA autocast (CPU autocast's own gives bfloat16), the same
+    numbers as the norm of the input cast; outside autocast the plain function."""
+    import torch.nn.functional as F
+    import count_operators
+    norm = count_operators._layer_norm_as_on_cuda(F.layer_norm)
+    x, weight = torch.randn(3, 8, dtype=torch.bfloat16), torch.rand(8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert F.layer_norm(x, (8, ), weight).dtype == torch.bfloat16
+        got = norm(x, (8, ), weight)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.layer_norm(x.float(), (8, ), weight))
+    assert norm(x, (8, ), weight.bfloat16()).dtype == torch.bfloat16
+
+
 @pytest.mark.skipif(
     not hasattr(torch.library, 'register_fake'),
     reason=f'torch {torch.__version__} (< 2.4) splits the training step into frames that '

@@ -7,9 +7,10 @@ held to. ``--structure cuda`` counts, on any machine, the operators of the path 
 CUDA tensors take: the fused kernels' rule (:func:`mmtransnext.ops.use_fused_attention`)
 is told they serve, and their Triton launches, which are not ATen operators, do
 nothing (their outputs are left unset: the count does not depend on values). CPU
-autocast stands in for CUDA's under ``--dtype bf16``; the two cast a few operators
-differently, so the figure approaches, not equals, what ``tools/benchmark_backbone.py
---device cuda --count-ops`` counts on a GPU. ``--structure cpu`` counts the CPU's own
+autocast stands in for CUDA's under ``--dtype bf16``, with layer norms in float32 as
+CUDA's autocast runs them (the CPU's keeps their input's dtype); the two still cast a
+few operators differently, so the figure approaches, not equals, what
+``tools/benchmark_backbone.py --device cuda --count-ops`` counts on a GPU. ``--structure cpu`` counts the CPU's own
 path (as ``benchmark_backbone.py --count-ops`` does).
 
 Operators are counted as ``count_operators`` counts them (views apart), split into the
@@ -54,6 +55,8 @@ def take_cuda_structure():
     import importlib
     import pkgutil
 
+    import torch
+
     import mmtransnext.ops
     from mmtransnext.models import attention, position_bias
     for module in pkgutil.iter_modules(mmtransnext.ops.__path__):
@@ -71,6 +74,28 @@ def take_cuda_structure():
     # The dtype CUDA autocast gives the core: the autocast dtype, also on the CPU here.
     core_dtype = attention.core_dtype
     attention.core_dtype = lambda device, autocast, dtypes: core_dtype('cuda', autocast, dtypes)
+    torch.nn.functional.layer_norm = _layer_norm_as_on_cuda(torch.nn.functional.layer_norm)
+
+
+def _layer_norm_as_on_cuda(layer_norm):
+    """``layer_norm`` as CUDA autocast runs it: its 16-bit tensors cast to float32 and a
+    float32 output. CPU autocast runs it in its input's dtype, so a bfloat16 residual
+    stream would stay bfloat16 and the projections after each norm would cast nothing."""
+    import torch
+
+    from mmtransnext.models.attention import _active_autocast_dtype
+
+    def to_float32(tensor):
+        low = tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16)
+        return tensor.float() if low else tensor
+
+    def run(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if _active_autocast_dtype('cpu') is None:
+            return layer_norm(input, normalized_shape, weight, bias, eps)
+        with torch.autocast('cpu', enabled=False):
+            return layer_norm(to_float32(input), normalized_shape, to_float32(weight),
+                              to_float32(bias), eps)
+    return run
 
 
 def count(step, package: str) -> dict:

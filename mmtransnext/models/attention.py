@@ -191,6 +191,19 @@ def _one_dtype(items, device_type: str):
                  for t in items)
 
 
+def _cast_for_autocast(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype where autocast is on for its device, else as it is.
+
+    Autocast casts the input of each projection apart: ``q``, ``kv`` and ``sr`` would
+    make three copies of the block's normed tokens and add three gradients back. Cast
+    once, the three share one copy, and their gradients are summed in the autocast
+    dtype (as for any tensor produced in it) before the one cast back. Autocast leaves
+    float64 alone, and so does this.
+    """
+    dtype = _active_autocast_dtype(x.device.type)
+    return x if dtype is None or x.dtype in (dtype, torch.float64) else x.to(dtype)
+
+
 def _as_input(out: Tensor, x: Tensor) -> Tensor:
     """The core's output in the dtype of the block's input ``x`` outside autocast.
 
@@ -490,10 +503,11 @@ class AggregatedAttention(_PositionBiasAttention):
         pool_h, pool_w = self.pool_size(height, width)
         pooled = pool_h * pool_w
 
+        scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
+        x = _cast_for_autocast(x)
         query = _unit_vectors(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2))
         key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         key = _unit_vectors(key, into_core=True)
-        scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
         # Learnable tokens: extra, query-dependent weights on the local values
         # (from the unscaled query), added after the softmax.
         query_scaled, token_weights = self._query_terms(query, scale, self.learnable_tokens,
