@@ -87,6 +87,33 @@ def test_one_output_used(used):
 
 
 # Several key tiles, odd head dim, P = N, a map below the window; 20 queries per
+@pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
+def test_backward_reads_strided_incoming_gradients(backward, monkeypatch):
+    """The backward reads the output's and the log-sum-exp's gradients through their
+    strides, as the model hands them (the gradient of a transposed view, of a slice):
+    the same gradients, bit for bit, as from contiguous copies (the key-major pass of
+    the two-pass backward reads the output's gradient contiguous)."""
+    from mmtransnext.ops import fused_attention
+    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
+    passed_contiguous = []
+    strides = fused_attention._image_head_row_strides
+    monkeypatch.setattr(fused_attention, '_image_head_row_strides', lambda tensor: (
+        passed_contiguous.append(tensor.is_contiguous()) or strides(tensor)))
+    spec, batch, heads, head_dim = CASES['interpolated_d13']
+    leaves, layout = make_inputs(spec, batch, heads, head_dim)
+    leaves = [t.float().requires_grad_() for t in leaves]
+    out, lse = fused(*leaves, layout)
+    gen = torch.Generator().manual_seed(1)
+    _, _, tokens, dims = out.shape
+    grad_out = torch.randn(batch, tokens, heads, dims, generator=gen).transpose(1, 2)
+    grad_lse = torch.randn(batch, heads, tokens, 3, generator=gen)[..., 1]
+    strided = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse), retain_graph=True)
+    assert passed_contiguous == [backward == 'two-pass', False]
+    contiguous = torch.autograd.grad((out, lse), leaves,
+                                     (grad_out.contiguous(), grad_lse.contiguous()))
+    assert all(torch.equal(a, b) for a, b in zip(strided, contiguous))
+
+
 # key-major program (several ranges, not a multiple of the step, add into each key)
 # and the default (one range).
 @pytest.mark.parametrize('rows', [20, 1024])

@@ -61,8 +61,11 @@ def test_kernels_under_triton_interpreter():
 
 # Bytes that kernels spill, as compiled here (every other kernel spills nothing): the
 # query-major pass of BACKWARD_KV='atomic' (the default) in float32 with a resized bias
-# on sm_80, and that of 'two-pass' under TF32X3 on sm_90.
+# on sm_80, and that of 'two-pass' on sm_90 in float32 (since the kernel forms each row's
+# shift from the output itself, ptxas gives it 128 registers, against 179 before) and
+# under TF32X3.
 _SPILLS_ON_RECORD = {(80, torch.float32, True, None, 'backward_atomic'): 32,
+                     (90, torch.float32, True, None, 'backward'): 56,
                      (90, torch.float32, True, 'tf32x3', 'backward'): 24}
 
 

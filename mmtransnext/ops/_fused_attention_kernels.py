@@ -50,6 +50,10 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', '
 #: their alignment from the head dims, which stay specialised), so each kernel
 #: compiles once per dtype, head dim and tap count.
 SPATIAL_ARGS = ('tokens', 'keys', 'width', 'pool_w', 's_head', 's_row', 's_pool_row')
+#: The strides of the backward's incoming gradients, which change with the input's size
+#: and with the graph they come from: unspecialised likewise.
+GRADIENT_STRIDES = ('s_go_image', 's_go_head', 's_go_row', 's_gl_image', 's_gl_head',
+                    's_gl_row')
 
 # The gradients' atomic adds are relaxed (``sem='relaxed'``, as torch's Inductor emits
 # them): nothing reads a gradient before the kernel ends, so no add needs to order other
@@ -248,12 +252,13 @@ def pooled_attention_forward(Q, K, V, TABLE, Q_TERM, Q_WEIGHT, K_TERM, K_WEIGHT,
     tl.store(LSE + image_head * tokens + rows_m, row_max + tl.log(row_sum), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=SPATIAL_ARGS)
-def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_TERM, Q_WEIGHT,
-                              K_TERM, K_WEIGHT, Q_SLOT, Q_SLOT_ADDR, K_SLOT, K_SLOT_ADDR,
-                              GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
+@triton.jit(do_not_specialize=SPATIAL_ARGS + GRADIENT_STRIDES)
+def pooled_attention_backward(Q, K, V, OUT, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_TERM,
+                              Q_WEIGHT, K_TERM, K_WEIGHT, Q_SLOT, Q_SLOT_ADDR, K_SLOT,
+                              K_SLOT_ADDR, GRAD_Q, GRAD_K, GRAD_V, GRAD_TABLE,
                               heads, tokens, keys, head_dim, value_dim, width, pool_w,
-                              s_head, s_row, s_pool_row,
+                              s_head, s_row, s_pool_row, s_go_image, s_go_head, s_go_row,
+                              s_gl_image, s_gl_head, s_gl_row,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                               DOT_PRECISION: tl.constexpr, Q_TAPS: tl.constexpr,
@@ -263,21 +268,24 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     """Gradients from ``BLOCK_M`` queries; same grid as the forward.
 
     The probabilities are recomputed from the log-sum-exp. With ``dP = dO V^T``,
-    the logits' gradient is ``P * (dP - SHIFT - residual + GRAD_LSE)``, where
-    ``SHIFT = rowsum(dO * O)`` (precomputed, float32) and ``residual`` is zero in
-    exact arithmetic. With ``ROW_RESIDUAL`` a first walk over the keys computes it,
-    ``rowsum(P * (dP - SHIFT))``, so that each row of the gradient sums to zero up
-    to the rounding of small numbers: a bias shared by all keys shifts no softmax,
-    and its gradient then stays as near zero as the reference has it (otherwise the
-    rounding of ``O`` against the recomputed ``P`` adds up over the rows and shows
-    in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_TABLE``
-    (float32, zeroed) collects every query block's share by ``tl.atomic_add`` (relaxed),
-    per logit and tap where the bias is read by taps, per pair of slots where it is
-    read by slots (``Q_SLOTS``: the transpose of how the forward reads it), and so do
-    ``GRAD_K`` and ``GRAD_V``, per logit, with ``KV_GRAD``. Without it this kernel
-    leaves them to
-    :func:`pooled_attention_backward_keys` and stores each row's final shift
-    (residual and ``GRAD_LSE`` included) over ``SHIFT`` for it.
+    the logits' gradient is ``P * (dP - shift - residual + GRAD_LSE)``, where
+    ``shift = rowsum(dO * O)`` (float32, from ``OUT``) and ``residual`` is zero in
+    exact arithmetic. ``GRAD_OUT`` and ``GRAD_LSE`` may be strided (the gradients of a
+    transposed view and of a slice): their strides between images, heads and rows
+    are ``s_go_*`` and ``s_gl_*``; the rest is contiguous. With ``ROW_RESIDUAL`` a
+    first walk over the keys computes ``rowsum(P * dP)`` and ``rowsum(P)``, and
+    ``shift + residual`` as ``rowsum(P * dP) + shift * (1 - rowsum(P))``, so that
+    each row of the gradient sums to zero up to the rounding of small numbers: a
+    bias shared by all keys shifts no softmax, and its gradient then stays as near
+    zero as the reference has it (otherwise the rounding of ``O`` against the
+    recomputed ``P`` adds up over the rows and shows in the position-bias MLP's last
+    bias). ``GRAD_Q`` is written once; ``GRAD_TABLE`` (float32, zeroed) collects
+    every query block's share by ``tl.atomic_add`` (relaxed), per logit and tap where
+    the bias is read by taps, per pair of slots where it is read by slots
+    (``Q_SLOTS``: the transpose of how the forward reads it), and so do ``GRAD_K``
+    and ``GRAD_V``, per logit, with ``KV_GRAD``. Without it this kernel leaves them
+    to :func:`pooled_attention_backward_keys` and stores each row's final shift
+    (residual and ``GRAD_LSE`` included) in ``SHIFT`` for it.
     """
     block = tl.program_id(0)
     image_head = tl.program_id(1).to(tl.int64)
@@ -289,18 +297,23 @@ def pooled_attention_backward(Q, K, V, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABLE, Q_
     q_mask = row_ok[:, None] & (dims[None, :] < head_dim)
     q_offsets = image_head * tokens * head_dim + rows_m[:, None] * head_dim + dims[None, :]
     q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
-    grad_out = tl.load(GRAD_OUT + image_head * tokens * value_dim + rows_m[:, None] * value_dim
-                       + vdims[None, :], mask=row_ok[:, None] & (vdims[None, :] < value_dim),
-                       other=0.0)
+    image, head_of_image = image_head // heads, image_head % heads
+    out_mask = row_ok[:, None] & (vdims[None, :] < value_dim)
+    grad_out = tl.load(GRAD_OUT + image * s_go_image + head_of_image * s_go_head
+                       + rows_m[:, None] * s_go_row + vdims[None, :], mask=out_mask, other=0.0)
     lse = tl.load(LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
-    shift = tl.load(SHIFT + image_head * tokens + rows_m, mask=row_ok, other=0.0)
-    grad_lse = tl.load(GRAD_LSE + image_head * tokens + rows_m, mask=row_ok, other=0.0)
+    grad_lse = tl.load(GRAD_LSE + image * s_gl_image + head_of_image * s_gl_head
+                       + rows_m * s_gl_row, mask=row_ok, other=0.0).to(tl.float32)
+    out_offsets = image_head * tokens * value_dim + rows_m[:, None] * value_dim + vdims[None, :]
     key_offset = image_head * keys * head_dim
     value_offset = image_head * keys * value_dim
 
     query_slots, query_addr = _query_block_slots(Q_SLOT, Q_SLOT_ADDR, Q_WEIGHT, rows_m, row_ok,
                                                  width, block, BLOCK_M, Q_SLOTS, Q_TAPS, q)
 
+    # d out / d logits contracts to probs * (dP - rowsum(dO * O)).
+    out = tl.load(OUT + out_offsets, mask=out_mask, other=0.0)
+    shift = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), axis=1)
     if ROW_RESIDUAL:
         residual = tl.zeros((BLOCK_M, ), dtype=tl.float32)
         for start in range(0, keys, BLOCK_N):

@@ -474,14 +474,19 @@ class _FusedBiasAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         query, key, value, table, out, lse = ctx.saved_tensors
         bias = ctx.bias
+        two_pass = _backward_way('BACKWARD_KV', BACKWARD_KV_CHOICES) == 'two-pass'
+        # The query-major kernel reads both incoming gradients through their strides
+        # (the gradient of a transposed view, of a slice) and forms each row's shift
+        # itself; the key-major kernel reads the output's gradient contiguous.
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        grad_out = grad_out.to(out.dtype).contiguous()
-        # d out / d logits contracts to probs * (g - rowsum(grad_out * out)), and
-        # d lse / d logits = probs.
-        shift = (grad_out.float() * out.float()).sum(-1)
-        grad_lse = (torch.zeros_like(lse) if grad_lse is None else
-                    grad_lse.float().contiguous())
+        grad_out = grad_out.to(out.dtype)
+        if grad_out.stride(-1) != 1 or two_pass:
+            grad_out = grad_out.contiguous()
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        # d lse / d logits = probs: the final shift takes grad_lse.
+        shift = torch.empty_like(lse) if two_pass else lse   # lse: a placeholder, not used
         taps = bias.separable_col_taps()[:4]
         want_bias = ctx.needs_input_grad[3]
         grad_query = torch.empty_like(query)
@@ -492,14 +497,14 @@ class _FusedBiasAttention(torch.autograd.Function):
                            device=key.device)
         grad_key, grad_value, grad_table = _views(sums, grad_shapes)
         grid, shapes, meta = _launch_args(query, key, value, table, bias)
-        two_pass = _backward_way('BACKWARD_KV', BACKWARD_KV_CHOICES) == 'two-pass'
         slots, slot_meta = _tile_slots(bias, table, meta)
         with _on_device(query):
             _kernels().pooled_attention_backward[grid](
-                query, key, value, grad_out, lse, shift, grad_lse, table, *taps, *slots,
-                grad_query, grad_key, grad_value, grad_table, *shapes, BIAS_GRAD=want_bias,
-                ROW_RESIDUAL=query.dtype == torch.float32, KV_GRAD=not two_pass, **meta,
-                **slot_meta)
+                query, key, value, out, grad_out, lse, shift, grad_lse, table, *taps, *slots,
+                grad_query, grad_key, grad_value, grad_table, *shapes,
+                *_image_head_row_strides(grad_out), *_image_head_row_strides(grad_lse),
+                BIAS_GRAD=want_bias, ROW_RESIDUAL=query.dtype == torch.float32,
+                KV_GRAD=not two_pass, **meta, **slot_meta)
             if two_pass:  # shift now holds each row's final shift
                 keys_meta = key_pass_meta(meta, query.dtype)
                 keys_grid = (-(-key.shape[2] // meta['BLOCK_N']), grid[1],
@@ -513,6 +518,11 @@ class _FusedBiasAttention(torch.autograd.Function):
         # Key, value and table have the queries' dtype (_check_args; the table is cast).
         grad_key, grad_value, grad_table = _views(sums.to(query.dtype), grad_shapes)
         return grad_query, grad_key, grad_value, grad_table if want_bias else None, None
+
+
+def _image_head_row_strides(tensor: Tensor) -> tuple:
+    """Strides between images, heads and rows of a ``(B, heads, N[, d])`` tensor."""
+    return tuple(tensor.stride()[:3])
 
 
 def _views(flat: Tensor, shapes) -> list:
