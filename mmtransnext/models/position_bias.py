@@ -368,25 +368,24 @@ class RowFactoredBias:
     Args:
         table (Tensor): ``(heads, Uh, Uw)`` the MLP's output on ``layout.coords``.
         layout (BiasLayout): where to expand it to.
+
+    Attributes:
+        shape (tuple[int, int, int, int]): ``(heads, H, Hp, Uw)``, :attr:`by_rows`'.
+        device (torch.device): where the bias lives.
     """
 
     def __init__(self, table: Tensor, layout: BiasLayout):
         self.layout = layout
+        # The MLP's table until by_rows is built from it (then None: a cached bias of the
+        # CPU's path keeps only by_rows, as the banded kernels read only that).
         self.table = table
+        self.shape = ((table.shape[0], ) + tuple(layout.query_size[:1])
+                      + tuple(layout.key_size[:1]) + (table.shape[2], ))
+        self.device = table.device
         self._by_rows = None
         # The taps below depend on the layout alone: kept in layout.derived, they are
         # built and copied to its device once, not in every forward (building them on
         # CUDA reads the offsets' numbering back from the GPU, which waits for it).
-
-    @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        """``(heads, H, Hp, Uw)``, the shape of :attr:`by_rows`."""
-        return ((self.table.shape[0], ) + tuple(self.layout.query_size[:1])
-                + tuple(self.layout.key_size[:1]) + (self.table.shape[2], ))
-
-    @property
-    def device(self) -> torch.device:
-        return self.table.device
 
     @property
     def by_rows(self) -> Tensor:
@@ -396,6 +395,7 @@ class RowFactoredBias:
             by_rows = self.table[:, self.layout.index_h].permute(0, 3, 1, 2)  # (h, Uw, Qh, Kh)
             by_rows = _resize(by_rows, (height, pool_h))                      # (h, Uw, H, Hp)
             self._by_rows = by_rows.permute(0, 2, 3, 1).contiguous()          # (h, H, Hp, Uw)
+            self.table = None
         return self._by_rows
 
     def kernel_table(self, dtype: torch.dtype) -> Tensor:
@@ -404,7 +404,8 @@ class RowFactoredBias:
         Where the fused kernels serve the table
         (:func:`~mmtransnext.ops.use_fused_attention`) one kernel each way builds it
         from :attr:`table` (:mod:`~mmtransnext.ops.fused_bias_rows`), resized in float32;
-        elsewhere it is :attr:`by_rows` spread and cast. Gradients reach :attr:`table`.
+        elsewhere, or once :attr:`by_rows` is built, it is :attr:`by_rows` spread and
+        cast. Gradients reach the MLP's table.
 
         Args:
             dtype (torch.dtype): the queries' dtype, which the kernels read it in.
@@ -414,7 +415,7 @@ class RowFactoredBias:
             offset ``spread[e]`` (:attr:`BiasLayout.even_columns`).
         """
         spread = self.separable_col_taps()[4]
-        if use_fused_attention(self.table):
+        if self.table is not None and use_fused_attention(self.table):
             return _KernelTable.apply(self.table, self, dtype)
         # Autograd sums the gradient of each offset's copies back (copies of an offset
         # that never occurs get none).
