@@ -144,6 +144,59 @@ def test_block_input_is_cast_once_for_its_projections(monkeypatch):
     assert _cast_for_autocast(plain) is plain
 
 
+def test_block_weights_are_cast_together_under_autocast(monkeypatch):
+    """Under autocast each block casts its projections' weights and biases in one
+    operator (and their gradients back in one): the same outputs and gradients, bit for
+    bit, as autocast casting each layer's, with far fewer casts of parameters; outside
+    autocast, on the reference path and for float64 weights nothing is cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmtransnext.models import attention, transnext
+
+    class ParameterCasts(TorchDispatchMode):
+        def __init__(self, params):
+            super().__init__()
+            self.params, self.casts = {id(p) for p in params}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and id(args[0]) in self.params:
+                self.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        counter = ParameterCasts(list(model.parameters()))
+        with torch.autocast('cpu', dtype=torch.bfloat16), counter:
+            outs = model(x)
+        sum(out.float().square().sum() for out in outs).backward()
+        return outs, {n: p.grad for n, p in model.named_parameters()}, counter.casts
+
+    from test_transnext import SMALL_ARCH
+    torch.manual_seed(0)
+    model = TransNeXt(arch=SMALL_ARCH, img_size=64, pretrain_size=64).train()
+    x = torch.randn(2, 3, 64, 64)
+    together_outs, together_grads, together_casts = run(model)
+    monkeypatch.setattr(transnext, 'autocast_weights', lambda layers, like: None)
+    apart_outs, apart_grads, apart_casts = run(model)
+    assert all(torch.equal(a, b) for a, b in zip(together_outs, apart_outs))
+    for name, grad in apart_grads.items():
+        assert torch.equal(together_grads[name], grad), name
+    # Autocast's casts of a weight and a bias for each of seven layers in the three
+    # aggregated-attention blocks and five in the full-attention one.
+    assert apart_casts - together_casts == (3 * 7 + 5) * 2
+    monkeypatch.undo()
+    layers = model.block1[0].attn.autocast_layers()
+    assert attention.autocast_weights(layers, x) is None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        weights = attention.autocast_weights(layers, x)
+        assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+        assert all(weights[p].shape == p.shape for layer in layers for p in layer.parameters())
+        monkeypatch.setenv(ops.DISABLE_ENV, '1')
+        assert attention.autocast_weights(layers, x) is None
+        monkeypatch.delenv(ops.DISABLE_ENV)
+        assert attention.autocast_weights([torch.nn.Linear(2, 2).double()], x) is None
+
+
 @pytest.mark.parametrize('dtype', LOW, ids=str)
 def test_low_precision_core_matches_float32(monkeypatch, dtype):
     """The core as CUDA autocast runs it (every operand in the low dtype, the pooled

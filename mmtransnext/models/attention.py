@@ -28,7 +28,7 @@ from mmengine.model.weight_init import trunc_normal_
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..ops import (sliding_window_aggregate, sliding_window_logits,
+from ..ops import (reference_requested, sliding_window_aggregate, sliding_window_logits,
                    sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
 from ..ops.fused_attention import fused_bias_attention, use_fused_attention
@@ -202,6 +202,46 @@ def _cast_for_autocast(x: Tensor) -> Tensor:
     """
     dtype = _active_autocast_dtype(x.device.type)
     return x if dtype is None or x.dtype in (dtype, torch.float64) else x.to(dtype)
+
+
+def autocast_weights(layers, like: Tensor) -> Optional[dict]:
+    """The weights and biases of ``layers`` in the autocast dtype, cast in one operator.
+
+    Autocast casts each linear or convolution layer's weight and bias apart, and
+    autograd casts each gradient back: two operators a tensor, fourteen each way in a
+    TransNeXt block, which a GPU's training step waits on the host to issue
+    (``docs/benchmarks.md``). Here they are laid end to end, cast once and cut into
+    views; their gradients come back through one cast too. Same numbers.
+
+    Args:
+        layers (Iterable[nn.Module]): ``nn.Linear`` and ``nn.Conv2d`` layers.
+        like (Tensor): the block's input; its device type's autocast state decides.
+
+    Returns:
+        dict | None: each weight and bias (the Parameter as key) to its cast, for
+        :func:`apply_layer`; None where autocast is off, in captured graphs and on the
+        reference path, which leave the casts to autocast.
+    """
+    dtype = _active_autocast_dtype(like.device.type)
+    if dtype is None or capturing_graph() or torch.jit.is_tracing() or reference_requested():
+        return None
+    params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    if any(p.dtype != torch.float32 for p in params):  # autocast casts float32 only
+        return None
+    flat = torch.cat([p.reshape(-1) for p in params]).to(dtype)
+    parts = flat.split([p.numel() for p in params])
+    return {p: part.view(p.shape) for p, part in zip(params, parts)}
+
+
+def apply_layer(layer: nn.Module, x: Tensor, weights: Optional[dict]) -> Tensor:
+    """``layer(x)`` for an ``nn.Linear`` or ``nn.Conv2d``, with its weight and bias
+    from ``weights`` (:func:`autocast_weights`) where given."""
+    if weights is None:
+        return layer(x)
+    bias = None if layer.bias is None else weights[layer.bias]
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weights[layer.weight], bias)
+    return layer._conv_forward(x, weights[layer.weight], bias)
 
 
 def _as_input(out: Tensor, x: Tensor) -> Tensor:
@@ -496,8 +536,14 @@ class AggregatedAttention(_PositionBiasAttention):
                     torch.sym_max(width // self.sr_ratio, 1))
         return max(height // self.sr_ratio, 1), max(width // self.sr_ratio, 1)
 
-    def _project(self, x: Tensor, height: int, width: int) -> tuple:
-        """Queries, keys and values of the window and of the periphery."""
+    def autocast_layers(self) -> tuple:
+        """The layers whose weights :func:`autocast_weights` casts."""
+        return self.q, self.kv, self.sr, self.proj
+
+    def _project(self, x: Tensor, height: int, width: int, weights: Optional[dict] = None
+                 ) -> tuple:
+        """Queries, keys and values of the window and of the periphery; ``weights`` as
+        :meth:`forward`'s."""
         batch, tokens, channels = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         pool_h, pool_w = self.pool_size(height, width)
@@ -505,8 +551,10 @@ class AggregatedAttention(_PositionBiasAttention):
 
         scale = _local_scale(height, width, self.window_size, pooled, x.device).to(x.dtype)
         x = _cast_for_autocast(x)
-        query = _unit_vectors(self.q(x).view(batch, tokens, heads, head_dim).transpose(1, 2))
-        key, value = self.kv(x).view(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        query = _unit_vectors(apply_layer(self.q, x, weights).view(
+            batch, tokens, heads, head_dim).transpose(1, 2))
+        key, value = apply_layer(self.kv, x, weights).view(
+            batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         key = _unit_vectors(key, into_core=True)
         # Learnable tokens: extra, query-dependent weights on the local values
         # (from the unscaled query), added after the softmax.
@@ -514,21 +562,26 @@ class AggregatedAttention(_PositionBiasAttention):
                                                         self.learnable_bias)
 
         # The periphery: keys and values of the pooled map, through the same kv.
-        periphery = self.act(self.sr(x.transpose(1, 2).reshape(batch, channels, height, width)))
+        periphery = self.act(apply_layer(
+            self.sr, x.transpose(1, 2).reshape(batch, channels, height, width), weights))
         periphery = _adaptive_avg_pool(periphery, (pool_h, pool_w))
         periphery = self.norm(periphery.reshape(batch, channels, pooled).transpose(1, 2))
-        pool_key, pool_value = self.kv(periphery).view(batch, pooled, 2, heads,
-                                                       head_dim).permute(2, 0, 3, 1, 4)
+        pool_key, pool_value = apply_layer(self.kv, periphery, weights).view(
+            batch, pooled, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         pool_key = _unit_vectors(pool_key, into_core=True)
         return (query_scaled, key, value, pool_key, pool_value, token_weights, height, width,
                 (pool_h, pool_w))
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
+    def forward(self, x: Tensor, height: int, width: int,
+                weights: Optional[dict] = None) -> Tensor:
+        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map; ``weights`` the
+        projections' weights cast by :func:`autocast_weights`, or None. Returns
+        ``(B, N, C)``."""
         batch, tokens, channels = x.shape
-        operands = _one_dtype(self._project(x, height, width), x.device.type)
+        operands = _one_dtype(self._project(x, height, width, weights), x.device.type)
         out = _run_core(self._merged_softmax, self._joint_softmax, x, operands)
-        return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
+        return apply_layer(self.proj, _as_input(out, x).transpose(1, 2).reshape(
+            batch, tokens, channels), weights)
 
     @torch.no_grad()
     def attention_maps(self, x: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor]:
@@ -616,11 +669,17 @@ class FullAttention(_PositionBiasAttention):
         """Training-from-scratch values of the attention's own parameters."""
         self._reset_attention_parameters()
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map. Returns ``(B, N, C)``."""
+    def autocast_layers(self) -> tuple:
+        """The layers whose weights :func:`autocast_weights` casts."""
+        return self.qkv, self.proj
+
+    def forward(self, x: Tensor, height: int, width: int,
+                weights: Optional[dict] = None) -> Tensor:
+        """Args: x ``(B, N, C)`` tokens of an ``height x width`` map; ``weights`` as
+        :meth:`AggregatedAttention.forward`'s. Returns ``(B, N, C)``."""
         batch, tokens, channels = x.shape
-        query, key, value = self.qkv(x).view(batch, tokens, 3, self.num_heads,
-                                             self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = apply_layer(self.qkv, x, weights).view(
+            batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if capturing_graph():     # keep a symbolic token count symbolic: log in the graph
             scale = torch.full((), tokens, dtype=torch.float64, device=x.device).log()
         else:
@@ -629,7 +688,8 @@ class FullAttention(_PositionBiasAttention):
         key = _unit_vectors(key, into_core=True)
         operands = _one_dtype((query, key, value), x.device.type) + ((height, width), )
         out = _run_core(self._factored_core, self._whole_core, x, operands)
-        return self.proj(_as_input(out, x).transpose(1, 2).reshape(batch, tokens, channels))
+        return apply_layer(self.proj, _as_input(out, x).transpose(1, 2).reshape(
+            batch, tokens, channels), weights)
 
     def _factored_core(self, query, key, value, size):
         """Attention with the bias in row-factored form, never built whole."""

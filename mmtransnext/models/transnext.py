@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import reference_requested
-from .attention import AggregatedAttention, FullAttention
+from .attention import AggregatedAttention, FullAttention, apply_layer, autocast_weights
 from .checkpoint import load_pretrained
 
 # Block norms and stage norms; patch-embedding and pooled-token norms keep 1e-5.
@@ -119,16 +119,22 @@ class _ConvolutionalGLU(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, height: int, width: int,
-                recompute_hidden: bool = False) -> Tensor:
-        """Args: x ``(B, height * width, dim)``. Returns the same shape."""
-        if recompute_hidden and torch.is_grad_enabled() and not reference_requested():
-            return cp.checkpoint(self._forward, x, height, width, use_reentrant=False)
-        return self._forward(x, height, width)
+    def autocast_layers(self) -> tuple:
+        """The layers whose weights :func:`~.attention.autocast_weights` casts."""
+        return self.fc1, self.dwconv.dwconv, self.fc2
 
-    def _forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(self.act(self.dwconv(gate, height, width)) * value)
+    def forward(self, x: Tensor, height: int, width: int, recompute_hidden: bool = False,
+                weights: Optional[dict] = None) -> Tensor:
+        """Args: x ``(B, height * width, dim)``; ``weights`` the layers' weights cast by
+        :func:`~.attention.autocast_weights`, or None. Returns the same shape."""
+        if recompute_hidden and torch.is_grad_enabled() and not reference_requested():
+            return cp.checkpoint(self._forward, x, height, width, weights, use_reentrant=False)
+        return self._forward(x, height, width, weights)
+
+    def _forward(self, x: Tensor, height: int, width: int, weights: Optional[dict]) -> Tensor:
+        gate, value = apply_layer(self.fc1, x, weights).chunk(2, dim=-1)
+        hidden = self.act(self.dwconv(gate, height, width, weights)) * value
+        return apply_layer(self.fc2, hidden, weights)
 
 
 class _DepthwiseConv(nn.Module):
@@ -138,8 +144,10 @@ class _DepthwiseConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        """Args: x ``(B, height * width, dim)``. Returns the same shape."""
+    def forward(self, x: Tensor, height: int, width: int,
+                weights: Optional[dict] = None) -> Tensor:
+        """Args: x ``(B, height * width, dim)``; ``weights`` as the GLU's. Returns the
+        same shape."""
         batch, tokens, channels = x.shape
         if reference_requested():
             # The released layout: a channels-first view with channel stride 1, which
@@ -149,7 +157,7 @@ class _DepthwiseConv(nn.Module):
         # Tokens already are a channels-last map. One copy packs the gate (a strided
         # half of fc1's output); the output comes back channels-last, so a view.
         x = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)
-        x = self.dwconv(x.contiguous(memory_format=torch.channels_last))
+        x = apply_layer(self.dwconv, x.contiguous(memory_format=torch.channels_last), weights)
         return x.permute(0, 2, 3, 1).reshape(batch, tokens, channels)
 
 
@@ -167,9 +175,11 @@ class _Block(nn.Module):
     def forward(self, x: Tensor, height: int, width: int,
                 recompute_hidden: bool = False) -> Tensor:
         """Args: x ``(B, height * width, dim)``; ``recompute_hidden`` as the GLU's."""
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(
-            self.mlp(self.norm2(x), height, width, recompute_hidden=recompute_hidden))
+        # Under autocast the projections' weights are cast once for the block.
+        weights = autocast_weights(self.attn.autocast_layers() + self.mlp.autocast_layers(), x)
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width, weights))
+        return x + self.drop_path(self.mlp(self.norm2(x), height, width,
+                                           recompute_hidden=recompute_hidden, weights=weights))
 
 
 @MODELS.register_module()
