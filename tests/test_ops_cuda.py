@@ -147,7 +147,8 @@ def test_block_input_is_cast_once_for_its_projections(monkeypatch):
 def test_block_weights_are_cast_together_under_autocast(monkeypatch):
     """Under autocast each block casts its projections' weights and biases in one
     operator (and their gradients back in one): the same outputs and gradients, bit for
-    bit, as autocast casting each layer's, with far fewer casts of parameters; outside
+    bit, as autocast casting each layer's, and none of those parameters cast on its own
+    (autocast casts them one by one: all 52 of this model on torch 2.13); outside
     autocast, on the reference path and for float64 weights nothing is cast."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -156,11 +157,11 @@ def test_block_weights_are_cast_together_under_autocast(monkeypatch):
     class ParameterCasts(TorchDispatchMode):
         def __init__(self, params):
             super().__init__()
-            self.params, self.casts = {id(p) for p in params}, 0
+            self.params, self.cast = {id(p) for p in params}, set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket is torch.ops.aten._to_copy and id(args[0]) in self.params:
-                self.casts += 1
+                self.cast.add(id(args[0]))
             return func(*args, **(kwargs or {}))
 
     def run(model):
@@ -169,7 +170,7 @@ def test_block_weights_are_cast_together_under_autocast(monkeypatch):
         with torch.autocast('cpu', dtype=torch.bfloat16), counter:
             outs = model(x)
         sum(out.float().square().sum() for out in outs).backward()
-        return outs, {n: p.grad for n, p in model.named_parameters()}, counter.casts
+        return outs, {n: p.grad for n, p in model.named_parameters()}, counter.cast
 
     from test_transnext import SMALL_ARCH
     torch.manual_seed(0)
@@ -181,9 +182,12 @@ def test_block_weights_are_cast_together_under_autocast(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(together_outs, apart_outs))
     for name, grad in apart_grads.items():
         assert torch.equal(together_grads[name], grad), name
-    # Autocast's casts of a weight and a bias for each of seven layers in the three
-    # aggregated-attention blocks and five in the full-attention one.
-    assert apart_casts - together_casts == (3 * 7 + 5) * 2
+    blocks = [block for stage in range(1, 5) for block in getattr(model, f'block{stage}')]
+    layer_params = {id(p) for block in blocks
+                    for layer in block.attn.autocast_layers() + block.mlp.autocast_layers()
+                    for p in layer.parameters()}
+    assert len(layer_params) == (3 * 7 + 5) * 2   # a weight and a bias a layer
+    assert not together_casts & layer_params and apart_casts & layer_params
     monkeypatch.undo()
     layers = model.block1[0].attn.autocast_layers()
     assert attention.autocast_weights(layers, x) is None

@@ -10,8 +10,9 @@ nothing (their outputs are left unset: the count does not depend on values). CPU
 autocast stands in for CUDA's under ``--dtype bf16``, with layer norms in float32 as
 CUDA's autocast runs them (the CPU's keeps their input's dtype); the two still cast a
 few operators differently, so the figure approaches, not equals, what
-``tools/benchmark_backbone.py --device cuda --count-ops`` counts on a GPU. ``--structure cpu`` counts the CPU's own
-path (as ``benchmark_backbone.py --count-ops`` does).
+``tools/benchmark_backbone.py --device cuda --count-ops`` counts on a GPU (within 1%
+for TransNeXt-T, ``docs/benchmarks.md``). ``--structure cpu`` counts the CPU's own path
+(as ``benchmark_backbone.py --count-ops`` does).
 
 Operators are counted as ``count_operators`` counts them (views apart), split into the
 forward, by the model's source line, and the backward, by the autograd node running.
