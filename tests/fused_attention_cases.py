@@ -71,6 +71,21 @@ def assert_near(got, ref, tol, name):
 
 
 
+def offset_mlp_reference(offsets, params, grad):
+    """The position-bias MLP as ``nn.Linear`` layers in float64 on every point of the grid
+    of ``offsets`` (row and column offsets) with ``params`` (fc1's weight and bias, fc2's):
+    the ``(heads, Uh, Uw)`` table and the four parameters' gradients for ``grad``."""
+    hidden, heads = params[0].shape[0], params[3].shape[0]
+    fc1, fc2 = torch.nn.Linear(2, hidden).double(), torch.nn.Linear(hidden, heads).double()
+    layers = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+    with torch.no_grad():
+        for layer_param, value in zip(layers, params):
+            layer_param.copy_(value)
+    coords = torch.stack(torch.meshgrid(*offsets, indexing='ij'), dim=-1)
+    table = fc2(torch.relu(fc1(coords))).permute(2, 0, 1)
+    return table.detach(), torch.autograd.grad(table, layers, grad)
+
+
 def record_calls(monkeypatch, module, names) -> list:
     """Each function ``names`` of ``module``, as the module looks it up, wrapped to record
     its calls: returns the list the wrappers append the called names to, in order."""

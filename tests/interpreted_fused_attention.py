@@ -23,7 +23,7 @@ import torch
 
 from conftest import golden_arch
 from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, make_inputs,
-                                   record_calls, whole_matrix)
+                                   offset_mlp_reference, record_calls, whole_matrix)
 from mmtransnext.models import TransNeXt
 from mmtransnext.models import attention as attention_module
 from mmtransnext.models import position_bias
@@ -419,20 +419,6 @@ def counted_mlp_kernels(monkeypatch):
     yield record_calls(monkeypatch, position_bias, ('offset_mlp_table', 'offset_mlp_grads'))
 
 
-def _linear_layers(offsets, params, grad):
-    """``nn.Linear`` layers in float64 on every grid point: the table and the four
-    parameters' gradients for ``grad``."""
-    hidden, heads = params[0].shape[0], params[3].shape[0]
-    fc1, fc2 = torch.nn.Linear(2, hidden).double(), torch.nn.Linear(hidden, heads).double()
-    layers = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-    with torch.no_grad():
-        for layer_param, value in zip(layers, params):
-            layer_param.copy_(value)
-    coords = torch.stack(torch.meshgrid(*offsets, indexing='ij'), dim=-1)
-    table = fc2(torch.relu(fc1(coords))).permute(2, 0, 1)
-    return table.detach(), torch.autograd.grad(table, layers, grad)
-
-
 @pytest.mark.parametrize('rows, cols, hidden, heads', _MLP_CASES)
 def test_offset_mlp_kernels_equal_linear_layers(rows, cols, hidden, heads, counted_mlp_kernels):
     """The table and every parameter's gradient from the two kernels, float32, against
@@ -441,7 +427,7 @@ def test_offset_mlp_kernels_equal_linear_layers(rows, cols, hidden, heads, count
     table, grads, (offsets, params, grad) = _offset_mlp(rows, cols, hidden, heads,
                                                          torch.float32)
     assert counted_mlp_kernels == ['offset_mlp_table', 'offset_mlp_grads']
-    ref, ref_grads = _linear_layers(offsets, params, grad)
+    ref, ref_grads = offset_mlp_reference(offsets, params, grad)
     assert table.shape == (heads, rows, cols) and table.dtype == torch.float32
     assert_near(table, ref, 1e-5, 'table')
     for name, got, want in zip(('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'), grads,
@@ -459,7 +445,7 @@ def test_offset_mlp_kernels_in_float16(counted_mlp_kernels):
     table, grads, (offsets, params, grad) = _offset_mlp(*case, torch.float16)
     assert counted_mlp_kernels == ['offset_mlp_table', 'offset_mlp_grads']
     half = [t.half().double() for t in offsets + params + [grad]]
-    ref, ref_grads = _linear_layers(half[:2], half[2:6], half[6])
+    ref, ref_grads = offset_mlp_reference(half[:2], half[2:6], half[6])
     assert table.dtype == torch.float16
     assert_near(table.double(), ref, 2e-3, 'table')
     for name, got, want in zip(('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'), grads,

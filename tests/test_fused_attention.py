@@ -128,26 +128,11 @@ def test_offset_mlp_kernels_compile_for_gpus_without_spilling(arch, dtype):
 @needs_triton_3
 @pytest.mark.parametrize('arch', [80, 90])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
-def test_bias_rows_kernels_compile_for_gpus_without_spilling(arch, dtype):
-    """The kernels that build the fused attention's bias table from the MLP's, built to
-    cubins: no spills, and the backward's atomics relaxed (no memory barriers)."""
-    from mmtransnext.ops import fused_bias_rows
-    built = fused_bias_rows.compile_for_gpu(arch, dtype)
-    assert built.keys() == {'forward', 'backward'}
-    for name, cubin in built.items():
-        resources = fused_attention.machine_code_resources(cubin)
-        assert resources['instructions'] > 50, name
-        assert resources['stack_bytes'] == 0, (name, resources)
-        assert resources['memory_barriers'] == 0, (name, resources)
-
-
-@needs_triton_3
-@pytest.mark.parametrize('arch', [80, 90])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize('op', ['fused_unit_vectors', 'fused_query_terms'])
-def test_query_and_key_kernels_compile_for_gpus_without_spilling(op, arch, dtype):
-    """The unit vectors' and the query terms' kernels, built to cubins: no spills, no
-    memory barriers."""
+@pytest.mark.parametrize('op', ['fused_unit_vectors', 'fused_query_terms', 'fused_bias_rows'])
+def test_layer_kernels_compile_for_gpus_without_spilling(op, arch, dtype):
+    """The kernels of the unit vectors, the query terms and the bias table (built from
+    the MLP's), built to cubins: no spills, no memory barriers (the bias table's
+    backward atomics relaxed)."""
     import importlib
     built = importlib.import_module(f'mmtransnext.ops.{op}').compile_for_gpu(arch, dtype)
     assert built.keys() == {'forward', 'backward'}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmtransnext.models.position_bias import bias_layout
-from fused_attention_cases import (assert_near, fused, gradients, make_inputs, record_calls,
-                                   whole_matrix)
+from fused_attention_cases import (assert_near, fused, gradients, make_inputs,
+                                   offset_mlp_reference, record_calls, whole_matrix)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -99,19 +99,12 @@ def test_offset_mlp_kernels_on_cuda(dtype, tol, monkeypatch):
     params = [torch.randn(*shape, generator=gen, dtype=torch.float64)
               for shape in ((512, 2), (512, ), (2, 512), (2, ))]
     grad = torch.randn(2, 392, 392, generator=gen, dtype=torch.float64)
-    fc1, fc2 = torch.nn.Linear(2, 512).double(), torch.nn.Linear(512, 2).double()
-    layers = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-    with torch.no_grad():
-        for layer_param, value in zip(layers, params):
-            layer_param.copy_(value)
-    coords = torch.stack(torch.meshgrid(*offsets, indexing='ij'), dim=-1)
-    ref = fc2(torch.relu(fc1(coords))).permute(2, 0, 1)
-    ref_grads = torch.autograd.grad(ref, layers, grad)
+    ref, ref_grads = offset_mlp_reference(offsets, params, grad)
     leaves = [p.to('cuda', dtype).requires_grad_() for p in params]
     table = OffsetMLP.apply(*(o.to('cuda', dtype) for o in offsets), *leaves)
     grads = torch.autograd.grad(table, leaves, grad.to('cuda', dtype))
     assert launched == ['offset_mlp_table', 'offset_mlp_grads'] and table.dtype == dtype
-    assert_near(table.cpu(), ref.detach(), tol, 'table')
+    assert_near(table.cpu(), ref, tol, 'table')
     for name, got, want in zip(('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'), grads,
                                ref_grads):
         assert_near(got.cpu(), want, tol, name)
