@@ -45,6 +45,10 @@
 #                    whole-matrix against fused (key and value gradients by atomics or by
 #                    a key-major pass; the bias read by taps or by slots; with and
 #                    without the bias table's gradient), fp32 and bf16
+#    fp32-tiles      tools/benchmark_pooled_attention.py: stages 3 and 1 in float32, the
+#                    fused kernels at each launch configuration that compiles without
+#                    spilling on sm_80 and sm_90 (IEEE dots on 8 and 4 warps; three-TF32
+#                    dots, tf32x3, at two tile sizes), to pick float32's by measurement
 #  9 compiled        tools/benchmark_backbone.py --paths default default-compiled: the
 #                    training step eager and under torch.compile (Inductor), bf16 and fp32
 #
@@ -58,7 +62,7 @@
 # two calls that each fit (about 340 s and 320 s by the figures above):
 #   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op   DEVICE_CHECK_BUDGET_S=400
 #       (the speed figures; add pooled, about 55 s more, when the fused kernels changed,
-#       and compiled, not yet timed, in place of benchmark-op)
+#       and compiled and fp32-tiles, neither timed yet, in place of benchmark-op)
 #   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,detector   DEVICE_CHECK_BUDGET_S=420
 #       (correctness, then Mask R-CNN against Swin-T)
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
@@ -342,8 +346,12 @@ if [[ $HAS_GPU == 1 ]]; then
     # bias read by taps or by slots (bf16; fp32 keeps taps), and without the bias table's
     # gradient (fused-fixed-bias), to see what each costs.
     run_step pooled 120 "$PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes bf16 --repeats 5 --warmup 2 --paths whole fused fused-fixed-bias --backward atomic two-pass --bias-tile taps slots && $PY tools/benchmark_pooled_attention.py --device cuda --stage 1 --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths whole fused fused-fixed-bias --backward atomic two-pass"
+    # Float32's launch configuration: its step is the fused kernels' (their backward the
+    # most), whose dots are IEEE multiply-adds on CUDA cores. Stage 3 holds 15 of
+    # TransNeXt-T's 21 attention layers, stage 1 the largest maps.
+    run_step fp32-tiles 120 "for stage in 3 1; do $PY tools/benchmark_pooled_attention.py --device cuda --stage \$stage --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths fused --tiles 32x32x8 32x16x4 32x16x8:tf32x3 16x16x4:tf32x3 || exit; done"
 else
-    for name in backbone detector pooled benchmark-op; do skip_step $name 'no CUDA device'; done
+    for name in backbone detector pooled fp32-tiles benchmark-op; do skip_step $name 'no CUDA device'; done
 fi
 
 # 9 ---------------------------------------------------------------------- torch.compile
