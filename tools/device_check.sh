@@ -59,12 +59,15 @@
 # first call (speed) took 336 s, the second (correctness) 320 s, and 164 s of the 900 s
 # of device time were left. If everything does not fit one budget, a later step that
 # finds the budget spent is reported skipped. DEVICE_CHECK_ONLY (below) runs a part;
-# two calls that each fit (about 340 s and 320 s by the figures above):
-#   DEVICE_CHECK_ONLY=mmcv,backbone,benchmark-op   DEVICE_CHECK_BUDGET_S=400
-#       (the speed figures; add pooled, about 55 s more, when the fused kernels changed,
-#       and compiled and fp32-tiles, neither timed yet, in place of benchmark-op)
-#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,amp-training,detector   DEVICE_CHECK_BUDGET_S=420
-#       (correctness, then Mask R-CNN against Swin-T)
+# two calls that fit 900 s of device time with the machine's start:
+#   DEVICE_CHECK_ONLY=mmcv,bad-input,tests,backbone,fp32   DEVICE_CHECK_BUDGET_S=560
+#       (correctness first where kernels changed since the last GPU run, then the
+#       speed figures and float32's launch configurations: about 430 s by the figures
+#       above, plus fp32-tiles, not timed yet, limited to 120 s)
+#   DEVICE_CHECK_ONLY=mmcv,amp-training,detector,compiled   DEVICE_CHECK_BUDGET_S=(what is left)
+#       (training under AMP, Mask R-CNN against Swin-T, then torch.compile as time allows)
+# The speed alone, when nothing changed in the kernels: mmcv,backbone,benchmark-op (about
+# 340 s); add pooled (about 55 s) to compare the fused kernels' ways.
 # Where the machine is held for a fixed time, give the second call a DEVICE_CHECK_BUDGET_S
 # that fits what is left; on a machine still warm it skips the op's rebuild.
 #
