@@ -69,8 +69,6 @@ def assert_near(got, ref, tol, name):
     assert err <= limit, f'{name}: max error {err:.3g} > {limit:.3g}'
 
 
-
-
 def offset_mlp_reference(offsets, params, grad):
     """The position-bias MLP as ``nn.Linear`` layers in float64 on every point of the grid
     of ``offsets`` (row and column offsets) with ``params`` (fc1's weight and bias, fc2's):

@@ -86,6 +86,45 @@ def test_one_output_used(used):
         assert_near(got, ref, 1e-5, name)
 
 
+@pytest.fixture
+def walks_twice(monkeypatch):
+    """``ROW_RESIDUAL`` of each launch of the query-major backward kernel, in order."""
+    from mmtransnext.ops import _fused_attention_kernels as kernels
+    backward, seen = kernels.pooled_attention_backward, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append(meta['ROW_RESIDUAL'])
+                return backward[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(kernels, 'pooled_attention_backward', Recorded())
+    return seen
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=str)
+def test_first_walk_only_for_a_whole_float32_softmax(dtype, walks_twice):
+    """The backward walks the keys a first time (``ROW_RESIDUAL``) only for a float32
+    softmax that is the whole attention, which the log-sum-exp's missing gradient tells
+    (the full attention drops it): the gradient of a bias shared by all keys then
+    vanishes as the reference's does, which ``test_golden_gradients_through_fused_kernels``
+    holds it to (the last stage's ``cpb_fc2.bias``; without the first walk it errs
+    1.9e-6 against a limit of 1e-6). Where the log-sum-exp has a gradient (aggregated
+    attention merges it with the window's logits) one walk serves, as in 16-bit."""
+    spec, batch, heads, head_dim = CASES['interpolated_many_key_tiles']
+    leaves, layout = make_inputs(spec, batch, heads, head_dim, seed=4)
+    ref_out, ref_lse = whole_matrix(*leaves, layout)
+    gen = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64)
+    grad_lse = torch.randn(ref_lse.shape, generator=gen, dtype=torch.float64)
+    for incoming in ((grad_out, None), (grad_out, grad_lse)):
+        _, ref_grads = gradients(whole_matrix, leaves, layout, *incoming, torch.float64)
+        _, grads = gradients(fused, leaves, layout, *incoming, dtype)
+        _assert_gradients_near(grads, ref_grads, dtype)
+    assert walks_twice == [dtype == torch.float32, False]
+
+
 # Several key tiles, odd head dim, P = N, a map below the window; 20 queries per
 @pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
 def test_backward_reads_strided_incoming_gradients(backward, monkeypatch):
@@ -235,6 +274,20 @@ def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
         'fused-fixed-bias 32x32x8 two-pass slots'], rows
     assert printed[:table] == rows     # each row was printed as it was measured
     assert not any('failed' in row for row in rows), rows
+
+
+def test_pooled_benchmark_gives_the_log_sum_exp_a_gradient_as_the_model(walks_twice):
+    """As in the model, the tool's float32 backward gets the log-sum-exp's gradient at
+    the aggregated stages (one walk over the keys) and none at stage 4, whose full
+    attention drops it (two walks)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
+    import benchmark_pooled_attention as bp
+    for stage in ('3', '4'):
+        bp.main(['--stage', stage, '--scale', '10', '--batch', '1', '--paths', 'fused',
+                 '--repeats', '1', '--warmup', '0', '--dtypes', 'fp32'])
+    assert walks_twice == [False, True]    # one timed step a stage
 
 
 def test_equals_banded_path():

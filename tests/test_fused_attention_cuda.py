@@ -15,16 +15,19 @@ from fused_attention_cases import (assert_near, fused, gradients, make_inputs,
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
 
+@pytest.mark.parametrize('softmax', ['whole', 'merged'])
 @pytest.mark.parametrize('bias_tile', ['taps', 'slots'])
 @pytest.mark.parametrize('backward', ['atomic', 'two-pass'])
 @pytest.mark.parametrize('dtype', [torch.float32, 'tf32x3', torch.float16, torch.bfloat16],
                          ids=str)
-def test_compiled_kernels_on_cuda(dtype, backward, bias_tile, monkeypatch):
+def test_compiled_kernels_on_cuda(dtype, backward, bias_tile, softmax, monkeypatch):
     """On a GPU: the compiled kernels against the whole-matrix reference, with both
     ways of forming the key and value gradients and of reading the bias (slots: 16-bit
     inputs only, float32 keeps taps); ``tf32x3``: float32 launched with
     :data:`~mmtransnext.ops.fused_attention.TF32X3` (three TF32 products per dot), held
-    to float32's tolerance."""
+    to float32's tolerance. ``whole``: the log-sum-exp gets no gradient, as in full
+    attention (float32 walks the keys twice); ``merged``: it gets one, as in aggregated
+    attention."""
     from mmtransnext.ops import fused_attention
     monkeypatch.setattr(fused_attention, 'BACKWARD_KV', backward)
     monkeypatch.setattr(fused_attention, 'BIAS_TILE', bias_tile)
@@ -39,8 +42,9 @@ def test_compiled_kernels_on_cuda(dtype, backward, bias_tile, monkeypatch):
     layout = bias_layout(*spec, torch.device('cuda'))
     ref_out, ref_lse = whole_matrix(*leaves, layout)
     grad_out = torch.randn_like(ref_out)
-    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, None, torch.float64)
-    (out, lse), grads = gradients(fused, leaves, layout, grad_out, None, dtype)
+    grad_lse = torch.randn_like(ref_lse) if softmax == 'merged' else None
+    _, ref_grads = gradients(whole_matrix, leaves, layout, grad_out, grad_lse, torch.float64)
+    (out, lse), grads = gradients(fused, leaves, layout, grad_out, grad_lse, dtype)
     assert_near(out, ref_out, tol, 'out')
     assert_near(lse, ref_lse, tol, 'lse')
     for name, got, ref in zip(('query', 'key', 'value', 'bias table'), grads, ref_grads):

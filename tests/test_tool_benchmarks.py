@@ -412,7 +412,8 @@ def test_kernel_resources_tf32x3_row(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith('| sm_90 | fp32 | 32 x 16 x 8 tf32x3 | 4 |')]
     assert [row.split('|')[5].strip() for row in rows] == [
-        'forward', 'backward', 'backward_keys', 'backward_atomic']
+        'forward', 'backward', 'backward_keys', 'backward_atomic', 'backward_residual',
+        'backward_atomic_residual']
     assert all(int(row.split('|')[9]) > 0 for row in rows), rows
 
 

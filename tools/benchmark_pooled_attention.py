@@ -5,7 +5,10 @@ the shapes of one TransNeXt-T stage at 800x1333 (``--stage``, the table ``STAGES
 below), with the position bias resized as in detection (built on the 800 px grid).
 Per path and dtype: median time of the forward and of forward+backward (gradients
 of queries, keys, values and the bias table), and on CUDA the peak
-``torch.cuda.max_memory_allocated`` above the inputs.
+``torch.cuda.max_memory_allocated`` above the inputs. As in the model, the backward
+gets the log-sum-exp's gradient at stages 1-3 and none at stage 4 (where the fused
+kernels walk the keys twice in float32, see
+:mod:`~mmtransnext.ops.fused_attention`).
 
 * whole: the released way, the whole ``(heads, N, P)`` bias and one softmax;
 * banded: :func:`~mmtransnext.ops.banded_attention.banded_bias_attention` (the CPU path);
@@ -39,11 +42,13 @@ import time
 
 # TransNeXt-T at 800x1333: query map, pooled map, heads; the bias is built on the
 # square grids of img_size 800 and resized to these.
+# merged: aggregated attention merges the log-sum-exp with the window's logits, so
+# the backward gets its gradient; the last stage's full attention drops it.
 STAGES = {
-    1: dict(query=(200, 334), key=(25, 41), heads=3, build=(200, 25)),
-    2: dict(query=(100, 167), key=(25, 41), heads=6, build=(100, 25)),
-    3: dict(query=(50, 84), key=(25, 42), heads=12, build=(50, 25)),
-    4: dict(query=(25, 42), key=(25, 42), heads=24, build=(25, 25)),
+    1: dict(query=(200, 334), key=(25, 41), heads=3, build=(200, 25), merged=True),
+    2: dict(query=(100, 167), key=(25, 41), heads=6, build=(100, 25), merged=True),
+    3: dict(query=(50, 84), key=(25, 42), heads=12, build=(50, 25), merged=True),
+    4: dict(query=(25, 42), key=(25, 42), heads=24, build=(25, 25), merged=False),
 }
 PATHS = ('whole', 'banded', 'fused', 'fused-fixed-bias')
 DEFAULT_PATHS = PATHS[:3]
@@ -220,10 +225,12 @@ def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'a
         with torch.no_grad():
             fn(*leaves, layout)
 
+    merged = STAGES[args.stage]['merged']
+
     def train():
         out, lse = fn(*leaves, layout)
-        torch.autograd.grad((out * grad_out).sum() + (lse * grad_lse).sum(),
-                            [t for t in leaves if t.requires_grad])
+        loss = (out * grad_out).sum() + ((lse * grad_lse).sum() if merged else 0)
+        torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
 
     row = dict(path=path_label(path, tiles, backward, bias), dtype=dtype_name)
     for mode, step in (('forward', forward), ('train', train)):

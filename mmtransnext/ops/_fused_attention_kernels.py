@@ -272,14 +272,15 @@ def pooled_attention_backward(Q, K, V, OUT, GRAD_OUT, LSE, SHIFT, GRAD_LSE, TABL
     ``shift = rowsum(dO * O)`` (float32, from ``OUT``) and ``residual`` is zero in
     exact arithmetic. ``GRAD_OUT`` and ``GRAD_LSE`` may be strided (the gradients of a
     transposed view and of a slice): their strides between images, heads and rows
-    are ``s_go_*`` and ``s_gl_*``; the rest is contiguous. With ``ROW_RESIDUAL`` a
-    first walk over the keys computes ``rowsum(P * dP)`` and ``rowsum(P)``, and
-    ``shift + residual`` as ``rowsum(P * dP) + shift * (1 - rowsum(P))``, so that
-    each row of the gradient sums to zero up to the rounding of small numbers: a
-    bias shared by all keys shifts no softmax, and its gradient then stays as near
-    zero as the reference has it (otherwise the rounding of ``O`` against the
-    recomputed ``P`` adds up over the rows and shows in the position-bias MLP's last
-    bias). ``GRAD_Q`` is written once; ``GRAD_TABLE`` (float32, zeroed) collects
+    are ``s_go_*`` and ``s_gl_*``; the rest is contiguous. With ``ROW_RESIDUAL``
+    (set for a float32 softmax that is the whole attention, ``GRAD_LSE`` zero) a
+    first walk over the keys computes ``residual = rowsum(P * (dP - shift))``, term
+    by term (as ``rowsum(P * dP) - shift * rowsum(P)``, a difference of two near
+    sums, it loses the digits it is for), so that each row of the gradient sums to
+    zero up to the rounding of small numbers: a bias shared by all keys shifts no
+    softmax, and its gradient then stays as near zero as the reference has it
+    (otherwise the rounding of ``O`` against the recomputed ``P`` adds up over the
+    rows and shows in the position-bias MLP's last bias). ``GRAD_Q`` is written once; ``GRAD_TABLE`` (float32, zeroed) collects
     every query block's share by ``tl.atomic_add`` (relaxed), per logit and tap where
     the bias is read by taps, per pair of slots where it is read by slots
     (``Q_SLOTS``: the transpose of how the forward reads it), and so do ``GRAD_K``

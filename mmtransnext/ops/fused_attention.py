@@ -21,11 +21,14 @@ gradients with atomics (the key and value gradients either per query block or, w
 :data:`BACKWARD_KV` ``'two-pass'``, once per key block and query range from a
 key-major kernel; the bias table's either per logit and tap or, with :data:`BIAS_TILE`
 ``'slots'``, per pair of a query and a key offset a tile reaches), so those are not
-bitwise deterministic from run to run. For float32 inputs it walks the keys twice,
-the first time for each query row's rounding residual, so that gradients that are
-zero in theory (a bias shared by all keys) stay as small as the reference's and the
-golden tolerances hold; for float16/bfloat16 the operands' rounding dominates and one
-walk is done.
+bitwise deterministic from run to run. It walks the keys once, but twice for a
+float32 softmax that is the whole attention (its log-sum-exp gets no gradient: the
+last stage's full attention), the first time for each query row's rounding residual,
+so that a gradient that is zero in theory there (of a bias shared by all keys, which
+shifts no softmax) stays as small as the reference's and the golden tolerances hold.
+Where the log-sum-exp joins another softmax (the window's, in aggregated attention)
+such a shift changes the output and no gradient vanishes in theory; in float16 and
+bfloat16 the operands' rounding dominates.
 
 Dispatch follows one rule, :func:`use_fused_attention` (applied by
 ``mmtransnext.models.attention``): CUDA tensors in float32, float16 or bfloat16 take
@@ -240,16 +243,19 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
         read by taps: ``forward``; ``backward``, the query-major pass of
         :data:`BACKWARD_KV` ``'two-pass'`` (query and bias gradients) and
         ``backward_keys``, its key-major pass; ``backward_atomic``, the one pass of
-        ``'atomic'`` (with the key and value gradients). Where the launch may read the
-        bias by slots (:data:`BIAS_TILE`), the same four again with ``_slots``
-        appended, at :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of
-        TransNeXt-T at detection sizes.
+        ``'atomic'`` (with the key and value gradients). In float32 also
+        ``backward_residual`` and ``backward_atomic_residual``, the two query-major
+        passes of a softmax that is the whole attention (``ROW_RESIDUAL``: a first walk
+        over the keys). Where the launch may read the bias by slots
+        (:data:`BIAS_TILE`), the first four again with ``_slots`` appended, at
+        :data:`MAX_BIAS_SLOTS` slots a block, as at every stage of TransNeXt-T at
+        detection sizes.
     """
     meta = launch_meta(dtype, head_dim, head_dim, resized, resized, tiles=launch)
     options = dict(num_warps=meta.pop('num_warps'))
     kernels = _kernels()
     built = {}
-    query_pass = dict(BIAS_GRAD=True, ROW_RESIDUAL=dtype == torch.float32, KV_GRAD=False)
+    query_pass = dict(BIAS_GRAD=True, ROW_RESIDUAL=False, KV_GRAD=False)
     reads = [('', dict(Q_SLOTS=0, K_SLOTS=0))]
     if _may_use_slots(meta, dtype):
         reads.append(('_slots', dict(Q_SLOTS=MAX_BIAS_SLOTS, K_SLOTS=MAX_BIAS_SLOTS)))
@@ -261,6 +267,11 @@ def compile_for_gpu(arch: int, dtype: torch.dtype, head_dim: int = 24, launch: d
             ('backward_keys' + suffix, kernels.pooled_attention_backward_keys, read),
             ('backward_atomic' + suffix, kernels.pooled_attention_backward,
              {**read, **query_pass, 'KV_GRAD': True})]
+    if dtype == torch.float32:
+        whole = {**reads[0][1], **query_pass, 'ROW_RESIDUAL': True}
+        variants += [('backward_residual', kernels.pooled_attention_backward, whole),
+                     ('backward_atomic_residual', kernels.pooled_attention_backward,
+                      dict(whole, KV_GRAD=True))]
     for name, kernel, extra in variants:
         constants = dict(key_pass_meta(meta, dtype) if name.startswith('backward_keys')
                          else meta, **extra)
@@ -467,6 +478,9 @@ class _FusedBiasAttention(torch.autograd.Function):
                                                       out, lse, *shapes, **meta, **slot_meta)
         ctx.save_for_backward(query, key, value, table, out, lse)
         ctx.bias = bias
+        # An output the caller drops gets None, not zeros: the backward tells from
+        # grad_lse whether this softmax is all of the attention.
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -483,6 +497,12 @@ class _FusedBiasAttention(torch.autograd.Function):
         grad_out = grad_out.to(out.dtype)
         if grad_out.stride(-1) != 1 or two_pass:
             grad_out = grad_out.contiguous()
+        # Where the log-sum-exp gets no gradient, this softmax is the whole attention
+        # (the last stage's): a bias shared by all keys then shifts nothing, and in
+        # float32 a first walk makes its gradient vanish as the reference's does (see
+        # the kernel). Where the log-sum-exp joins another softmax (the window's), no
+        # gradient vanishes in theory, and one walk does.
+        row_residual = grad_lse is None and query.dtype == torch.float32
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
         # d lse / d logits = probs: the final shift takes grad_lse.
@@ -503,7 +523,7 @@ class _FusedBiasAttention(torch.autograd.Function):
                 query, key, value, out, grad_out, lse, shift, grad_lse, table, *taps, *slots,
                 grad_query, grad_key, grad_value, grad_table, *shapes,
                 *_image_head_row_strides(grad_out), *_image_head_row_strides(grad_lse),
-                BIAS_GRAD=want_bias, ROW_RESIDUAL=query.dtype == torch.float32,
+                BIAS_GRAD=want_bias, ROW_RESIDUAL=row_residual,
                 KV_GRAD=not two_pass, **meta, **slot_meta)
             if two_pass:  # shift now holds each row's final shift
                 keys_meta = key_pass_meta(meta, query.dtype)
