@@ -588,25 +588,30 @@ def test_bias_rows_kernels_refuse_bad_input():
                        table.shape)
 
 
-def _heads_of_projection(dtype, zero_token=5, seed=0):
-    """The keys of a ``kv`` projection as the model views them: ``(B, heads, N, d)``
-    strided, odd sizes (13 dims), one vector zero."""
+def _heads_of_projection(dtype, projection='kv', zero_token=5, seed=0):
+    """The keys of a ``kv`` projection, or the queries of a ``q`` one, as the model views
+    them: ``(B, heads, N, d)`` strided (with gaps, the values', or without), odd sizes
+    (13 dims), one vector zero."""
     gen = torch.Generator().manual_seed(seed)
-    projection = torch.randn(2, 37, 2, 3, 13, generator=gen, dtype=torch.float64)
-    projection[0, zero_token, 0, 1] = 0
-    return projection.to(dtype).permute(2, 0, 3, 1, 4)[0]
+    parts = 2 if projection == 'kv' else 1
+    heads = torch.randn(2, 37, parts, 3, 13, generator=gen, dtype=torch.float64)
+    heads[0, zero_token, 0, 1] = 0
+    return heads.to(dtype).permute(2, 0, 3, 1, 4)[0]
 
 
+@pytest.mark.parametrize('projection', ['kv', 'q'])
 @pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 1e-3)], ids=str)
-def test_unit_vector_kernels_equal_the_operators(dtype, tol, monkeypatch):
+def test_unit_vector_kernels_equal_the_operators(dtype, tol, projection, monkeypatch):
     """The model's unit vectors through the kernels (the rule told they serve) against
     the same through PyTorch operators in float64: output and gradient, from strided
     heads of a projection, within ``tol`` of the largest magnitude (observed 1e-7 in
-    float32, 5e-4 from float16 inputs); a zero vector has zero output and gradient."""
+    float32, 5e-4 from float16 inputs); a zero vector has zero output and gradient. The
+    gradient comes in the projection's order of dims, so that the queries' (a transposed
+    view without gaps) reaches the projection as a view."""
     launched = record_calls(monkeypatch, attention_module, ('unit_vectors', 'unit_vectors_grad'))
-    x = _heads_of_projection(dtype).requires_grad_()
+    x = _heads_of_projection(dtype, projection).requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref_x = _heads_of_projection(torch.float64).requires_grad_()
+    ref_x = _heads_of_projection(torch.float64, projection).requires_grad_()
     ref = attention_module._unit_vectors(ref_x)
     ref_grad, = torch.autograd.grad(ref, ref_x, grad)
     assert not launched
@@ -615,6 +620,8 @@ def test_unit_vector_kernels_equal_the_operators(dtype, tol, monkeypatch):
     got_grad, = torch.autograd.grad(out, x, grad.to(out.dtype))
     assert launched == ['unit_vectors', 'unit_vectors_grad']
     assert out.dtype == dtype and got_grad.dtype == dtype and out.is_contiguous()
+    assert got_grad.transpose(1, 2).is_contiguous()
+    assert (got_grad.stride() == x.stride()) == (projection == 'q')
     assert_near(out, ref, tol, 'unit vectors')
     assert_near(got_grad, ref_grad, tol, 'gradient')
     assert not out[0, 1, 5].any() and not got_grad[0, 1, 5].any()
