@@ -276,6 +276,34 @@ def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
     assert not any('failed' in row for row in rows), rows
 
 
+def test_pooled_benchmark_reads_float32_by_slots_when_asked(capsys, monkeypatch):
+    """The dispatcher reads a float32 bias by taps; the tool's ``--bias-tile slots`` reads
+    it by slots, to time what that costs (both rows run, labelled)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
+    import benchmark_pooled_attention as bp
+    from mmtransnext.ops import fused_attention
+    for name in ('BIAS_TILE', 'SLOT_DTYPES'):   # the tool leaves its last settings
+        monkeypatch.setattr(fused_attention, name, getattr(fused_attention, name))
+    tile_slots, by_slots = fused_attention._tile_slots, []
+
+    def recorded(*args, **kwargs):
+        found = tile_slots(*args, **kwargs)
+        by_slots.append(found[1]['Q_SLOTS'] > 0)
+        return found
+
+    monkeypatch.setattr(fused_attention, '_tile_slots', recorded)
+    bp.main(['--stage', '3', '--scale', '10', '--batch', '1', '--paths', 'fused',
+             '--repeats', '1', '--warmup', '0', '--dtypes', 'fp32', '--bias-tile', 'taps',
+             'slots'])
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert [row[6:46].strip() for row in rows] == ['fused 32x32x8', 'fused 32x32x8 slots']
+    # per row: a first call (the outputs' shapes), a forward and a training step (its
+    # forward and its backward)
+    assert by_slots == [False] * 4 + [True] * 4
+
+
 def test_pooled_benchmark_gives_the_log_sum_exp_a_gradient_as_the_model(walks_twice):
     """As in the model, the tool's float32 backward gets the log-sum-exp's gradient at
     the aggregated stages (one walk over the keys) and none at stage 4, whose full

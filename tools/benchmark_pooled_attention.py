@@ -25,8 +25,8 @@ Fused rows run once per ``--backward`` way of forming the key and value gradient
 with a key-major kernel; default: the dispatcher's) and once per ``--bias-tile`` way of
 reading the bias and adding its gradient
 (:data:`~mmtransnext.ops.fused_attention.BIAS_TILE`: ``taps`` per logit, or ``slots``
-per tile, in float16/bfloat16 only: float32 rows read by taps whatever ``--bias-tile``
-says); the label names ``two-pass`` and ``slots``.
+per tile; by default the dispatcher's, which reads float32 by taps, but ``--bias-tile
+slots`` reads float32 by slots too); the label names ``two-pass`` and ``slots``.
 
 Example::
 
@@ -180,14 +180,16 @@ def backward_ways(args) -> list:
 
 
 def bias_tiles(args, dtype_name: str) -> list:
-    """How the fused path reads the bias: ``--bias-tile`` or the default; taps alone for
-    a dtype that never reads by slots (float32), whatever the setting."""
+    """How the fused path reads the bias: ``--bias-tile``, else the dispatcher's way for
+    the dtype (taps for float32, which is not in ``SLOT_DTYPES``)."""
     import torch
 
     from mmtransnext.ops import fused_attention
+    if args.bias_tile:
+        return args.bias_tile
     if getattr(torch, DTYPES[dtype_name]) not in fused_attention.SLOT_DTYPES:
         return ['taps']
-    return args.bias_tile or [fused_attention.BIAS_TILE]
+    return [fused_attention.BIAS_TILE]
 
 
 def path_label(path: str, tiles: dict = None, backward: str = 'atomic',
@@ -214,6 +216,10 @@ def run(args, path: str, dtype_name: str, tiles: dict = None, backward: str = 'a
         fused_attention.LAUNCH[dtype] = (tiles, tiles)
         fused_attention.BACKWARD_KV = backward
         fused_attention.BIAS_TILE = bias
+        if bias == 'slots' and dtype not in fused_attention.SLOT_DTYPES:
+            # asked for: float32 by slots too (its slot matmuls spill, so the
+            # dispatcher keeps taps; this times what that costs)
+            fused_attention.SLOT_DTYPES += (dtype, )
     leaves, layout = make_inputs(args, dtype, device)
     if path == 'fused-fixed-bias':
         leaves[3].requires_grad_(False)

@@ -126,8 +126,10 @@ _KEY_PASS_BLOCK_M = {torch.float32: 16}
 #     reaches an offset of its own, so slots save nothing), where a block has more than
 #     MAX_BIAS_SLOTS offsets (inputs smaller than the size the bias is built for), beyond
 #     what the kernels are checked at without spilling (compile_for_gpu), and in float32
-#     (not in SLOT_DTYPES), whose matmuls are loops of multiply-adds: the two more
-#     spill 48 to 112 bytes on sm_80/sm_90.
+#     (not in SLOT_DTYPES), whose slot matmuls are two more loops of multiply-adds, not
+#     yet timed on a GPU (the device check's fp32-tiles step times them): they spilled
+#     48 to 112 bytes when first built; now under Triton 3.6 (torch 2.11's) none on
+#     sm_80 and sm_90, under Triton 3.9 112 bytes in sm_80's atomic backward.
 BIAS_TILE = 'slots'
 BIAS_TILE_CHOICES = ('taps', 'slots')
 MAX_BIAS_SLOTS = 32
