@@ -395,7 +395,8 @@ def test_kernel_resources_table(capsys):
 @pytest.mark.parametrize('text, launch', [
     ('32x32x8', dict(BLOCK_M=32, BLOCK_N=32, num_warps=8)),
     ('32x16x8:tf32x3', dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, DOT_PRECISION='tf32x3')),
-    ('64x32x4:ieee', dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, DOT_PRECISION='ieee'))])
+    ('64x32x4:ieee', dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, DOT_PRECISION='ieee')),
+    ('32x32x8:tf32', dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, DOT_PRECISION='tf32'))])
 def test_tiles_parse_and_label(text, launch):
     from mmtransnext.tools.common import parse_tiles, tiles_label
     assert parse_tiles(text) == launch
@@ -417,7 +418,7 @@ def test_kernel_resources_tf32x3_row(capsys):
     assert all(int(row.split('|')[9]) > 0 for row in rows), rows
 
 
-@pytest.mark.parametrize('tiles', ['64x64', '48x32x8', '32x32x3', 'axbxc', '32x16x8:tf32'])
+@pytest.mark.parametrize('tiles', ['64x64', '48x32x8', '32x32x3', 'axbxc', '32x16x8:bf16x3'])
 def test_kernel_resources_bad_tiles(tiles, capsys):
     import kernel_resources
     with pytest.raises(SystemExit):

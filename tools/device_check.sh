@@ -48,8 +48,9 @@
 #    fp32-tiles      tools/benchmark_pooled_attention.py: stages 3 and 1 in float32, the
 #                    fused kernels at each launch configuration that compiles without
 #                    spilling on sm_80 and sm_90 (IEEE dots on 8 and 4 warps; three-TF32
-#                    dots, tf32x3, at two tile sizes) and the default one with the bias
-#                    read by slots, to pick float32's by measurement
+#                    dots, tf32x3, at two tile sizes; one-TF32 dots, the ceiling), and
+#                    the default one with the bias read by slots, to pick float32's by
+#                    measurement
 #  9 compiled        tools/benchmark_backbone.py --paths default default-compiled: the
 #                    training step eager and under torch.compile (Inductor), bf16 and fp32
 #
@@ -355,7 +356,7 @@ if [[ $HAS_GPU == 1 ]]; then
     # TransNeXt-T's 21 attention layers, stage 1 the largest maps.
     # Then the default tile with the bias read by slots, which the dispatcher keeps from
     # float32 (see fused_attention.BIAS_TILE).
-    run_step fp32-tiles 120 "for stage in 3 1; do $PY tools/benchmark_pooled_attention.py --device cuda --stage \$stage --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths fused --tiles 32x32x8 32x16x4 32x16x8:tf32x3 16x16x4:tf32x3 && $PY tools/benchmark_pooled_attention.py --device cuda --stage \$stage --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths fused --bias-tile slots || exit; done"
+    run_step fp32-tiles 120 "for stage in 3 1; do $PY tools/benchmark_pooled_attention.py --device cuda --stage \$stage --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths fused --tiles 32x32x8 32x16x4 32x16x8:tf32x3 16x16x4:tf32x3 32x16x8:tf32 && $PY tools/benchmark_pooled_attention.py --device cuda --stage \$stage --batch 2 --dtypes fp32 --repeats 5 --warmup 2 --paths fused --bias-tile slots || exit; done"
 else
     for name in backbone detector pooled fp32-tiles benchmark-op; do skip_step $name 'no CUDA device'; done
 fi

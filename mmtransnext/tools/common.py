@@ -83,8 +83,10 @@ def parse_pair(text: str, name: str) -> Sequence[int]:
 
 def parse_tiles(text: str) -> dict:
     """``'BLOCK_MxBLOCK_NxWARPS[:PRECISION]'`` (e.g. ``'32x32x8'``, ``'32x16x8:tf32x3'``)
-    as a fused-kernel launch config; ``PRECISION`` is that of float32 dots (``ieee`` or
-    ``tf32x3``, see :data:`mmtransnext.ops.fused_attention.LAUNCH`).
+    as a fused-kernel launch config; ``PRECISION`` is that of float32 dots (``ieee``,
+    ``tf32x3`` or ``tf32``, see :data:`mmtransnext.ops.fused_attention.LAUNCH`; ``tf32``,
+    one TF32 product a dot, is for timing: its logits err by about 0.03, beyond
+    float32's tolerances).
 
     Raises:
         argparse.ArgumentTypeError: not three integers, block sizes that are not powers
@@ -93,9 +95,9 @@ def parse_tiles(text: str) -> dict:
     """
     import argparse
     tiles, _, precision = text.partition(':')
-    if precision and precision not in ('ieee', 'tf32x3'):
-        raise argparse.ArgumentTypeError(f'{text!r}: the float32 dot precision is ieee or '
-                                         'tf32x3')
+    if precision and precision not in ('ieee', 'tf32x3', 'tf32'):
+        raise argparse.ArgumentTypeError(f'{text!r}: the float32 dot precision is ieee, '
+                                         'tf32x3 or tf32')
     try:
         block_m, block_n, warps = (int(part) for part in tiles.split('x'))
     except ValueError:
