@@ -665,6 +665,92 @@ def test_unit_vector_kernels_refuse_bad_input():
         unit_vectors_grad(torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 5))
 
 
+def _merge_inputs(seed=0):
+    """float64 window logits ``(2, 3, 20, 9)`` of a 4x5 map (``-inf`` where a neighbour
+    is outside it), pooled log-sum-exps (one row above every window logit, one far
+    below), the learnable tokens' weights, and incoming gradients of both results."""
+    from mmtransnext.ops import sliding_window_logits_reference
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64)
+
+    local = sliding_window_logits_reference(randn(2, 3, 20, 8), randn(2, 3, 20, 8),
+                                            randn(3, 9), 4, 5, 3)
+    lse = 2 * randn(2, 3, 20)
+    lse[0, 0, 0], lse[1, 2, 7] = 40.0, -40.0
+    return [local, lse, randn(2, 3, 20, 9)], [randn(2, 3, 20, 9), randn(2, 3, 20, 1)]
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=str)
+def test_merged_softmax_kernels_equal_the_operators(dtype, tol):
+    """The merged softmax through the kernels against the model's operators in float64:
+    the window's weights plus the tokens' and the pooled keys' weight, and the gradients
+    of the window logits, the log-sum-exp and the tokens' weights, within ``tol`` of the
+    largest magnitude (observed 1e-7 in float32; float16 rounds both results); no
+    weight and no gradient where a neighbour is outside the map."""
+    leaves, incoming = _merge_inputs()
+
+    def operators(local, lse, token_weights):
+        attn_local, attn_pooled = torch.cat([local, lse.unsqueeze(-1)], dim=-1).softmax(
+            dim=-1).split([9, 1], dim=-1)
+        return attn_local + token_weights, attn_pooled
+
+    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    ref_outs = operators(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref_outs, ref_leaves, incoming)
+    got_leaves = [t.to(torch.float32 if i == 1 else dtype).requires_grad_()
+                  for i, t in enumerate(leaves)]
+    outs = attention_module._MergedSoftmax.apply(*got_leaves)
+    grads = torch.autograd.grad(outs, got_leaves, [g.to(dtype) for g in incoming])
+    assert [o.dtype for o in outs] == [dtype] * 2 and outs[1].shape == (2, 3, 20, 1)
+    assert [g.dtype for g in grads] == [dtype, torch.float32, dtype]
+    for name, got, ref in zip(('weights', 'pooled weight'), outs, ref_outs):
+        assert_near(got, ref, tol, name)
+    for name, got, ref in zip(('window logits', 'log-sum-exp', 'token weights'), grads,
+                              ref_grads):
+        assert_near(got, ref, tol, name)
+    outside = torch.isinf(leaves[0])
+    assert outside.any() and not grads[0][outside].any()
+    assert torch.equal(outs[0][outside], got_leaves[2].detach()[outside])
+
+
+def test_model_merges_its_softmaxes_in_the_kernels(monkeypatch):
+    """Aggregated attention takes the merged softmax's kernels where the fused kernels
+    serve the queries, and the operators elsewhere; same output and gradients."""
+    launched = record_calls(monkeypatch, attention_module,
+                            ('merged_softmax', 'merged_softmax_grad'))
+    torch.manual_seed(0)
+    layer = attention_module.AggregatedAttention(24, 2, 3, 2, None, None, 8)
+    x = torch.randn(2, 6 * 7, 24)
+    grads = []
+    for fused in (False, True):
+        monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: fused)
+        layer.zero_grad()
+        out = layer(x, 6, 7)
+        out.square().sum().backward()
+        grads.append([out.detach()] + [p.grad for p in layer.parameters()])
+    assert launched == ['merged_softmax', 'merged_softmax_grad']
+    for got, ref in zip(grads[1], grads[0]):
+        assert_near(got, ref.double(), 1e-5, 'output or gradient')
+
+
+def test_merged_softmax_kernels_refuse_bad_input():
+    from mmtransnext.ops.fused_merged_softmax import merged_softmax, merged_softmax_grad
+    local, lse = torch.zeros(1, 2, 5, 9), torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match=r'must be 4-D .* got shape \(2, 5, 9\)'):
+        merged_softmax(local[0], lse, local)
+    with pytest.raises(ValueError, match='dtype torch.float64 is not supported'):
+        merged_softmax(local.double(), lse, local.double())
+    with pytest.raises(ValueError, match=r'log-sum-exp of shape \(1, 2, 5\) and dtype '
+                                         'torch.float16'):
+        merged_softmax(local, lse.half(), local)
+    with pytest.raises(ValueError, match=r'shape \(1, 2, 5, 8\) and dtype torch.float32 where'):
+        merged_softmax(local, lse, local[..., :8])
+    with pytest.raises(ValueError, match=r'pooled weight gradient of shape \(1, 2, 5\)'):
+        merged_softmax_grad(local, lse, local, lse)
+
+
 def _query_term_inputs(tokens: bool, per_token: bool, dtype=torch.float64, seed=0):
     """Unit queries ``(2, 3, 37, 13)`` (odd sizes, several programs), the layer's
     parameters (temperature over softplus's threshold in one head) and scales."""

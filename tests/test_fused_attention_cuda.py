@@ -170,6 +170,37 @@ def test_unit_vector_kernels_on_cuda(dtype, tol, monkeypatch):
     assert not out[0, 1, 5].any()
 
 
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=str)
+def test_merged_softmax_kernels_on_cuda(dtype, tol, monkeypatch):
+    """On a GPU the kernels that merge the window's and the pooled keys' softmaxes
+    (aggregated attention takes them there; ``test_golden_gradients_on_cuda`` runs them
+    in the model): the merged weights and every gradient against the operators in
+    float64 on the CPU, within ``tol`` of the largest magnitude, for 2 x 3 heads x 999
+    queries (several programs)."""
+    from mmtransnext.models import attention
+    launched = record_calls(monkeypatch, attention, ('merged_softmax', 'merged_softmax_grad'))
+    gen = torch.Generator().manual_seed(0)
+    local = torch.randn(2, 3, 999, 9, generator=gen, dtype=torch.float64)
+    local[:, :, :37, :3] = float('-inf')    # neighbours outside the map
+    lse = 2 * torch.randn(2, 3, 999, generator=gen, dtype=torch.float64)
+    tokens = torch.randn(2, 3, 999, 9, generator=gen, dtype=torch.float64)
+    incoming = [torch.randn(2, 3, 999, 9, generator=gen, dtype=torch.float64),
+                torch.randn(2, 3, 999, 1, generator=gen, dtype=torch.float64)]
+    ref_leaves = [t.clone().requires_grad_() for t in (local, lse, tokens)]
+    attn_local, attn_pooled = torch.cat([ref_leaves[0], ref_leaves[1].unsqueeze(-1)],
+                                        dim=-1).softmax(dim=-1).split([9, 1], dim=-1)
+    ref_outs = (attn_local + ref_leaves[2], attn_pooled)
+    ref_grads = torch.autograd.grad(ref_outs, ref_leaves, incoming)
+    leaves = [t.to('cuda', torch.float32 if t is lse else dtype).requires_grad_()
+              for t in (local, lse, tokens)]
+    outs = attention._MergedSoftmax.apply(*leaves)
+    grads = torch.autograd.grad(outs, leaves, [g.to('cuda', dtype) for g in incoming])
+    assert launched == ['merged_softmax', 'merged_softmax_grad']
+    for name, got, ref in zip(('weights', 'pooled weight', 'window logits', 'log-sum-exp',
+                               'token weights'), outs + grads, ref_outs + ref_grads):
+        assert_near(got.cpu(), ref.detach(), tol, name)
+
+
 @pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16-autocast'])
 def test_query_term_kernels_on_cuda(autocast):
     """On a GPU the scaled queries and token weights take the kernel (the rule, not a

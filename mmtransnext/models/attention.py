@@ -32,6 +32,7 @@ from ..ops import (reference_requested, sliding_window_aggregate, sliding_window
                    sliding_window_logits_reference, use_compiled_op)
 from ..ops.banded_attention import banded_bias_attention
 from ..ops.fused_attention import fused_bias_attention, use_fused_attention
+from ..ops.fused_merged_softmax import merged_softmax, merged_softmax_grad
 from ..ops.fused_query_terms import query_terms, query_terms_grads
 from ..ops.fused_unit_vectors import unit_vectors, unit_vectors_grad
 from ..ops.graph_capture import capturing_graph, exporting_graph, run_outside_graph
@@ -309,6 +310,29 @@ class _UnitVectors(torch.autograd.Function):
         unit = x / divisor
         along = torch.linalg.vecdot(grad, unit).unsqueeze(-1)
         return torch.addcmul(grad, unit, along, value=-1).div_(divisor).to(x.dtype), None
+
+
+class _MergedSoftmax(torch.autograd.Function):
+    """The softmax over the window's logits and the pooled keys' log-sum-exp, plus the
+    learnable tokens' weights, in the fused kernels
+    (:mod:`~mmtransnext.ops.fused_merged_softmax`).
+
+    ``apply(local, lse, token_weights)`` returns the window's weights plus
+    ``token_weights`` and the pooled keys' weight ``(B, heads, N, 1)``.
+    """
+
+    @staticmethod
+    def forward(ctx, local, lse, token_weights):
+        ctx.save_for_backward(local, lse)
+        return merged_softmax(local, lse, token_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_weights, grad_pooled):
+        local, lse = ctx.saved_tensors
+        grad_local, grad_lse = merged_softmax_grad(local, lse, grad_weights, grad_pooled)
+        # The tokens' weights are added: their gradient is the weights'.
+        return grad_local, grad_lse, grad_weights
 
 
 class _QueryTerms(torch.autograd.Function):
@@ -639,12 +663,16 @@ class AggregatedAttention(_PositionBiasAttention):
                                       height, width, ws)
         bias = self._factored_bias((height, width), pool_size, query)
         out_pooled, lse_pooled = _bias_attention(query)(query, pool_key, pool_value, bias)
-        # The log-sum-exp is float32 or wider: cat promotes the window's logits to its
-        # dtype in the one copy it makes.
-        logits = torch.cat([local, lse_pooled.unsqueeze(-1)], dim=-1)
-        attn_local, attn_pooled = logits.softmax(dim=-1, dtype=_stats_dtype(query)).to(
-            query.dtype).split([self.local_len, 1], dim=-1)
-        out = sliding_window_aggregate(attn_local + token_weights, value, height, width, ws)
+        if use_fused_attention(query):    # one kernel each way
+            weights, attn_pooled = _MergedSoftmax.apply(local, lse_pooled, token_weights)
+        else:
+            # The log-sum-exp is float32 or wider: cat promotes the window's logits to
+            # its dtype in the one copy it makes.
+            logits = torch.cat([local, lse_pooled.unsqueeze(-1)], dim=-1)
+            attn_local, attn_pooled = logits.softmax(dim=-1, dtype=_stats_dtype(query)).to(
+                query.dtype).split([self.local_len, 1], dim=-1)
+            weights = attn_local + token_weights
+        out = sliding_window_aggregate(weights, value, height, width, ws)
         return out + attn_pooled * out_pooled
 
 
