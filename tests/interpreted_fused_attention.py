@@ -27,6 +27,7 @@ from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, ma
 from mmtransnext.models import TransNeXt
 from mmtransnext.models import attention as attention_module
 from mmtransnext.models import position_bias
+from mmtransnext.models import transnext as transnext_module
 from mmtransnext.models.position_bias import OffsetMLP, RowFactoredBias, bias_layout
 from mmtransnext.ops import DISABLE_ENV
 from mmtransnext.ops.banded_attention import banded_bias_attention
@@ -338,11 +339,12 @@ def test_equals_banded_path():
 
 @pytest.fixture
 def fused_in_the_model(monkeypatch):
-    """The model as on CUDA: its biased attention, position-bias MLP and unit vectors
-    through the fused kernels.
+    """The model as on CUDA: its biased attention, position-bias MLP, unit vectors,
+    merged softmax and GLU gate through the fused kernels.
 
-    On the CPU the rule says no; the attention and position-bias modules are told
-    the fused kernels serve. Yields the queries' shapes that took the attention kernels.
+    On the CPU the rule says no; the attention, position-bias and backbone modules are
+    told the fused kernels serve. Yields the queries' shapes that took the attention
+    kernels.
     """
     monkeypatch.delenv(DISABLE_ENV, raising=False)
     calls = []
@@ -354,6 +356,7 @@ def fused_in_the_model(monkeypatch):
     monkeypatch.setattr(attention_module, 'use_fused_attention', lambda tensor: True)
     monkeypatch.setattr(attention_module, 'fused_bias_attention', take_fused)
     monkeypatch.setattr(position_bias, 'use_fused_attention', lambda tensor: True)
+    monkeypatch.setattr(transnext_module, 'use_fused_attention', lambda tensor: True)
     yield calls
 
 
@@ -749,6 +752,67 @@ def test_merged_softmax_kernels_refuse_bad_input():
         merged_softmax(local, lse, local[..., :8])
     with pytest.raises(ValueError, match=r'pooled weight gradient of shape \(1, 2, 5\)'):
         merged_softmax_grad(local, lse, local, lse)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=str)
+def test_gated_gelu_kernels_equal_the_operators(dtype, tol):
+    """The GLU's ``gelu(gate) * value`` through the kernels, the value the strided half of
+    a projection as the model has it, against the operators in float64: output and both
+    gradients within ``tol`` of the largest magnitude (observed 1e-7 in float32; float16
+    rounds the results), across two programs' rows and channels."""
+    from mmtransnext.ops.fused_gated_gelu import gated_gelu, gated_gelu_grad
+    gen = torch.Generator().manual_seed(0)
+    projection = 3 * torch.randn(2, 37, 2 * 70, generator=gen, dtype=torch.float64)
+    gate = torch.randn(2, 37, 70, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, 37, 70, generator=gen, dtype=torch.float64)
+    ref_gate, ref_projection = gate.clone().requires_grad_(), projection.clone().requires_grad_()
+    ref = torch.nn.functional.gelu(ref_gate) * ref_projection.chunk(2, dim=-1)[1]
+    ref_grads = torch.autograd.grad(ref, (ref_gate, ref_projection), grad)
+    value = projection.to(dtype).chunk(2, dim=-1)[1]
+    assert not value.is_contiguous()
+    out = gated_gelu(gate.to(dtype), value)
+    grad_gate, grad_value = gated_gelu_grad(gate.to(dtype), value, grad.to(dtype))
+    assert out.dtype == grad_gate.dtype == grad_value.dtype == dtype
+    assert_near(out, ref, tol, 'output')
+    assert_near(grad_gate, ref_grads[0], tol, 'gate gradient')
+    assert_near(grad_value, ref_grads[1].chunk(2, dim=-1)[1], tol, 'value gradient')
+
+
+def test_model_gates_its_glu_in_the_kernels(monkeypatch):
+    """The GLU takes the gate's kernels where the fused kernels serve its input (in the
+    forward and again where its hidden part is recomputed), the operators elsewhere; the
+    same output and gradients."""
+    from mmtransnext.models.transnext import _ConvolutionalGLU
+    launched = record_calls(monkeypatch, transnext_module, ('gated_gelu', 'gated_gelu_grad'))
+    torch.manual_seed(0)
+    glu = _ConvolutionalGLU(12, 4.0)
+    x = torch.randn(2, 5 * 7, 12)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(transnext_module, 'use_fused_attention', lambda tensor: fused)
+        glu.zero_grad()
+        x_grad = x.clone().requires_grad_()
+        out = glu(x_grad, 5, 7, recompute_hidden=True)
+        out.square().sum().backward()
+        results.append([out.detach(), x_grad.grad] + [p.grad for p in glu.parameters()])
+    assert launched == ['gated_gelu', 'gated_gelu', 'gated_gelu_grad']
+    for got, ref in zip(results[1], results[0]):
+        assert_near(got, ref.double(), 1e-5, 'output or gradient')
+
+
+def test_gated_gelu_kernels_refuse_bad_input():
+    from mmtransnext.ops.fused_gated_gelu import gated_gelu, gated_gelu_grad
+    gate = torch.ones(2, 5, 4)
+    with pytest.raises(ValueError, match='one dtype with at least 2 dims'):
+        gated_gelu(gate, gate.half())
+    with pytest.raises(ValueError, match=r'value of shape \(2, 5, 3\)'):
+        gated_gelu(gate, gate[..., :3])
+    with pytest.raises(ValueError, match='value of strides .* contiguous channels'):
+        gated_gelu(gate, torch.ones(2, 4, 5).transpose(1, 2))
+    with pytest.raises(ValueError, match='gate of strides .* rows of one stride'):
+        gated_gelu(torch.ones(5, 2, 4).transpose(0, 1), gate)
+    with pytest.raises(ValueError, match=r'grad of shape \(2, 5\)'):
+        gated_gelu_grad(gate, gate, gate[..., 0])
 
 
 def _query_term_inputs(tokens: bool, per_token: bool, dtype=torch.float64, seed=0):

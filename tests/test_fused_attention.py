@@ -134,11 +134,11 @@ def test_offset_mlp_kernels_compile_for_gpus_without_spilling(arch, dtype):
 @pytest.mark.parametrize('arch', [80, 90])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('op', ['fused_unit_vectors', 'fused_query_terms', 'fused_bias_rows',
-                                'fused_merged_softmax'])
+                                'fused_merged_softmax', 'fused_gated_gelu'])
 def test_layer_kernels_compile_for_gpus_without_spilling(op, arch, dtype):
     """The kernels of the unit vectors, the query terms, the bias table (built from
-    the MLP's) and the merged softmax, built to cubins: no spills, no memory barriers
-    (the bias table's backward atomics relaxed)."""
+    the MLP's), the merged softmax and the GLU's gate, built to cubins: no spills, no
+    memory barriers (the bias table's backward atomics relaxed)."""
     import importlib
     built = importlib.import_module(f'mmtransnext.ops.{op}').compile_for_gpu(arch, dtype)
     assert built.keys() == {'forward', 'backward'}

@@ -202,6 +202,36 @@ def test_merged_softmax_kernels_on_cuda(dtype, tol, monkeypatch):
 
 
 @pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16-autocast'])
+def test_glu_gate_kernels_on_cuda(autocast, monkeypatch):
+    """On a GPU the GLU takes the gate's kernels (the rule, not a patch), forward and
+    where its hidden part is recomputed: its output and every gradient against the same
+    GLU's in float64 on the CPU, within 1e-5 of the largest magnitude in float32 and
+    5e-2 under bfloat16 autocast."""
+    import copy
+
+    from mmtransnext.models import transnext
+    launched = record_calls(monkeypatch, transnext, ('gated_gelu', 'gated_gelu_grad'))
+    torch.manual_seed(0)
+    glu = transnext._ConvolutionalGLU(48, 4.0)
+    x = torch.randn(2, 19 * 23, 48, dtype=torch.float64)
+    reference = copy.deepcopy(glu).double()
+    x_ref = x.clone().requires_grad_()
+    ref = reference(x_ref, 19, 23, recompute_hidden=True)
+    ref.square().sum().backward()
+    glu = glu.cuda()
+    x_cuda = x.float().cuda().requires_grad_()
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+        out = glu(x_cuda, 19, 23, recompute_hidden=True)
+    out.float().square().sum().backward()
+    assert launched == ['gated_gelu', 'gated_gelu', 'gated_gelu_grad']
+    tol = 5e-2 if autocast else 1e-5
+    assert_near(out.float().cpu(), ref.detach(), tol, 'output')
+    assert_near(x_cuda.grad.cpu(), x_ref.grad, tol, 'input gradient')
+    for (name, param), ref_param in zip(glu.named_parameters(), reference.parameters()):
+        assert_near(param.grad.cpu(), ref_param.grad, tol, name)
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16-autocast'])
 def test_query_term_kernels_on_cuda(autocast):
     """On a GPU the scaled queries and token weights take the kernel (the rule, not a
     patch): results (in bfloat16 under autocast, the core's dtype) and every input's

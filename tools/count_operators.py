@@ -59,7 +59,7 @@ def take_cuda_structure():
     import torch
 
     import mmtransnext.ops
-    from mmtransnext.models import attention, position_bias
+    from mmtransnext.models import attention, position_bias, transnext
     for module in pkgutil.iter_modules(mmtransnext.ops.__path__):
         if not module.name.endswith('_kernels'):
             continue
@@ -67,8 +67,8 @@ def take_cuda_structure():
         for name in dir(kernels):
             if hasattr(getattr(kernels, name), 'fn'):   # a triton.jit function
                 setattr(kernels, name, _NoLaunch())
-    attention.use_fused_attention = lambda tensor: True
-    position_bias.use_fused_attention = lambda tensor: True
+    for module in (attention, position_bias, transnext):
+        module.use_fused_attention = lambda tensor: True
     # Operators the MLP would run in chunks run in CUDA's chunks.
     chunks = position_bias._MLP_CHUNK_ELEMENTS
     chunks['cpu'] = chunks['cuda']

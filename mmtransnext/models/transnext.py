@@ -16,9 +16,12 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import PretrainedInit, trunc_normal_
 from mmengine.registry import MODELS
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops import reference_requested
+from ..ops import reference_requested, use_fused_attention
+from ..ops.fused_gated_gelu import gated_gelu, gated_gelu_grad
+from ..ops.graph_capture import capturing_graph
 from .attention import AggregatedAttention, FullAttention, apply_layer, autocast_weights
 from .checkpoint import load_pretrained
 
@@ -99,6 +102,20 @@ class _PatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 
 
+class _GatedGelu(torch.autograd.Function):
+    """``gelu(gate) * value`` in the fused kernels (:mod:`~mmtransnext.ops.fused_gated_gelu`)."""
+
+    @staticmethod
+    def forward(ctx, gate, value):
+        ctx.save_for_backward(gate, value)
+        return gated_gelu(gate, value)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return gated_gelu_grad(*ctx.saved_tensors, grad)
+
+
 class _ConvolutionalGLU(nn.Module):
     """Gated linear unit whose gate passes through a 3x3 depthwise convolution.
 
@@ -133,7 +150,11 @@ class _ConvolutionalGLU(nn.Module):
 
     def _forward(self, x: Tensor, height: int, width: int, weights: Optional[dict]) -> Tensor:
         gate, value = apply_layer(self.fc1, x, weights).chunk(2, dim=-1)
-        hidden = self.act(self.dwconv(gate, height, width, weights)) * value
+        gate = self.dwconv(gate, height, width, weights)
+        if use_fused_attention(x) and not (capturing_graph() or torch.jit.is_tracing()):
+            hidden = _GatedGelu.apply(gate, value)     # one kernel each way
+        else:
+            hidden = self.act(gate) * value
         return apply_layer(self.fc2, hidden, weights)
 
 
