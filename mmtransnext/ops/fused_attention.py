@@ -177,7 +177,9 @@ def use_fused_attention(tensor: Tensor) -> bool:
     True when ``tensor`` is on a CUDA device, its dtype is float32, float16 or
     bfloat16, Triton 3 or newer is installed and
     ``MMTRANSNEXT_DISABLE_EXT`` is not ``1``. Otherwise (the CPU, float64, no or
-    older Triton, reference requested) the banded path runs.
+    older Triton, reference requested) the banded path runs. The model's other Triton
+    kernels (the position-bias MLP and table, unit vectors, query terms, the merged
+    softmax, the GLU's gate) serve by the same rule, operators elsewhere.
 
     Args:
         tensor (Tensor): the queries; only device and dtype matter.
