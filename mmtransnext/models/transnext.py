@@ -152,7 +152,8 @@ class _ConvolutionalGLU(nn.Module):
         gate, value = apply_layer(self.fc1, x, weights).chunk(2, dim=-1)
         gate = self.dwconv(gate, height, width, weights)
         if use_fused_attention(x) and not (capturing_graph() or torch.jit.is_tracing()):
-            hidden = _GatedGelu.apply(gate, value)     # one kernel each way
+            # one kernel each way, computing self.act's exact GELU
+            hidden = _GatedGelu.apply(gate, value)
         else:
             hidden = self.act(gate) * value
         return apply_layer(self.fc2, hidden, weights)
