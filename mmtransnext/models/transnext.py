@@ -150,12 +150,13 @@ class _ConvolutionalGLU(nn.Module):
 
     def _forward(self, x: Tensor, height: int, width: int, weights: Optional[dict]) -> Tensor:
         gate, value = apply_layer(self.fc1, x, weights).chunk(2, dim=-1)
-        gate = self.dwconv(gate, height, width, weights)
+        # The convolved gate is a temporary: held in a name, it would outlive its use and
+        # raise an inference's peak by one hidden activation.
         if use_fused_attention(x) and not (capturing_graph() or torch.jit.is_tracing()):
             # one kernel each way, computing self.act's exact GELU
-            hidden = _GatedGelu.apply(gate, value)
+            hidden = _GatedGelu.apply(self.dwconv(gate, height, width, weights), value)
         else:
-            hidden = self.act(gate) * value
+            hidden = self.act(self.dwconv(gate, height, width, weights)) * value
         return apply_layer(self.fc2, hidden, weights)
 
 
