@@ -69,6 +69,14 @@ def assert_near(got, ref, tol, name):
     assert err <= limit, f'{name}: max error {err:.3g} > {limit:.3g}'
 
 
+def merged_softmax_reference(local, lse, token_weights):
+    """The model's operators for the merged softmax: the window's weights plus
+    ``token_weights`` and the pooled keys' weight ``(B, heads, N, 1)``."""
+    attn_local, attn_pooled = torch.cat([local, lse.unsqueeze(-1)], dim=-1).softmax(
+        dim=-1).split([local.shape[-1], 1], dim=-1)
+    return attn_local + token_weights, attn_pooled
+
+
 def offset_mlp_reference(offsets, params, grad):
     """The position-bias MLP as ``nn.Linear`` layers in float64 on every point of the grid
     of ``offsets`` (row and column offsets) with ``params`` (fc1's weight and bias, fc2's):

@@ -23,7 +23,8 @@ import torch
 
 from conftest import golden_arch
 from fused_attention_cases import (CASES, TOL, assert_near, fused, gradients, make_inputs,
-                                   offset_mlp_reference, record_calls, whole_matrix)
+                                   merged_softmax_reference, offset_mlp_reference,
+                                   record_calls, whole_matrix)
 from mmtransnext.models import TransNeXt
 from mmtransnext.models import attention as attention_module
 from mmtransnext.models import position_bias
@@ -250,21 +251,29 @@ def test_bias_table_without_gradient():
         assert_near(got, ref, 1e-5, name)
 
 
-def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
-    """tools/benchmark_pooled_attention.py's fused rows, with and without the bias
-    table's gradient, both ways of forming the key/value gradients and of reading the
-    bias, run end to end (interpreted: checked, not timed)."""
+@pytest.fixture
+def pooled_benchmark(monkeypatch):
+    """tools/benchmark_pooled_attention.py, the fused kernels' settings it leaves as it
+    last ran them restored afterwards."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
-    import benchmark_pooled_attention as bp
+    import benchmark_pooled_attention
     from mmtransnext.ops import fused_attention
-    # the tool leaves the last configuration it ran with; monkeypatch restores it
-    monkeypatch.setattr(fused_attention, 'BACKWARD_KV', fused_attention.BACKWARD_KV)
-    monkeypatch.setattr(fused_attention, 'BIAS_TILE', fused_attention.BIAS_TILE)
-    bp.main(['--stage', '1', '--scale', '20', '--batch', '1', '--paths', 'fused',
-             'fused-fixed-bias', '--repeats', '1', '--warmup', '0', '--backward', 'atomic',
-             'two-pass', '--bias-tile', 'taps', 'slots', '--dtypes', 'fp16'])
+    for name in ('BACKWARD_KV', 'BIAS_TILE', 'SLOT_DTYPES'):
+        monkeypatch.setattr(fused_attention, name, getattr(fused_attention, name))
+    monkeypatch.setattr(fused_attention, 'LAUNCH', dict(fused_attention.LAUNCH))
+    return benchmark_pooled_attention
+
+
+def test_pooled_benchmark_runs_fused_paths(capsys, pooled_benchmark):
+    """tools/benchmark_pooled_attention.py's fused rows, with and without the bias
+    table's gradient, both ways of forming the key/value gradients and of reading the
+    bias, run end to end (interpreted: checked, not timed)."""
+    pooled_benchmark.main(['--stage', '1', '--scale', '20', '--batch', '1', '--paths',
+                           'fused', 'fused-fixed-bias', '--repeats', '1', '--warmup', '0',
+                           '--backward', 'atomic', 'two-pass', '--bias-tile', 'taps',
+                           'slots', '--dtypes', 'fp16'])
     printed = capsys.readouterr().out.splitlines()
     table = printed.index(next(line for line in printed if line.startswith('stage 1:')))
     rows = printed[table + 3:]
@@ -277,16 +286,11 @@ def test_pooled_benchmark_runs_fused_paths(capsys, monkeypatch):
     assert not any('failed' in row for row in rows), rows
 
 
-def test_pooled_benchmark_reads_float32_by_slots_when_asked(capsys, monkeypatch):
+def test_pooled_benchmark_reads_float32_by_slots_when_asked(capsys, monkeypatch,
+                                                            pooled_benchmark):
     """The dispatcher reads a float32 bias by taps; the tool's ``--bias-tile slots`` reads
     it by slots, to time what that costs (both rows run, labelled)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
-    import benchmark_pooled_attention as bp
     from mmtransnext.ops import fused_attention
-    for name in ('BIAS_TILE', 'SLOT_DTYPES'):   # the tool leaves its last settings
-        monkeypatch.setattr(fused_attention, name, getattr(fused_attention, name))
     tile_slots, by_slots = fused_attention._tile_slots, []
 
     def recorded(*args, **kwargs):
@@ -295,9 +299,9 @@ def test_pooled_benchmark_reads_float32_by_slots_when_asked(capsys, monkeypatch)
         return found
 
     monkeypatch.setattr(fused_attention, '_tile_slots', recorded)
-    bp.main(['--stage', '3', '--scale', '10', '--batch', '1', '--paths', 'fused',
-             '--repeats', '1', '--warmup', '0', '--dtypes', 'fp32', '--bias-tile', 'taps',
-             'slots'])
+    pooled_benchmark.main(['--stage', '3', '--scale', '10', '--batch', '1', '--paths',
+                           'fused', '--repeats', '1', '--warmup', '0', '--dtypes', 'fp32',
+                           '--bias-tile', 'taps', 'slots'])
     rows = capsys.readouterr().out.splitlines()[-2:]
     assert [row[6:46].strip() for row in rows] == ['fused 32x32x8', 'fused 32x32x8 slots']
     # per row: a first call (the outputs' shapes), a forward and a training step (its
@@ -305,17 +309,14 @@ def test_pooled_benchmark_reads_float32_by_slots_when_asked(capsys, monkeypatch)
     assert by_slots == [False] * 4 + [True] * 4
 
 
-def test_pooled_benchmark_gives_the_log_sum_exp_a_gradient_as_the_model(walks_twice):
+def test_pooled_benchmark_gives_the_log_sum_exp_a_gradient_as_the_model(walks_twice,
+                                                                        pooled_benchmark):
     """As in the model, the tool's float32 backward gets the log-sum-exp's gradient at
     the aggregated stages (one walk over the keys) and none at stage 4, whose full
     attention drops it (two walks)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
-    import benchmark_pooled_attention as bp
     for stage in ('3', '4'):
-        bp.main(['--stage', stage, '--scale', '10', '--batch', '1', '--paths', 'fused',
-                 '--repeats', '1', '--warmup', '0', '--dtypes', 'fp32'])
+        pooled_benchmark.main(['--stage', stage, '--scale', '10', '--batch', '1', '--paths',
+                               'fused', '--repeats', '1', '--warmup', '0', '--dtypes', 'fp32'])
     assert walks_twice == [False, True]    # one timed step a stage
 
 
@@ -693,14 +694,8 @@ def test_merged_softmax_kernels_equal_the_operators(dtype, tol):
     largest magnitude (observed 1e-7 in float32; float16 rounds both results); no
     weight and no gradient where a neighbour is outside the map."""
     leaves, incoming = _merge_inputs()
-
-    def operators(local, lse, token_weights):
-        attn_local, attn_pooled = torch.cat([local, lse.unsqueeze(-1)], dim=-1).softmax(
-            dim=-1).split([9, 1], dim=-1)
-        return attn_local + token_weights, attn_pooled
-
     ref_leaves = [t.clone().requires_grad_() for t in leaves]
-    ref_outs = operators(*ref_leaves)
+    ref_outs = merged_softmax_reference(*ref_leaves)
     ref_grads = torch.autograd.grad(ref_outs, ref_leaves, incoming)
     got_leaves = [t.to(torch.float32 if i == 1 else dtype).requires_grad_()
                   for i, t in enumerate(leaves)]

@@ -10,7 +10,8 @@ import torch
 
 from mmtransnext.models.position_bias import bias_layout
 from fused_attention_cases import (assert_near, fused, gradients, make_inputs,
-                                   offset_mlp_reference, record_calls, whole_matrix)
+                                   merged_softmax_reference, offset_mlp_reference,
+                                   record_calls, whole_matrix)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -187,9 +188,7 @@ def test_merged_softmax_kernels_on_cuda(dtype, tol, monkeypatch):
     incoming = [torch.randn(2, 3, 999, 9, generator=gen, dtype=torch.float64),
                 torch.randn(2, 3, 999, 1, generator=gen, dtype=torch.float64)]
     ref_leaves = [t.clone().requires_grad_() for t in (local, lse, tokens)]
-    attn_local, attn_pooled = torch.cat([ref_leaves[0], ref_leaves[1].unsqueeze(-1)],
-                                        dim=-1).softmax(dim=-1).split([9, 1], dim=-1)
-    ref_outs = (attn_local + ref_leaves[2], attn_pooled)
+    ref_outs = merged_softmax_reference(*ref_leaves)
     ref_grads = torch.autograd.grad(ref_outs, ref_leaves, incoming)
     leaves = [t.to('cuda', torch.float32 if t is lse else dtype).requires_grad_()
               for t in (local, lse, tokens)]

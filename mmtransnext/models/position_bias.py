@@ -379,8 +379,8 @@ class RowFactoredBias:
         # The MLP's table until by_rows is built from it (then None: a cached bias of the
         # CPU's path keeps only by_rows, as the banded kernels read only that).
         self.table = table
-        self.shape = ((table.shape[0], ) + tuple(layout.query_size[:1])
-                      + tuple(layout.key_size[:1]) + (table.shape[2], ))
+        self.shape = (table.shape[0], layout.query_size[0], layout.key_size[0],
+                      table.shape[2])
         self.device = table.device
         self._by_rows = None
         # The taps below depend on the layout alone: kept in layout.derived, they are
@@ -414,11 +414,11 @@ class RowFactoredBias:
             Tensor: ``(heads, H, Hp, Ue)`` in ``dtype``, contiguous; column ``e`` holds
             offset ``spread[e]`` (:attr:`BiasLayout.even_columns`).
         """
-        spread = self.separable_col_taps()[4]
         if self.table is not None and use_fused_attention(self.table):
             return _KernelTable.apply(self.table, self, dtype)
         # Autograd sums the gradient of each offset's copies back (copies of an offset
         # that never occurs get none).
+        spread = self.separable_col_taps()[4]
         return self.by_rows.index_select(-1, spread).to(dtype).contiguous()
 
     def row_taps(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

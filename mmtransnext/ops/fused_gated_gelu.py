@@ -13,7 +13,7 @@ The model's rule (``mmtransnext.models.transnext``) uses them where
 import torch
 from torch import Tensor
 
-from .fused_attention import _on_device, compile_kernel
+from .fused_attention import _DTYPES, _on_device, compile_kernel
 
 __all__ = ['gated_gelu', 'gated_gelu_grad', 'compile_for_gpu']
 
@@ -21,7 +21,6 @@ __all__ = ['gated_gelu', 'gated_gelu_grad', 'compile_for_gpu']
 # derivative in float32) spilled 40-104 bytes on sm_80/sm_90; on 8 it takes about 150
 # registers and spills none.
 LAUNCH = dict(BLOCK_R=64, BLOCK_C=64, num_warps=8)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
@@ -36,13 +35,14 @@ def _row_stride(name: str, tensor: Tensor, shape) -> int:
     if tensor.shape != shape:
         raise ValueError(f'gated gelu: {name} of shape {tuple(tensor.shape)}, expected '
                          f'{tuple(shape)}')
-    row_stride = tensor.stride(-2)
-    expected = row_stride
+    row_stride = expected = tensor.stride(-2)
+    packed = tensor.stride(-1) == 1
     for size, stride in zip(reversed(shape[:-1]), reversed(tensor.stride()[:-1])):
-        if tensor.stride(-1) != 1 or (size != 1 and stride != expected):
-            raise ValueError(f'gated gelu: {name} of strides {tensor.stride()}: needs '
-                             'contiguous channels and rows of one stride')
+        packed &= size == 1 or stride == expected
         expected *= size
+    if not packed:
+        raise ValueError(f'gated gelu: {name} of strides {tensor.stride()}: needs '
+                         'contiguous channels and rows of one stride')
     return row_stride
 
 

@@ -15,13 +15,12 @@ in float32. The model's rule (``mmtransnext.models.attention``) uses them where
 import torch
 from torch import Tensor
 
-from .fused_attention import _on_device, _pad, compile_kernel
+from .fused_attention import _DTYPES, _on_device, _pad, compile_kernel
 
 __all__ = ['merged_softmax', 'merged_softmax_grad', 'compile_for_gpu']
 
 # Rows (queries of a head of an image) a program takes, and its warps.
 LAUNCH = dict(BLOCK_R=128, num_warps=4)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
